@@ -1,0 +1,1 @@
+"""SCAFFOLD: tracing, blocks and drawing; to be replaced by the real implementation."""

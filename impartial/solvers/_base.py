@@ -1,0 +1,160 @@
+"""The two solver abstractions and the Gram-space plumbing they share.
+
+A *solver* maps the task gradients of one block, ``J`` of shape ``[..., k, d]`` (``k`` tasks, ``d``
+coordinates, any leading batch dims), to one update direction ``[..., d]``.  Most methods are *linear in
+J*: the direction is ``wᵀJ`` with weights ``w = f(G)`` that depend only on the Gram matrix ``G = J Jᵀ``
+``[..., k, k]``.  Those subclass :class:`GramSolver` and implement ``_weights``; the whole call then costs
+one pass over ``J`` to form ``G`` (:func:`gram`), an ``O(k³)`` problem on ``G`` (run in float64 for float32
+and lower inputs) and one pass to combine (:func:`combine`).  The few methods that need coordinates
+(GradDrop) subclass :class:`Solver` and implement ``_apply`` on ``J`` directly.
+
+Composition (see :class:`~impartial.solvers.Compose`) needs more than a direction: every solver also maps
+the task gradients to *new* task gradients whose sum is its direction.  For a Gram-space solver that map is
+a ``k × k`` *mixing matrix* ``M`` (new task gradients ``M J``, new Gram ``M G Mᵀ``); a weighting method's
+mixing matrix is ``diag(w)``, PCGrad's is its projection coefficients.
+
+Extra context a few methods need is passed by keyword: ``losses`` ``[..., k]`` (the current task losses,
+used by loss-based GradNorm) and, for GradDrop, ``inputs`` (the block's input activations).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Solver", "GramSolver", "gram", "combine", "solve_dtype"]
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def solve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ``k × k`` work runs in: float64 for float32 and lower, else ``dtype`` itself."""
+    if dtype in _LOW or dtype == torch.float32:
+        return torch.float64
+    return dtype
+
+
+def _check_jacobian(J: Tensor, who: str) -> None:
+    if not isinstance(J, Tensor):
+        raise TypeError(f"{who}: expected a tensor J of shape [..., k, d], got {type(J).__name__}")
+    if J.ndim < 2:
+        raise ValueError(f"{who}: expected J of shape [..., k, d] (at least 2 dims), got shape {tuple(J.shape)}")
+    if not J.is_floating_point():
+        raise TypeError(f"{who}: expected a floating-point J, got {J.dtype}")
+    if J.shape[-2] == 0:
+        raise ValueError(f"{who}: J has k = 0 task gradients; at least one is needed")
+
+
+def _check_gram(G: Tensor, who: str) -> None:
+    if not isinstance(G, Tensor):
+        raise TypeError(f"{who}: expected a tensor G of shape [..., k, k], got {type(G).__name__}")
+    if G.ndim < 2 or G.shape[-1] != G.shape[-2]:
+        raise ValueError(f"{who}: expected a square Gram matrix G of shape [..., k, k], got {tuple(G.shape)}")
+    if not G.is_floating_point():
+        raise TypeError(f"{who}: expected a floating-point G, got {G.dtype}")
+    if G.shape[-1] == 0:
+        raise ValueError(f"{who}: G has k = 0 tasks; at least one is needed")
+
+
+def gram(J: Tensor) -> Tensor:
+    """``G = J Jᵀ`` ``[..., k, k]`` of task gradients ``J`` ``[..., k, d]``, in :func:`solve_dtype`.
+
+    One pass over ``J`` (a batched matmul).  Half-precision inputs are accumulated in float32.
+    """
+    if J.dtype in _LOW:
+        # float32 accumulation: a bf16 dot product of 1e6 terms would lose all its digits.
+        J = J.float()
+    return (J @ J.mT).to(solve_dtype(J.dtype))
+
+
+def combine(w: Tensor, J: Tensor) -> Tensor:
+    """The direction ``wᵀJ`` ``[..., d]`` for weights ``w`` ``[..., k]`` and ``J`` ``[..., k, d]``."""
+    if J.dtype in _LOW:
+        return (w.float().unsqueeze(-2) @ J.float()).squeeze(-2).to(J.dtype)
+    return (w.to(J.dtype).unsqueeze(-2) @ J).squeeze(-2)
+
+
+def mix(M: Tensor, J: Tensor) -> Tensor:
+    """New task gradients ``M J`` ``[..., k, d]`` for a mixing matrix ``M`` ``[..., k, k]``."""
+    if J.dtype in _LOW:
+        return (M.float() @ J.float()).to(J.dtype)
+    return M.to(J.dtype) @ J
+
+
+class Solver(ABC):
+    """A gradient-conflict solver: task gradients ``J [..., k, d]`` → one direction ``[..., d]``.
+
+    Subclasses implement :meth:`_apply` (new task gradients whose sum is the direction).  Hyperparameters are
+    constructor arguments; mutable state is explicit (:meth:`state_dict` / :meth:`load_state_dict`).
+    """
+
+    #: whether the direction depends on ``J`` only through ``G = J Jᵀ`` (then ``weights`` exists).
+    gram_space: bool = False
+
+    def __call__(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
+        """The update direction ``[..., d]`` for task gradients ``J`` ``[..., k, d]``."""
+        _check_jacobian(J, type(self).__name__)
+        return self.apply(J, losses=losses, **context).sum(-2)
+
+    def apply(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
+        """The task gradients after this method, ``[..., k, d]``; their sum is the direction."""
+        _check_jacobian(J, type(self).__name__)
+        return self._apply(J, losses=losses, **context)
+
+    @abstractmethod
+    def _apply(self, J: Tensor, *, losses: Tensor | None, **context: Tensor) -> Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Mutable state (EMAs, learned weights, RNG-free counters); empty for stateless solvers."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless, but got state with keys {sorted(state)}")
+
+    def reset(self) -> None:
+        """Forget mutable state (a no-op for stateless solvers)."""
+
+    def _hparams(self) -> dict[str, Any]:
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._hparams().items())
+        return f"{type(self).__name__}({args})"
+
+
+class GramSolver(Solver):
+    """A solver whose direction is ``wᵀJ`` with weights ``w = f(G)`` of the Gram matrix alone.
+
+    Subclasses implement :meth:`_weights` (``G`` arrives in :func:`solve_dtype`) and, where the method
+    produces new task gradients other than ``diag(w) J`` (PCGrad, GradVac), :meth:`_mixing`.
+    """
+
+    gram_space = True
+
+    def weights(self, G: Tensor, *, losses: Tensor | None = None) -> Tensor:
+        """Weights ``w`` ``[..., k]`` such that the direction is ``wᵀJ`` for ``G = J Jᵀ`` ``[..., k, k]``."""
+        _check_gram(G, type(self).__name__)
+        return self._weights(G.to(solve_dtype(G.dtype)), losses=losses)
+
+    def mixing(self, G: Tensor, *, losses: Tensor | None = None) -> Tensor:
+        """Mixing matrix ``M`` ``[..., k, k]``: the method's new task gradients are ``M J``, and ``w = 1ᵀM``."""
+        _check_gram(G, type(self).__name__)
+        return self._mixing(G.to(solve_dtype(G.dtype)), losses=losses)
+
+    @abstractmethod
+    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor: ...
+
+    def _mixing(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
+        return torch.diag_embed(self._weights(G, losses=losses))
+
+    def __call__(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
+        _check_jacobian(J, type(self).__name__)
+        return combine(self._weights(gram(J), losses=losses), J)
+
+    def _apply(self, J: Tensor, *, losses: Tensor | None, **context: Tensor) -> Tensor:
+        return mix(self._mixing(gram(J), losses=losses), J)

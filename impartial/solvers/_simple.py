@@ -1,0 +1,63 @@
+"""The baselines: :class:`Sum` (plain ``backward``), :class:`Mean`, and :class:`Random` weighting (RLW).
+
+``Sum`` is ``w = 1`` (what ``sum(losses).backward()`` does); ``Mean`` is ``w = 1/k``.  ``Random`` is RLW
+(Lin et al., "Reasonable Effectiveness of Random Weighting", TMLR 2022): each call draws
+``w = softmax(ε)``, ``ε ~ N(0, I_k)``, independently for every batch element.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import GramSolver
+
+__all__ = ["Sum", "Mean", "Random"]
+
+
+class Sum(GramSolver):
+    """The plain sum of task gradients, ``w = 1``: what ``sum(losses).backward()`` computes.
+
+    >>> Sum()(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    tensor([1., 2.])
+    """
+
+    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
+        return torch.ones_like(G[..., 0])
+
+
+class Mean(GramSolver):
+    """The mean of task gradients, ``w = 1/k``.
+
+    >>> Mean()(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    tensor([0.5000, 1.0000])
+    """
+
+    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
+        return torch.full_like(G[..., 0], 1.0 / G.shape[-1])
+
+
+class Random(GramSolver):
+    """Random loss weighting (RLW): ``w = softmax(ε)``, ``ε ~ N(0, I_k)``, drawn anew at every call.
+
+    Lin, Ye, Xu, Shi, Zhang, "Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task
+    Learning", TMLR 2022.  Weights sum to 1, so k = 1 returns the gradient.  Pass a ``torch.Generator`` for
+    reproducible draws; each batch element gets its own draw.  ``torch.compile`` cannot trace a
+    ``torch.Generator``: compiled code uses ``generator=None`` (the global RNG, seeded by ``torch.manual_seed``).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> Random(generator=g).weights(torch.eye(3)).sum().item()
+    1.0
+    """
+
+    def __init__(self, *, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
+        eps = torch.randn(G.shape[:-1], generator=self.generator, dtype=G.dtype, device=G.device)
+        return torch.softmax(eps, dim=-1)
+
+    def _hparams(self) -> dict[str, Any]:
+        return {"generator": self.generator}

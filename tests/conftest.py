@@ -1,0 +1,25 @@
+"""Hypothesis profiles and test-wide settings.
+
+Profiles (choose with ``HYPOTHESIS_PROFILE``): ``ci`` (default; keeps the suite within minutes on 2 cores),
+``dev`` (more examples), ``thorough`` (many examples, for a release).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+               derandomize=False, print_blob=True)
+settings.register_profile("ci", max_examples=12, **_common)
+settings.register_profile("dev", max_examples=60, **_common)
+settings.register_profile("thorough", max_examples=600, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -1,0 +1,5 @@
+"""Registry rows (see registry.py)."""
+
+from registry import SolverInfo
+
+ROWS: list[SolverInfo] = []
