@@ -164,8 +164,10 @@ def test_compiles_with_fullgraph(info: SolverInfo) -> None:
     torch._dynamo.reset()
     J = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     kw = _kw(info, J)
+    torch.manual_seed(0)  # solvers drawing from the global RNG draw the same numbers in both runs
     expected = info.make()(J, **kw)
     compiled = torch.compile(info.make().__call__, fullgraph=True, backend="eager")
+    torch.manual_seed(0)
     assert_close(compiled(J, **kw), expected, info.tol, _scale(J))
 
 
