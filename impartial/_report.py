@@ -1,0 +1,84 @@
+"""What :func:`impartial.backward` did: blocks, tasks at each, task-gradient cosines and solver weights.
+
+Values are kept as tensors (no device sync while training); they are read only when the report is printed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Report", "BlockReport"]
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """One block: its name (``grad_fn`` and shape), its tasks, and the task gradients' geometry there.
+
+    ``cosine`` ``[k_b, k_b]`` is the cosine matrix of the task gradients at the block (over the whole block,
+    all samples); ``weights`` the solver's weights (Gram-space solvers; ``[B, k_b]`` when per-sample), else
+    None (the mean over samples is printed when per-sample); ``scale`` the ``keep_norm`` factor (1 when off).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    tasks: tuple[str, ...]
+    cosine: Tensor
+    weights: Tensor | None
+    scale: Tensor
+    above: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Report:
+    """The result of one :func:`impartial.backward` call; ``print(report)`` shows it as a table.
+
+    ``fallback`` is None when every per-task gradient came from one batched backward
+    (``is_grads_batched``), else the reason torch's vmap could not run (the gradients were then computed in a
+    loop, one task at a time).
+    """
+
+    mode: str
+    solver: str
+    tasks: tuple[str, ...]
+    also: tuple[str, ...]
+    blocks: tuple[BlockReport, ...]
+    fallback: str | None = None
+
+    @property
+    def vmap_fallback(self) -> bool:
+        return self.fallback is not None
+
+    def __str__(self) -> str:
+        also = f", also {', '.join(self.also)}" if self.also else ""
+        lines = [f"impartial.backward: {len(self.tasks)} tasks ({', '.join(self.tasks)}){also}; "
+                 f"solver {self.solver}; block={self.mode!r}"]
+        if not self.blocks:
+            lines.append("no block: a plain backward")
+        for i, b in enumerate(self.blocks):
+            below = f", below block {', '.join(map(str, b.above))}" if b.above else ""
+            lines.append(f"block {i}: {b.name}{below}; {len(b.tasks)} tasks; keep_norm scale "
+                         f"{float(b.scale.double().mean()):.4g}")
+            col = max(9, *(len(t) for t in b.tasks))
+            head = f"  {'cosine':<{col}}" + "".join(f" {t:>{col}}" for t in b.tasks)
+            w = None
+            if b.weights is not None:
+                head += f" {'weight':>{col}}"
+                w = b.weights.double().reshape(-1, len(b.tasks)).mean(0).tolist()
+            lines.append(head)
+            for j, (t, cos) in enumerate(zip(b.tasks, b.cosine.double().tolist())):
+                row = f"  {t:<{col}}" + "".join(f" {c:>{col}.3f}" for c in cos)
+                lines.append(row + (f" {w[j]:>{col}.4g}" if w is not None else ""))
+        lines.append("per-task gradients: " + ("one batched backward (is_grads_batched)" if self.fallback is None
+                                               else f"a loop over tasks; vmap failed: {self.fallback}"))
+        return "\n".join(lines)
+
+
+def cosine(G: Tensor) -> Tensor:
+    """Cosine matrix of a Gram matrix ``G`` ``[k, k]``; rows of zero gradients get cosine 0."""
+    n = G.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    outer = n.unsqueeze(-1) * n.unsqueeze(-2)
+    # torch.where: a zero task gradient has no direction; report 0 rather than NaN.
+    return torch.where(outer > 0, G / torch.where(outer > 0, outer, torch.ones_like(outer)), torch.zeros_like(G))

@@ -1,0 +1,244 @@
+"""Walk the autograd graphs of several losses and mark every node with the set of losses that reach it.
+
+The graph is read from ``grad_fn`` / ``next_functions``: a node is a ``torch.autograd.graph.Node`` (one
+backward function), an *edge* ``(node, output_nr)`` is one output of the forward op, the place a gradient
+arrives (``torch.autograd.graph.GradientEdge``).  Leaves that require grad appear as ``AccumulateGrad``
+nodes (``node.variable`` is the tensor).  Masks are Python ints: bit ``i < k`` for task ``i``, bit ``k + j``
+for the ``j``-th ``also`` term.  Tracing costs one Python visit per node and edge; it reads no tensor values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import Node
+
+__all__ = ["Graph", "trace"]
+
+Losses = Union[Sequence[Tensor], Tensor, Mapping[str, Tensor]]
+Params = Union[Iterable[Tensor], Iterable[tuple[str, Tensor]], None]
+
+
+@dataclass
+class _Losses:
+    """Validated losses: scalar ``outs`` for autograd, trace ``roots`` (edge, mask) and display names."""
+
+    outs: list[Tensor]
+    names: list[str]
+    roots: list[tuple[tuple[Node, int], int]]
+    #: why the tasks cannot be told apart in the graph (a 1-D loss made by one op), else None
+    fused: str | None = None
+
+
+def _as_losses(losses: Any, what: str, offset: int = 0, allow_empty: bool = False) -> _Losses:
+    if isinstance(losses, Mapping):
+        names, items = [str(n) for n in losses], list(losses.values())
+    elif isinstance(losses, Tensor) and losses.ndim == 1:
+        return _stacked(losses, what, offset)
+    elif isinstance(losses, Tensor):
+        names, items = [what], [losses]
+    else:
+        items = list(losses)
+        names = [f"{what}[{i}]" for i in range(len(items))]
+    if not items and not allow_empty:
+        raise ValueError(f"{what} is empty: pass at least one scalar loss")
+    roots = []
+    for i, (name, loss) in enumerate(zip(names, items)):
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"{what}: {name!r} is a {type(loss).__name__}, not a tensor")
+        if loss.ndim != 0:
+            raise ValueError(f"{what}: {name!r} has shape {list(loss.shape)}; every loss must be a scalar")
+        if not loss.is_floating_point():
+            raise TypeError(f"{what}: {name!r} has dtype {loss.dtype}; a loss must be floating point")
+        if not loss.requires_grad:
+            raise ValueError(f"{what}: {name!r} does not require grad (no parameter produced it)")
+        roots.append(((loss.grad_fn, loss.output_nr) if loss.grad_fn is not None else _leaf_edge(loss),
+                      1 << (offset + i)))
+    return _Losses(items, names, roots)
+
+
+def _stacked(L: Tensor, what: str, offset: int) -> _Losses:
+    if L.numel() == 0:
+        raise ValueError(f"{what} is an empty tensor: pass at least one loss")
+    if not L.requires_grad:
+        raise ValueError(f"{what}: the loss tensor does not require grad (no parameter produced it)")
+    names = [f"{what}[{i}]" for i in range(L.shape[0])]
+    outs = list(L.unbind(0))
+    fn = L.grad_fn
+    if fn is not None and fn.name() == "StackBackward0" and len(fn.next_functions) == L.shape[0]:
+        roots = []
+        for i, (node, nr) in enumerate(fn.next_functions):
+            if node is None:
+                raise ValueError(f"{what}: {names[i]!r} does not require grad (no parameter produced it)")
+            roots.append(((node, nr), 1 << (offset + i)))
+        return _Losses(outs, names, roots)
+    # One op made all k losses (e.g. a per-column mean): autograd sees a single root.
+    edge = (fn, L.output_nr) if fn is not None else _leaf_edge(L)
+    mask = ((1 << L.shape[0]) - 1) << offset
+    why = (f"{what} is a 1-D tensor made by one operation ({fn.name() if fn else 'a leaf'}), so its tasks share "
+           "every node of the graph; pass a list (or torch.stack) of separately computed losses")
+    return _Losses(outs, names, [(edge, mask)], fused=why)
+
+
+def _leaf_edge(t: Tensor) -> tuple[Node, int]:
+    e = torch.autograd.graph.get_gradient_edge(t)
+    return (e.node, e.output_nr)
+
+
+def _as_params(params: Params, what: str = "shared_params") -> list[tuple[str, Tensor]] | None:
+    if params is None:
+        return None
+    if isinstance(params, Tensor):
+        params = [params]
+    out, seen = [], set()
+    for i, p in enumerate(params):
+        name, t = (str(p[0]), p[1]) if isinstance(p, tuple) else (f"{what}[{i}]", p)
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        if not t.requires_grad or t.grad_fn is not None:
+            raise ValueError(f"{what}: {name!r} must be a leaf tensor that requires grad (a parameter)")
+        if id(t) not in seen:  # a parameter listed twice is still one parameter
+            seen.add(id(t))
+            out.append((name, t))
+    return out
+
+
+def _children(node: Node) -> list[Node]:
+    return [c for c, _ in node.next_functions if c is not None]
+
+
+def _topological(starts: Iterable[Node]) -> list[Node]:
+    """Nodes reachable from ``starts``, every node before the nodes its gradient flows into."""
+    post, seen = [], set()
+    for s in starts:
+        if s in seen:
+            continue
+        seen.add(s)
+        stack = [(s, iter(_children(s)))]
+        while stack:  # iterative DFS: deep graphs (RNNs unrolled over 1000 steps) exceed Python's recursion
+            node, it = stack[-1]
+            for c in it:
+                if c not in seen:
+                    seen.add(c)
+                    stack.append((c, iter(_children(c))))
+                    break
+            else:
+                stack.pop()
+                post.append(node)
+    post.reverse()
+    return post
+
+
+@dataclass(eq=False)
+class Graph:
+    """The traced autograd graph of ``k`` task losses and some ``also`` terms.
+
+    ``nodes`` are in topological order (losses first); ``edge_masks[node][nr]`` is the mask of the losses
+    whose gradient arrives at output ``nr`` of ``node``; ``leaves`` maps ``AccumulateGrad`` nodes to their
+    tensors; ``shared`` holds the leaf nodes of the shared parameters; ``blocks`` the impartiality blocks
+    (:func:`impartial.graph.find_blocks`).
+    """
+
+    k: int
+    task_names: list[str]
+    also_names: list[str]
+    nodes: list[Node]
+    edge_masks: dict[Node, dict[int, int]]
+    leaves: dict[Node, Tensor]
+    param_names: dict[Node, str]
+    shared: set[Node] = field(default_factory=set)
+    blocks: list[Any] = field(default_factory=list)
+    #: ``(node, mask)`` for each loss's own node (where its gradient enters the graph)
+    roots: list[tuple[Node, int]] = field(default_factory=list)
+    #: raw task mask per node (tasks whose gradient reaches it on a path through no block)
+    raw: dict[Node, int] = field(default_factory=dict)
+    #: mask of the blocks above each node (bit j: ``blocks[j]``'s resolved gradient reaches it)
+    above: dict[Node, int] = field(default_factory=dict)
+
+    @property
+    def task_bits(self) -> int:
+        return (1 << self.k) - 1
+
+    def mask(self, node: Node) -> int:
+        """Mask of all losses (tasks and ``also`` terms) whose gradient reaches ``node``."""
+        m = 0
+        for v in self.edge_masks.get(node, {}).values():
+            m |= v
+        return m
+
+    def tasks(self, node: Node) -> tuple[int, ...]:
+        """Indices of the tasks whose gradient reaches ``node``."""
+        return _bits(self.mask(node) & self.task_bits)
+
+    def name(self, node: Node) -> str:
+        """A readable name: the parameter's (with its shape) for a leaf, the ``grad_fn`` name otherwise."""
+        if node in self.leaves:
+            return f"{self.param_names.get(node, 'parameter')} {list(self.leaves[node].shape)}"
+        return node.name()
+
+    @property
+    def edges(self) -> list[tuple[Node, Node, int]]:
+        """``(consumer, producer, nr)``: ``consumer``'s gradient flows into output ``nr`` of ``producer``."""
+        return [(n, c, nr) for n in self.nodes for c, nr in n.next_functions if c is not None]
+
+
+def _bits(mask: int) -> tuple[int, ...]:
+    return tuple(i for i in range(mask.bit_length()) if mask >> i & 1)
+
+
+def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | None) -> Graph:
+    edge_masks: dict[Node, dict[int, int]] = {}
+    for (node, nr), m in tasks.roots + extra.roots:
+        edge_masks.setdefault(node, {})
+        edge_masks[node][nr] = edge_masks[node].get(nr, 0) | m
+    order = _topological(edge_masks)
+    leaves: dict[Node, Tensor] = {}
+    for node in order:
+        m = 0
+        for v in edge_masks.get(node, {}).values():
+            m |= v
+        for c, nr in node.next_functions:
+            if c is not None:
+                slot = edge_masks.setdefault(c, {})
+                slot[nr] = slot.get(nr, 0) | m
+        var = getattr(node, "variable", None)
+        if isinstance(var, Tensor):
+            leaves[node] = var
+    names: dict[Node, str] = {}
+    g = Graph(len(tasks.outs), tasks.names, extra.names, order, edge_masks, leaves, names,
+              roots=[(node, m) for (node, _), m in tasks.roots + extra.roots])
+    by_id = {id(t): n for n, t in leaves.items()}
+    if params is None:  # infer: the leaves that two or more tasks reach
+        g.shared = {n for n in leaves if len(g.tasks(n)) >= 2}
+    else:
+        for name, p in params:
+            node = by_id.get(id(p))
+            if node is None or not g.tasks(node):
+                raise ValueError(f"shared_params: {name!r} is not reached by any task loss (nothing to share)")
+            names[node] = name
+            g.shared.add(node)
+    return g
+
+
+def trace(losses: Losses, shared_params: Params = None, *, also: Sequence[Tensor] = ()) -> Graph:
+    """Trace the autograd graph of ``losses`` (and ``also`` terms); its ``blocks`` are the automatic blocks.
+
+    >>> x = torch.randn(4, 3)
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> z = lin(x)
+    >>> g = trace([z[:, 0].sum(), z[:, 1].pow(2).sum()])
+    >>> [b.name for b in g.blocks]
+    ['AddmmBackward0 [4, 2]']
+    """
+    from ._blocks import _find
+
+    tasks = _as_losses(losses, "losses")
+    extra = _as_losses(also, "also", offset=len(tasks.outs), allow_empty=True)
+    g = _build(tasks, extra, _as_params(shared_params))
+    _find(g, tasks)
+    return g
+

@@ -1,0 +1,61 @@
+"""The semantics of ``impartial.backward`` at marked blocks, as a plain loop with tensor hooks.
+
+For blocks ``b₁, b₂, …`` in top-down order (a block comes before every block below it): task ``i``'s gradient
+at block ``b`` is computed by a backward of loss ``i`` alone in which every block above ``b`` *replaces* the
+gradient arriving there by its resolved row for task ``i``.  The solver's rows at ``b`` (rescaled to the norm
+of the plain sum when ``keep_norm``) are its resolved rows.  The parameters' gradients are the sum over tasks of
+one such backward with every block replaced, plus the plain gradient of the ``also`` terms.  No batching, no
+graph tracing, no bookkeeping of corrections: one hook-replaced backward per (block, task).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from impartial.solvers import Solver
+
+
+def _reachable(loss: Tensor, t: Tensor) -> bool:
+    return torch.autograd.grad(loss, t, retain_graph=True, allow_unused=True)[0] is not None
+
+
+def _grad_with(loss: Tensor, inputs: Sequence[Tensor], replace: dict[int, tuple[Tensor, Tensor]]) -> list[Tensor]:
+    """``autograd.grad(loss, inputs)`` where the gradient at each block tensor is replaced."""
+    handles = [t.register_hook(lambda g, r=r: r) for t, r in replace.values()]
+    try:
+        out = torch.autograd.grad(loss, list(inputs), retain_graph=True, allow_unused=True, materialize_grads=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(out)
+
+
+def backward_ref(tasks: Sequence[Tensor], blocks: Sequence[Tensor], params: Sequence[Tensor], solver: Solver,
+                 also: Sequence[Tensor] = (), keep_norm: bool = True) -> list[Tensor]:
+    """The gradients of ``params`` that ``impartial.backward(tasks, block=blocks, …)`` writes."""
+    resolved: list[dict[int, Tensor]] = []  # per block: task -> resolved row
+    for j, b in enumerate(blocks):
+        ts = [i for i, t in enumerate(tasks) if _reachable(t, b)]
+        rows = []
+        for i in ts:
+            replace = {id(blocks[a]): (blocks[a], resolved[a][i]) for a in range(j) if i in resolved[a]}
+            rows.append(_grad_with(tasks[i], [b], replace)[0])
+        J = torch.stack(rows).reshape(len(ts), -1)
+        R = solver.apply(J)
+        if keep_norm:
+            n = R.sum(0).norm()
+            R = R * (J.sum(0).norm() / n if n > 0 else 0.0)
+        resolved.append({i: R[c].reshape(b.shape) for c, i in enumerate(ts)})
+    total = [torch.zeros_like(p) for p in params]
+    for i, t in enumerate(tasks):
+        replace = {id(b): (b, resolved[a][i]) for a, b in enumerate(blocks) if i in resolved[a]}
+        for acc, g in zip(total, _grad_with(t, params, replace)):
+            acc += g
+    for a in also:
+        for acc, g in zip(total, torch.autograd.grad(a, list(params), retain_graph=True, allow_unused=True,
+                                                      materialize_grads=True)):
+            acc += g
+    return total
