@@ -1,5 +1,123 @@
-"""Registry rows (see registry.py)."""
+"""Registry rows for the projection and stateful solvers: PCGrad, GradVac, GradDrop, GradNorm, NSGD (+ Compose).
 
+Randomised solvers claim what holds for a *fixed draw*: a fresh solver with a seeded generator draws the
+same orders / uniforms for the same shape, so homogeneity, rotation, the Gram path, checkpointing and the
+reference loop (fed the same draw) all hold.  They do not claim ``permutation`` (the draw is tied to task
+positions; test_pcgrad checks equivariance with relabelled orders), ``batched`` (one batched draw differs
+from B small ones) or ``vmap`` (a random op under vmap needs ``randomness=``).  Those three are claimed by
+rows whose draw is replaced by a fixed one (``_Cyclic*``, ``_HalfGradDrop``): the same hot path, no draw.
+Compiled rows use the global RNG (dynamo cannot trace a ``torch.Generator``).  Stateful solvers do not
+claim ``vmap`` here: the generic test keeps one solver outside vmap, whose state would capture batched
+tensors; the method tests vmap a whole run (solver created inside) instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from impartial.solvers import NSGD, Compose, GradDrop, GradNorm, GradVac, PCGrad
+from impartial.solvers._pcgrad import random_orders
+from reference.projection import cyclic_orders, gradnorm_ref, gradvac_ref, graddrop_ref, nsgd_ref, pcgrad_ref
 from registry import SolverInfo
 
-ROWS: list[SolverInfo] = []
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+class _CyclicPCGrad(PCGrad):
+    """PCGrad with the fixed orders ``i+1, i+2, …`` (mod k) instead of a random draw."""
+
+    def _draw_orders(self, G: Tensor) -> Tensor:
+        return cyclic_orders(tuple(G.shape[:-2]), G.shape[-1]).to(G.device)
+
+
+class _CyclicGradVac(GradVac):
+    """GradVac with the fixed orders ``i+1, i+2, …`` (mod k) instead of a random draw."""
+
+    def _draw_orders(self, G: Tensor) -> Tensor:
+        return cyclic_orders(tuple(G.shape[:-2]), G.shape[-1]).to(G.device)
+
+
+class _HalfGradDrop(GradDrop):
+    """GradDrop with ``U = ½`` everywhere instead of a uniform draw (keeps the majority sign)."""
+
+    def _draw_uniform(self, P: Tensor) -> Tensor:
+        return torch.full_like(P, 0.5)
+
+
+def _inputs(J: Tensor) -> dict[str, Tensor]:
+    """Block inputs ``[..., B, F]`` for GradDrop, ``B·F = d`` (B = 3, 2 or 1), fixed by the shape of J."""
+    d = J.shape[-1]
+    B = next(b for b in (3, 2, 1) if d % b == 0)
+    A = torch.randn(*J.shape[:-2], B, d // B, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    return {"inputs": A.to(J.dtype)}
+
+
+def _pcgrad_seeded_ref(J: Tensor, **kw: Tensor) -> Tensor:
+    return pcgrad_ref(J, random_orders((), J.shape[0], _gen()))
+
+
+def _gradvac_ref(orders_of) -> callable:
+    def ref(J: Tensor, **kw: Tensor) -> Tensor:
+        k = J.shape[0]
+        return gradvac_ref(J, orders_of(k), torch.zeros(k, k, dtype=J.dtype), 1e-2)[0]
+    return ref
+
+
+def _graddrop_seeded_ref(J: Tensor, inputs: Tensor | None = None, **kw: Tensor) -> Tensor:
+    F = J.shape[-1] if inputs is None else inputs.shape[-1]
+    U = torch.rand((F,), generator=_gen(), dtype=J.dtype)
+    return graddrop_ref(J, U, 0.0, inputs)
+
+
+def _graddrop_half_ref(J: Tensor, inputs: Tensor | None = None, **kw: Tensor) -> Tensor:
+    F = J.shape[-1] if inputs is None else inputs.shape[-1]
+    return graddrop_ref(J, torch.full((F,), 0.5, dtype=J.dtype), 0.0, inputs)
+
+
+_SEEDED = frozenset({"k1", "homogeneous", "rotation", "gram_path", "checkpoint", "reference"})
+_FIXED_DRAW = frozenset({"k1", "homogeneous", "rotation", "batched", "vmap", "compile", "gram_path", "checkpoint",
+                         "reference"})
+_STATEFUL = frozenset({"k1", "permutation", "homogeneous", "rotation", "batched", "compile", "gram_path", "checkpoint",
+                       "reference"})
+_DROP = frozenset({"k1", "permutation", "homogeneous", "checkpoint", "reference"})
+
+ROWS: list[SolverInfo] = [
+    SolverInfo("PCGrad", lambda: PCGrad(generator=_gen()), _SEEDED, k1=lambda g: g, reference=_pcgrad_seeded_ref),
+    SolverInfo("PCGrad(global-rng)", PCGrad, frozenset({"k1", "compile"}), k1=lambda g: g),
+    SolverInfo("PCGrad(cyclic)", _CyclicPCGrad, _FIXED_DRAW, k1=lambda g: g,
+               reference=lambda J, **kw: pcgrad_ref(J, cyclic_orders((), J.shape[0]))),
+    SolverInfo("GradVac", lambda: GradVac(generator=_gen()), _SEEDED, k1=lambda g: g,
+               reference=_gradvac_ref(lambda k: random_orders((), k, _gen()))),
+    SolverInfo("GradVac(global-rng)", GradVac, frozenset({"k1", "compile"}), k1=lambda g: g),
+    # vmap: stateful (see the module docstring); test_gradvac vmaps `vaccinate` and whole runs.
+    SolverInfo("GradVac(cyclic)", _CyclicGradVac, _FIXED_DRAW - {"vmap"}, k1=lambda g: g,
+               reference=_gradvac_ref(lambda k: cyclic_orders((), k))),
+    # GradDrop is coordinate-wise: no rotation equivariance, no Gram path.  A scalar leakage and a draw per
+    # feature make it permutation invariant even for a fixed draw.
+    SolverInfo("GradDrop", lambda: GradDrop(generator=_gen()), _DROP, k1=lambda g: g,
+               reference=_graddrop_seeded_ref),
+    SolverInfo("GradDrop(inputs)", lambda: GradDrop(generator=_gen()), _DROP, k1=lambda g: g,
+               reference=_graddrop_seeded_ref, context=_inputs),
+    SolverInfo("GradDrop(inputs,global-rng)", GradDrop, frozenset({"k1", "compile"}), k1=lambda g: g,
+               context=_inputs),
+    SolverInfo("GradDrop(inputs,U=1/2)", _HalfGradDrop, _DROP | {"batched", "vmap", "compile"}, k1=lambda g: g,
+               reference=_graddrop_half_ref, context=_inputs),
+    # GradNorm / NSGD: vmap left out as stateful (test_gradnorm vmaps whole runs).
+    SolverInfo("GradNorm", GradNorm, _STATEFUL, k1=lambda g: g, needs_losses=True,
+               reference=lambda J, losses=None, **kw: gradnorm_ref([J], [losses], 1.5, 0.025)[0]),
+    SolverInfo("GradNorm(grad)", lambda: GradNorm(progress="grad"), _STATEFUL, k1=lambda g: g,
+               reference=lambda J, **kw: gradnorm_ref([J], None, 1.5, 0.025, "grad", 20)[0]),
+    SolverInfo("NSGD", NSGD, _STATEFUL, k1=lambda g: g, reference=lambda J, **kw: nsgd_ref([J])[0]),
+    # GradNorm's first weights are 1, so a fresh Compose(GradNorm, PCGrad) is PCGrad (test_compose runs
+    # longer sequences against the members applied in turn).
+    SolverInfo("Compose(GradNorm(alpha=0),PCGrad)", lambda: Compose(GradNorm(alpha=0.0), PCGrad(generator=_gen())),
+               _SEEDED, k1=lambda g: g, reference=_pcgrad_seeded_ref),
+    SolverInfo("Compose(GradNorm(alpha=0),PCGrad)(global-rng)", lambda: Compose(GradNorm(alpha=0.0), PCGrad()),
+               frozenset({"k1", "compile"}), k1=lambda g: g),
+    SolverInfo("Compose(GradNorm(alpha=0),PCGrad(cyclic))", lambda: Compose(GradNorm(alpha=0.0), _CyclicPCGrad()),
+               _STATEFUL - {"permutation"}, k1=lambda g: g,
+               reference=lambda J, **kw: pcgrad_ref(J, cyclic_orders((), J.shape[0]))),
+]
