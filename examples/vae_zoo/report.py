@@ -1,0 +1,116 @@
+"""The demo's outputs: a text table (mean ± std over seeds) and a figure (metric bars, training curves).
+
+Both read the list of run records that :func:`vae_zoo.train.run` returns.  Per model, the headline metric
+is, for multimodal VAEs, the cross-modal coherence *into* each modality (higher is better; the worst
+modality is the minimum), and for tables, each column's imputation error (lower is better; the worst
+column is the maximum).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from .train import MULTIMODAL
+
+ROWS_MULTI = (("coherence", "coherence into"), ("source", "coherence from"), ("latent", "latent acc"),
+              ("recon", "recon error"))
+
+
+def group(records: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """``{model: {method: [records over seeds]}}`` in first-seen order (failed runs left out)."""
+    out: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if "error" in r:
+            continue
+        out[r["config"]["model"]][r["config"]["method"]].append(r)
+    return out
+
+
+def headline(model: str) -> tuple[str, bool]:
+    """(metric key, higher is better) of a model's per-modality headline metric."""
+    return ("coherence", True) if model in MULTIMODAL else ("error", False)
+
+
+def worst(r: dict) -> float:
+    key, higher = headline(r["config"]["model"])
+    vals = list(r["metrics"][key].values())
+    return min(vals) if higher else max(vals)
+
+
+def _cell(vals: list[float]) -> str:
+    return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+
+
+def table(records: list[dict]) -> str:
+    """A Markdown table per model: rows are (metric, modality) plus the worst modality, columns are methods."""
+    parts = []
+    for model, by_method in group(records).items():
+        methods = list(by_method)
+        first = by_method[methods[0]][0]
+        n_seeds = min(len(v) for v in by_method.values())
+        key, higher = headline(model)
+        rows = ROWS_MULTI if model in MULTIMODAL else (("error", "imputation error"),)
+        lines = [f"### {model} ({first['config']['dataset']}, {n_seeds} seeds, mean ± std; "
+                 f"{'higher' if higher else 'lower'} {key} is better)", "",
+                 "| metric | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        for metric, label in rows:
+            for name in first["names"]:
+                cells = [_cell([r["metrics"][metric][name] for r in by_method[m]]) for m in methods]
+                lines.append(f"| {label}: {name} | " + " | ".join(cells) + " |")
+        label = f"**worst {'modality' if model in MULTIMODAL else 'column'} ({key})**"
+        lines.append(f"| {label} | " + " | ".join(f"**{_cell([worst(r) for r in by_method[m]])}**" for m in methods) + " |")
+        mins = [_cell([r["seconds"] for r in by_method[m]]) for m in methods]
+        lines.append("| train seconds | " + " | ".join(mins) + " |")
+        parts.append("\n".join(lines))
+    failed = [f"- {r['config']['model']} / {r['config']['method']} / seed {r['config']['seed']}: {r['error']}"
+              for r in records if "error" in r]
+    if failed:
+        parts.append("**Failed runs** (left out above):\n" + "\n".join(failed))
+    return "\n\n".join(parts) + "\n"
+
+
+def figure(records: list[dict], path: str) -> None:
+    """Per model: bars of the headline metric per modality and method (± std over seeds), and each task's
+    training loss per epoch (mean over seeds), rescaled per task to [0, 1] so tasks of any scale share an axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a server
+    import matplotlib.pyplot as plt
+
+    groups = group(records)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 3.6 * len(groups)), squeeze=False)
+    styles = ["--", "-", "-.", ":"]
+    for row, (model, by_method) in enumerate(groups.items()):
+        key, higher = headline(model)
+        names = by_method[next(iter(by_method))][0]["names"]
+        ax = axes[row, 0]
+        width = 0.8 / len(by_method)
+        for i, (method, rs) in enumerate(by_method.items()):
+            vals = np.array([[r["metrics"][key][n] for n in names] for r in rs])
+            ax.bar(np.arange(len(names)) + (i - (len(by_method) - 1) / 2) * width, vals.mean(0), width,
+                   yerr=vals.std(0), capsize=2, label=method)
+        ax.set_xticks(np.arange(len(names)), [n[:10] for n in names], rotation=0 if len(names) < 5 else 60,
+                      fontsize=8)
+        ax.set_ylabel(f"{key} ({'↑' if higher else '↓'})")
+        ax.set_title(f"{model}: {key} per {'modality' if model in MULTIMODAL else 'column'}")
+        ax.legend(fontsize=7)
+        ax = axes[row, 1]
+        curves = {m: np.mean([r["curves"] for r in rs], axis=0) for m, rs in by_method.items()}  # [epochs, k]
+        lo = np.min([c.min(0) for c in curves.values()], axis=0)
+        hi = np.max([c.max(0) for c in curves.values()], axis=0)
+        colors = plt.cm.tab20(np.linspace(0, 1, len(names))) if len(names) > 10 else plt.cm.tab10.colors
+        for i, (method, c) in enumerate(curves.items()):
+            scaled = (c - lo) / np.maximum(hi - lo, 1e-12)
+            for j, name in enumerate(names):
+                ax.plot(np.arange(1, len(c) + 1), scaled[:, j], styles[i % len(styles)], color=colors[j],
+                        label=name if i == 0 else None, lw=1.2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("task loss, rescaled per task")
+        ax.set_title(f"{model}: training loss per task ({', '.join(f'{m} {s}' for m, s in zip(curves, styles))})",
+                     fontsize=9)
+        ax.legend(fontsize=6, ncol=2 if len(names) > 5 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,157 @@
+"""The VAE zoo under ``examples/``: the demo's ``--quick`` run, and each model's basic contract.
+
+Kept fast (the whole file runs in well under a minute on 2 cores): tiny batches, a few steps.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import impartial  # noqa: E402
+from impartial import solvers  # noqa: E402
+from vae_zoo import data, multimodal, tabular  # noqa: E402
+from vae_zoo.train import METHODS, make_solver  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: extra intra-op threads only fight over the shared cores (and slow everyone down)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.digits_trio(seed=0)
+
+
+@pytest.fixture(scope="module")
+def wine():
+    return data.tabular("wine", seed=0)
+
+
+def _multi(name, digits):
+    train, _ = digits
+    torch.manual_seed(0)
+    return multimodal.MODELS[name]({m: v[0].numel() for m, v in train.x.items()}, hidden=32, z_dim=8)
+
+
+def _batch(model, digits, wine, n=32):
+    if isinstance(model, multimodal.MultimodalVAE):
+        return {m: v[:n] for m, v in digits[0].x.items()}
+    return wine.x[:n], wine.observed[:n]
+
+
+ALL = [*multimodal.MODELS, *tabular.MODELS]
+
+
+def _model(name, digits, wine):
+    if name in multimodal.MODELS:
+        return _multi(name, digits)
+    torch.manual_seed(0)
+    return tabular.MODELS[name](wine)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "imtlg"])
+@pytest.mark.parametrize("name", ALL)
+def test_loss_is_finite_and_decreases(name, method, digits, wine):
+    model = _model(name, digits, wine)
+    batch = _batch(model, digits, wine)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    solver = make_solver(method)
+    totals = []
+    for _ in range(8):
+        tasks, also = model.loss(batch)
+        total = sum(tasks + also)
+        assert all(torch.isfinite(t) for t in tasks + also)
+        totals.append(float(total.detach()))
+        opt.zero_grad()
+        if solver is None:
+            total.backward()
+        else:
+            impartial.backward(tasks, model.encoder_params, solver=solver, also=also)
+        opt.step()
+    assert sum(totals[-2:]) < sum(totals[:2]), totals
+
+
+@pytest.mark.parametrize("name", list(multimodal.MODELS))
+def test_multimodal_accepts_missing_modalities_and_cross_generates(name, digits):
+    model = _multi(name, digits)
+    _, test = digits
+    x = {m: v[:7] for m, v in test.x.items()}
+    for given in (["image"], ["text"], ["hard"], ["image", "text"], ["text", "hard"]):
+        partial = {m: (x[m] if m in given else None) for m in model.names}
+        out = model.generate(partial)
+        assert set(out) == set(model.names)
+        for m, v in out.items():
+            assert v.shape == x[m].shape, (given, m)
+            assert torch.isfinite(v).all()
+        assert model.embed({m: x[m] for m in given}).shape == (7, model.z_dim)
+    assert model.generate({"text": x["text"]}, targets=["image"])["image"].shape == (7, 64)
+    text = model.generate({"image": x["image"]})["text"]
+    assert torch.allclose(text.sum(-1), torch.ones(7, data.WORD_LEN))  # per-position character probabilities
+
+
+def test_digits_trio_views_share_the_class(digits):
+    train, test = digits
+    words = ["".join(data.ALPHABET[i] for i in row.argmax(-1)).rstrip("_") for row in train.x["text"][:20]]
+    assert words == [data.WORDS[y] for y in train.y[:20]]
+    assert train.x["hard"].shape[1] == 16 * 16 and len(train) + len(test) == 1797
+
+
+@pytest.mark.parametrize("name", list(tabular.MODELS))
+def test_tabular_imputes_every_entry(name, wine):
+    model = _model(name, None, wine)
+    pred = model.impute(wine.x, wine.observed)
+    assert pred.shape == wine.x.shape and torch.isfinite(pred).all()
+    cat = [j for j, k in enumerate(wine.kinds) if k == "cat"]
+    assert set(pred[:, cat].unique().tolist()) <= set(range(wine.n_classes[cat[0]]))
+
+
+def test_wine_columns_get_the_likelihoods_their_values_call_for(wine):
+    kinds = dict(zip(wine.names, wine.kinds))
+    assert kinds["magnesium"] == kinds["proline"] == "count"
+    assert kinds["label"] == "cat" and kinds["alcohol"] == "real" and kinds["color_intensity"] == "pos"
+
+
+def test_iwae_column_tasks_have_the_iwae_gradient(wine):
+    torch.manual_seed(0)
+    model = tabular.IWAE(wine, K=5).double()
+    batch = (wine.x[:16].double(), wine.observed[:16])
+    torch.manual_seed(1)
+    tasks, also = model.loss(batch)
+    split = torch.autograd.grad(sum(tasks + also), list(model.parameters()), allow_unused=True)
+    torch.manual_seed(1)
+    whole = torch.autograd.grad(-model.bound(batch), list(model.parameters()), allow_unused=True)
+    for a, b in zip(split, whole):
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
+def test_methods_build_their_solvers():
+    assert make_solver("vanilla") is None
+    assert isinstance(make_solver("gradnorm-pcgrad"), solvers.Compose)
+    assert {type(make_solver(m)).__name__ for m in METHODS[1:3]} == {"IMTLG", "PCGrad"}
+
+
+def test_quick_demo_writes_table_and_figure(tmp_path):
+    import demo
+
+    records = demo.main(["--quick", "--jobs", "1", "--out", str(tmp_path)])
+    assert not [r for r in records if "error" in r]
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    table = (tmp_path / "table.md").read_text()
+    assert "worst modality" in table and "worst column" in table and "±" in table
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(records)
