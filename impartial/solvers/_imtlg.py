@@ -1,6 +1,122 @@
-"""SCAFFOLD: to be replaced by the real implementation."""
-from ._base import GramSolver
+"""IMTL-G: the direction with equal projections on every unit task gradient, in closed form on ``G``.
+
+Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, "Towards Impartial Multi-task Learning", ICLR 2021 (the
+gradient part, IMTL-G).  The paper writes the solution with ``D = [g₁ − g_t]`` and ``U = [u₁ − u_t]``
+(``u_t = g_t/‖g_t‖``) as ``α_{2:k} = g₁Uᵀ(DUᵀ)⁻¹``, ``α₁ = 1 − Σ α_{2:k}``; we solve the same equations in
+the cosine matrix of the task gradients, which needs only ``G`` and is far better conditioned when the
+gradient norms differ by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import GramSolver, _check_gram, _check_jacobian, combine, gram, mix, solve_dtype
+
+__all__ = ["IMTLG"]
+
+#: relative eigenvalue cut-off of the cosine matrix: float64 input, float32 and lower (whose Gram is
+#: accumulated in float32: its cosines carry ~1e-7 noise)
+_RTOL = (1e-10, 1e-6)
 
 
-class IMTLG(GramSolver):
-    pass
+class _PrecisionGramSolver(GramSolver):
+    """A Gram-space solver whose numerical cut-offs follow the precision of its input.
+
+    ``_weights`` always receives ``G`` in float64, which hides whether ``J`` (or a user's ``G``) was float32:
+    a float32 Gram carries ~1e-7 relative noise, so rank and stationarity cut-offs must be looser.  Every
+    entry point routes through :meth:`_solve` with ``low`` set from the input dtype.
+    """
+
+    @abstractmethod
+    def _solve(self, G: Tensor, low: bool) -> Tensor: ...
+
+    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
+        return self._solve(G, G.dtype != torch.float64)
+
+    def __call__(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
+        _check_jacobian(J, type(self).__name__)
+        return combine(self._solve(gram(J), J.dtype != torch.float64), J)
+
+    def _apply(self, J: Tensor, *, losses: Tensor | None, **context: Tensor) -> Tensor:
+        return mix(torch.diag_embed(self._solve(gram(J), J.dtype != torch.float64)), J)
+
+    def weights(self, G: Tensor, *, losses: Tensor | None = None) -> Tensor:
+        _check_gram(G, type(self).__name__)
+        return self._solve(G.to(solve_dtype(G.dtype)), G.dtype != torch.float64)
+
+    def mixing(self, G: Tensor, *, losses: Tensor | None = None) -> Tensor:
+        return torch.diag_embed(self.weights(G, losses=losses))
+
+
+class IMTLG(_PrecisionGramSolver):
+    r"""Weights ``α`` whose direction ``d = αᵀJ`` makes the same angle with every task gradient, ``Σα = 1``.
+
+    The IMTL-G problem: find ``d = Σ_t α_t g_t`` with ``d·u_1 = d·u_t`` for all ``t`` (``u_t = g_t/‖g_t‖``) and
+    ``Σ_t α_t = 1``.  With the cosine matrix ``C = N⁻¹GN⁻¹`` (``N = diag(‖g_t‖)``) the equal-projection
+    directions are ``d = Uᵀγ`` with ``Cγ ∝ 1``, so
+
+    .. math::  γ = C^{+}\mathbf 1, \qquad α = N^{-1}γ, \qquad w = α / |\mathbf 1^\top α|,
+
+    i.e. ``w ∝ G⁺ diag(G)^{1/2}`` for a full-rank ``G``, where it is exactly the paper's closed form.  Choices
+    (the paper assumes linearly independent, nonzero gradients):
+
+    - **sign**: ``d = Uᵀγ`` has projection ``+1`` on every unit gradient; dividing by ``|Σα|`` (not ``Σα``)
+      keeps it that way when ``Σα < 0``, where the paper's ``Σα = 1`` would return the ascent direction.
+      Where ``|Σα|`` is below ``1e-12 ‖α‖₁`` (the paper's answer is unbounded) it is floored there.
+    - **zero gradients** have no direction: they get weight 0 and the rest is solved among the others.
+    - **rank**: ``C⁺`` drops eigenvalues at or below ``rtol · λ_max(C)`` (``rtol = 1e-10`` for float64
+      input, ``1e-6`` for float32 and lower, whose Gram carries float32 rounding); among the coefficient
+      vectors of the (unique) direction this picks the minimum-norm ``γ``.  Components of ``1`` along kept
+      eigenvectors below ``1e-10 √k`` are round-off and dropped.  When no nonzero direction has equal
+      projections, this is the least-squares one (``min ‖Ud − 1‖``); when that is 0 (an antiparallel pair:
+      only ``d = 0`` is impartial, as in the paper), the weights are 0.
+
+    ``k = 1`` returns the gradient.  Positively homogeneous, permutation and rotation invariant, stateless.
+
+    >>> J = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    >>> IMTLG().weights(J @ J.T)
+    tensor([0.7500, 0.2500], dtype=torch.float64)
+    >>> IMTLG()(J)  # projections on e1 and e2 are equal
+    tensor([0.7500, 0.7500])
+    """
+
+    def __init__(self, *, rtol: float | None = None) -> None:
+        self.rtol = rtol
+
+    def _solve(self, G: Tensor, low: bool) -> Tensor:
+        rtol = self.rtol if self.rtol is not None else _RTOL[low]
+        return _imtlg_weights(G, rtol)
+
+    def _hparams(self) -> dict[str, Any]:
+        return {} if self.rtol is None else {"rtol": self.rtol}
+
+
+def _equal_projection(G: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``γ = C⁺1`` on the cosine matrix ``C`` of ``G`` (the direction ``Σ γ_t u_t`` has projection 1 on every
+    unit gradient, or is the least-squares such direction), with ``C`` and ``1/‖g_t‖`` (0 for zero rows)."""
+    k = G.shape[-1]
+    n = torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    # a gradient norm whose square underflows is a zero gradient; 1/n stays finite above sqrt(tiny)
+    nonzero = n > torch.finfo(G.dtype).tiny ** 0.5
+    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, n, 1.0), 0.0)
+    C = G * inv.unsqueeze(-1) * inv.unsqueeze(-2)
+    lam, V = torch.linalg.eigh(C)
+    keep = lam > rtol * lam[..., -1:]
+    c = V.sum(-2)  # components of 1 along the eigenvectors
+    # a component of 1 at round-off level along a kept eigenvector is noise (1 ⊥ that eigenvector)
+    keep = keep & (c.abs() > 1e-10 * k**0.5)
+    gamma = (V @ torch.where(keep, c / torch.where(keep, lam, 1.0), 0.0).unsqueeze(-1)).squeeze(-1)
+    return gamma, C, inv
+
+
+def _imtlg_weights(G: Tensor, rtol: float) -> Tensor:
+    gamma, _, inv = _equal_projection(G, rtol)
+    alpha = gamma * inv
+    # torch.where, not an if: no host sync.  |Σα| keeps the common projection positive.
+    denom = torch.maximum(alpha.sum(-1).abs(), 1e-12 * alpha.abs().sum(-1)).unsqueeze(-1)
+    return torch.where(denom > 0, alpha / torch.where(denom > 0, denom, 1.0), 0.0)

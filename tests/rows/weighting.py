@@ -1,5 +1,36 @@
-"""Registry rows (see registry.py)."""
+"""Registry rows for the weighting solvers: IMTLG, NashMTL, FairGrad, AlignedMTL, ConFIG (see registry.py)."""
 
+from __future__ import annotations
+
+from impartial.solvers import IMTLG, AlignedMTL, ConFIG, FairGrad, NashMTL
+from reference.weighting import aligned_ref, config_ref, fairgrad_ref, imtlg_ref, nash_ref
 from registry import SolverInfo
 
-ROWS: list[SolverInfo] = []
+_ALL = frozenset({"k1", "permutation", "homogeneous", "rotation", "batched", "vmap", "compile", "gram_path",
+                  "reference"})
+# FairGrad's direction scales as c^{(1−α)/(1+α)} under J → cJ: not 1-homogeneous (the paper's α-fair
+# utilities w^{-1/α} fix the scale), so it claims everything else.
+_NOT_HOMOGENEOUS = _ALL - {"homogeneous"}
+
+
+def _fair_k1(alpha: float):
+    return lambda g: g.norm() ** ((1 - alpha) / (1 + alpha)) * g / g.norm()
+
+
+ROWS: list[SolverInfo] = [
+    SolverInfo("IMTLG", IMTLG, _ALL, k1=lambda g: g, reference=imtlg_ref, tol=1e-9, ref_tol=1e-9),
+    SolverInfo("NashMTL", NashMTL, _ALL | {"checkpoint"}, k1=lambda g: g, reference=nash_ref, tol=1e-8,
+               ref_tol=1e-7),
+    # Reusing kept weights between solves: every claim that starts from a fresh solver still holds; vmap
+    # would keep a batched tracer as state, so it is not claimed.
+    SolverInfo("NashMTL(update_weights_every=3)", lambda: NashMTL(update_weights_every=3),
+               _ALL - {"vmap"} | {"checkpoint"}, k1=lambda g: g, reference=nash_ref, tol=1e-8, ref_tol=1e-7),
+    SolverInfo("FairGrad", FairGrad, _NOT_HOMOGENEOUS | {"checkpoint"}, k1=_fair_k1(1.0),
+               reference=fairgrad_ref(1.0), tol=1e-8, ref_tol=1e-7),
+    SolverInfo("FairGrad(alpha=2)", lambda: FairGrad(alpha=2.0), _NOT_HOMOGENEOUS, k1=_fair_k1(2.0),
+               reference=fairgrad_ref(2.0), tol=1e-8, ref_tol=1e-7),
+    SolverInfo("FairGrad(alpha=0.5)", lambda: FairGrad(alpha=0.5), _NOT_HOMOGENEOUS, k1=_fair_k1(0.5),
+               reference=fairgrad_ref(0.5), tol=1e-8, ref_tol=1e-7),
+    SolverInfo("AlignedMTL", AlignedMTL, _ALL, k1=lambda g: g, reference=aligned_ref, tol=1e-9, ref_tol=1e-8),
+    SolverInfo("ConFIG", ConFIG, _ALL, k1=lambda g: g, reference=config_ref, tol=1e-9, ref_tol=1e-9),
+]
