@@ -5,9 +5,12 @@
 
 Each variant is timed many times, interleaved with the plain baseline (the machine may be shared and noisy);
 medians and ratios are printed for the backward call alone and for the whole step (forward + backward).
-``loop`` is the same computation with the per-task gradients from a loop of k backward passes instead of one
-batched (vmapped) backward: a private switch, for comparison only.
-Run: ``python benchmarks/bench_backward_quick.py [--repeats 40] [--device cuda]``.
+``auto`` is the default (the per-task pass chosen per block by structure), ``batched`` and ``loop`` force one
+vmapped backward or a loop of k backward passes (``task_grads=``); ``torchjd`` is TorchJD's ``mtl_backward`` +
+``jac_to_grad`` with its IMTL-G (the params case; when torchjd is installed).
+``--clock thread`` times the thread's CPU time instead of wall time: with one thread on a loaded machine it
+is far less noisy (other processes' time is not counted).
+Run: ``python benchmarks/bench_backward_quick.py [--repeats 40] [--device cuda] [--threads 1 --clock thread]``.
 """
 
 from __future__ import annotations
@@ -21,8 +24,13 @@ import torch
 from torch import nn
 
 import impartial
-from impartial._engine import _Engine
 from impartial.solvers import IMTLG
+
+try:
+    from torchjd.aggregation import IMTLG as _TorchJDIMTLG
+    from torchjd.autojac import jac_to_grad, mtl_backward
+except ImportError:  # optional: the bench extra
+    mtl_backward = None
 
 
 class VAE(nn.Module):
@@ -50,39 +58,44 @@ class Shared(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(d_in, 10) for _ in range(k))
 
     def losses(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        h = self.encoder(x)
+        self.features = h = self.encoder(x)
         return [head(h).pow(2).mean() for head in self.heads], []
 
 
 def compare(name: str, model: nn.Module, x: torch.Tensor, shared: list[torch.Tensor], block: str,
-            repeats: int, sync: Callable[[], None]) -> None:
+            repeats: int, sync: Callable[[], None], clock: Callable[[], float]) -> None:
     solver = IMTLG()
+    agg = _TorchJDIMTLG() if mtl_backward is not None else None
 
     def run(variant: str) -> tuple[float, float]:
         """(backward seconds, step seconds) of one step."""
         model.zero_grad(set_to_none=True)
-        _Engine.batched = variant != "loop"
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         recs, also = model.losses(x)
         sync()
-        t1 = time.perf_counter()
+        t1 = clock()
         if variant == "plain":
             sum(recs + also).backward()
+        elif variant == "torchjd":
+            mtl_backward(recs, features=model.features)
+            jac_to_grad(shared, agg)
         else:
-            impartial.backward(recs, shared, solver=solver, also=also, block=block)
+            impartial.backward(recs, shared, solver=solver, also=also, block=block, task_grads=variant)
         sync()
-        t2 = time.perf_counter()
+        t2 = clock()
         return t2 - t1, t2 - t0
 
-    variants = ["plain", "batched", "loop"]
+    variants = ["plain", "auto", "batched", "loop"]
+    if block == "params" and mtl_backward is not None:
+        variants.append("torchjd")
     times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    n = len(variants)
     for i in range(repeats + 3):  # interleaved, order rotated; the first 3 rounds warm up
-        for v in variants[i % 3:] + variants[:i % 3]:
+        for v in variants[i % n:] + variants[:i % n]:
             t = run(v)
             if i >= 3:
                 times[v].append(t)
-    _Engine.batched = True
     med = {v: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)) for v, ts in times.items()}
     n_params = sum(p.numel() for p in shared)
     print(f"{name}: shared params {n_params / 1e6:.2f}M, block={block!r}, solver {solver!r}, {repeats} repeats")
@@ -97,18 +110,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall")
     args = parser.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     vae = VAE().to(dev)
     compare("multimodal VAE (3 modalities, batch 128)", vae, torch.randn(128, sum(vae.dims), device=dev),
-            list(vae.encoder.parameters()), "auto", args.repeats, sync)
+            list(vae.encoder.parameters()), "auto", args.repeats, sync, clock)
     enc = Shared().to(dev)
     compare("shared encoder, k = 8 (batch 64)", enc, torch.randn(64, 512, device=dev),
-            list(enc.encoder.parameters()), "params", args.repeats, sync)
-    print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")
+            list(enc.encoder.parameters()), "params", args.repeats, sync, clock)
+    print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, clock {args.clock}")
 
 
 if __name__ == "__main__":

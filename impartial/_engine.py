@@ -1,29 +1,117 @@
-"""The autograd plumbing of :func:`impartial.backward`: batched per-task gradients, checks, deferred writes.
+"""The autograd plumbing of :func:`impartial.backward`: per-task gradients, checks, deferred writes.
 
-Every gradient is computed with ``torch.autograd.grad`` and collected; ``.grad`` is written once, at the end,
-so that an error anywhere (a freed graph, a non-finite task gradient) leaves every ``.grad`` untouched.
+Per-task gradients come from one of two passes, chosen per block by the graph's structure (:func:`_overlap`):
+
+- **batched**: one ``torch.autograd.grad(..., is_grads_batched=True)`` with the rows of the identity as
+  seeds.  Every node above the block runs once, on ``k`` rows; a node that only task ``i`` reaches still runs
+  on all ``k`` rows (``k − 1`` of them zero).
+- **loop**: one ``torch.autograd.grad`` per task, each from its own loss, asking only for the block and that
+  task's own parameters.  Every node runs once per task that reaches it: with disjoint heads, the heads are
+  traversed once in all, as in a plain backward.
+
+The loop never does more arithmetic than the batched pass; the batched pass saves dispatch overhead where the
+tasks share most of the graph above the block (one op on ``k`` rows instead of ``k`` ops).
+
+Every gradient is collected; ``.grad`` is written once, at the end, so that an error anywhere (a freed graph,
+a non-finite task gradient) leaves every ``.grad`` untouched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
+from . import _distributed as _dist
 from .graph._trace import Graph, _Losses
 
-Named = list[tuple[list[str | None], Tensor]]
+#: one input's per-task gradients: ``[rows, ...]`` (batched pass, or dense inputs of the loop), or one entry
+#: per row (the loop's task-own inputs; None where the row does not reach or need the input)
+Rows = Union[Tensor, list[Optional[Tensor]], None]
+#: ``(names, values)``: one ``(message, task index)`` per row (None: not checked) and the rows (a tensor
+#: ``[rows, ...]`` or a list of tensors / None), finiteness flags already computed (a bool tensor ``[rows]``),
+#: or a tuple of tensors checked as one row (then the message is a list, one per tensor)
+Named = list[tuple[list, Union[Tensor, list[Optional[Tensor]], tuple[Tensor, ...]]]]
 
 
-def _finite_rows(t: Tensor) -> Tensor:
-    """``[rows]``: whether each row of ``t`` is finite (``aminmax``: one pass, NaN and ±inf propagate)."""
-    if t[0].numel() == 0:
-        return torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
-    lo, hi = torch.aminmax(t.reshape(t.shape[0], -1), dim=1)
-    return lo.isfinite() & hi.isfinite()
+class NonFinite(FloatingPointError):
+    """A task's gradient is not finite; ``task`` is its index."""
+
+    def __init__(self, message: str, task: int) -> None:
+        super().__init__(message)
+        self.task = task
+
+#: the batched pass is chosen when a loop would redo at least this fraction of its work (see ``_overlap``)
+BATCH_OVERLAP = 0.75
+TASK_GRADS = ("auto", "batched", "loop")
+
+
+def _flags(t: Tensor | list[Tensor | None]) -> Tensor:
+    """``[rows]`` finiteness flags, cheaply: a row's sum is finite iff its entries are (NaN and ±inf propagate),
+    up to overflow of the sum, which :func:`_exact_flags` rules out before anything is reported."""
+    if isinstance(t, list):
+        dev = next((r.device for r in t if r is not None), torch.device("cpu"))
+        return torch.stack([torch.ones((), dtype=torch.bool, device=dev) if r is None else r.sum().isfinite()
+                            for r in t])
+    if isinstance(t, tuple):  # (rows): one flag for all of them, from one fused call (the common case)
+        norms = torch._foreach_norm(list(t))
+        return torch.stack(norms).sum().isfinite().reshape(1)
+    if t.dtype == torch.bool:
+        return t
+    if t.ndim == 0 or t[0].numel() == 0:
+        return torch.ones(t.shape[:1], dtype=torch.bool, device=t.device)
+    return t.reshape(t.shape[0], -1).sum(1).isfinite()
+
+
+def _exact_bad(t: Tensor | list[Tensor | None] | tuple[Tensor, ...], row: int) -> int | None:
+    """None if row ``row`` is finite, element by element (the error path only); else the index of the first
+    non-finite tensor of a group (0 for a row)."""
+    if isinstance(t, tuple):
+        return next((m for m, r in enumerate(t) if not bool(r.isfinite().all())), None)
+    r = t[row]
+    return None if r is None or bool(r.isfinite().all()) else 0
+
+
+def _numel(node: Node, nr: int | None = None) -> int:
+    try:  # private but stable since torch 2.0; only a cost estimate
+        meta = node._input_metadata
+        return sum(math.prod(m.shape) for m in (meta if nr is None else meta[nr:nr + 1]))
+    except (AttributeError, RuntimeError, TypeError, IndexError):
+        return 1
+
+
+def _weight(node: Node) -> int:
+    """Backward work of ``node``, roughly: the gradient entries it reads plus those it writes."""
+    return max(1, _numel(node) + sum(_numel(c, nr) for c, nr in node.next_functions if c is not None))
+
+
+def _overlap(g: Graph, target: Node | None, mask: int) -> float:
+    """How much of a batched pass a loop over the tasks in ``mask`` would redo, in ``[1/k, 1]``.
+
+    Over the nodes above ``target`` (those whose gradient flows into it; every non-leaf node reached by the
+    tasks when ``target`` is None), weighted by :func:`_weight`: a loop runs node ``n`` once per task that
+    reaches it (``t_n`` times), a batched pass once on ``k`` rows.  Disjoint heads give ``1/k``; a graph that
+    every task reaches everywhere gives 1.
+    """
+    k = bin(mask).count("1")
+    reach: dict[Node, bool] = {}
+    for n in reversed(g.nodes):
+        reach[n] = target is None or n is target or any(reach.get(c, False) for c, _ in n.next_functions
+                                                        if c is not None)
+    loop = batch = 0
+    for n in g.nodes:
+        t = bin(g.mask(n) & mask).count("1")
+        if not t or n in g.leaves or not reach[n] or n is target:
+            continue
+        w = _weight(n)
+        loop += w * t
+        batch += w * k
+    return loop / batch if batch else 1.0
 
 
 @dataclass
@@ -32,76 +120,111 @@ class _Engine:
     tasks: _Losses
     extra: _Losses
     retain_graph: bool
-    #: why per-task gradients were computed in a loop (None: all batched)
+    #: "auto" (by structure), "batched" or "loop"
+    task_grads: str = "auto"
+    #: why a batched pass was replaced by the loop (vmap could not run an op, or 0 × inf), else None
     fallback: str | None = None
-    #: class-level switch for measurements (benchmarks/bench_backward_quick.py): False = always the loop
-    batched = True
-    loops: int = 0
+    #: the pass used at each block (or for ``block="params"``): "batched" or "loop"
+    passes: list[str] = field(default_factory=list)
+    #: class-level override of ``task_grads`` for tests and measurements (None: use the argument)
+    force: ClassVar[str | None] = None
     #: gradient contributions per leaf node, written to ``.grad`` at the end
     grads: dict[Node, list[Tensor]] = field(default_factory=dict)
+    #: the torch.distributed process group to reduce over (None: one process; see :mod:`._distributed`)
+    group: Any = None
 
-    def grad(self, outputs: list, inputs: list, seeds: list[Tensor], *, rows: int = 0, onehot: int = 0,
-             retain: bool = True) -> list[Tensor | None]:
-        """``autograd.grad``, batched over ``rows`` seeds when ``rows`` (a loop if vmap fails).
+    def choose(self, target: Node | None, mask: int, disjoint: bool = False) -> bool:
+        """Batched (True) or loop (False) for the per-task pass of the tasks in ``mask`` above ``target``
+        (``disjoint``: known to share no node there)."""
+        how = self.force or self.task_grads
+        if how == "auto":
+            return not disjoint and _overlap(self.g, target, mask) >= BATCH_OVERLAP
+        return how == "batched"
 
-        The first ``onehot`` outputs are task losses seeded with the rows of the identity.
-        """
-        if rows and not self.batched:
-            return self.loop(outputs, inputs, seeds, rows, onehot)
+    def grad(self, outputs: list, inputs: list, seeds: list[Tensor], *, retain: bool = True) -> list[Tensor | None]:
+        """Plain ``autograd.grad`` (the final pass, ``also`` terms); a freed graph gets a named error."""
         try:
-            return list(torch.autograd.grad(outputs, inputs, seeds, retain_graph=retain, allow_unused=True,
-                                            is_grads_batched=rows > 0))
+            return list(torch.autograd.grad(outputs, inputs, seeds, retain_graph=retain, allow_unused=True))
         except RuntimeError as err:
             if "second time" in str(err) or "freed" in str(err):
                 self.freed(err)
-            if rows == 0:
-                raise
-            self.fallback = str(err).strip().splitlines()[0][:200]
-            try:
-                return self.loop(outputs, inputs, seeds, rows, onehot)
-            except RuntimeError as again:
-                if retain or "second time" not in str(again):
-                    raise
-                raise RuntimeError(f"torch's vmap cannot run an op ({self.fallback}) and the failed batched "
-                                   "backward freed the graph; pass retain_graph=True to allow the loop over "
-                                   "tasks; no gradient was written") from err
+            raise
 
-    def loop(self, outputs: list, inputs: list, seeds: list[Tensor], rows: int, onehot: int) -> list[Tensor | None]:
-        """One backward per row; a task's row backpropagates its own loss only (no ``0 × inf`` from the others)."""
-        self.loops += 1
-        out = []
+    def task_rows(self, outputs: list, inputs: list, seeds: list[Tensor], *, rows: int, onehot: int, dense: int,
+                  needs: Sequence[Sequence[int]] | None, batched: bool) -> list[Rows]:
+        """Per-row gradients of ``outputs`` seeded with row ``r`` of each seed.
+
+        The first ``onehot`` outputs are task losses seeded with the rows of the identity (row ``r`` seeds loss
+        ``r`` only).  ``inputs[:dense]`` get ``[rows, ...]`` tensors (zeros where unreached); the others, in the
+        loop, only the rows in ``needs[r]`` ask for (a list per input).  Batched: one vmapped backward, or the
+        loop if vmap cannot run an op (``fallback`` says why).
+        """
+        if batched:
+            try:
+                res = list(torch.autograd.grad(outputs, inputs, seeds, retain_graph=True, allow_unused=True,
+                                                is_grads_batched=True))
+            except RuntimeError as err:
+                if "second time" in str(err) or "freed" in str(err):
+                    self.freed(err)
+                self.fallback = str(err).strip().splitlines()[0][:200]
+            else:
+                for j in range(dense):
+                    if res[j] is None:
+                        p = inputs[j]
+                        res[j] = torch.zeros((rows, *p.shape), dtype=p.dtype, device=p.device)
+                self.passes.append("batched")
+                return res
+        self.passes.append("loop")
+        return self.loop(outputs, inputs, seeds, rows, onehot, dense, needs)
+
+    def loop(self, outputs: list, inputs: list, seeds: list[Tensor], rows: int, onehot: int, dense: int,
+             needs: Sequence[Sequence[int]] | None) -> list[Rows]:
+        """One backward per row, from that row's own loss (no ``0 × inf`` from the others' zero seeds)."""
+        per: list[list[Tensor | None]] = [[None] * rows for _ in inputs]
         for r in range(rows):
             keep = [c for c in range(len(outputs)) if c >= onehot or c == r]
+            want = list(range(dense)) + [j for j in (range(dense, len(inputs)) if needs is None else needs[r])]
             try:
-                out.append(torch.autograd.grad([outputs[c] for c in keep], inputs, [seeds[c][r] for c in keep],
-                                               retain_graph=True, allow_unused=True, materialize_grads=True))
+                out = torch.autograd.grad([outputs[c] for c in keep], [inputs[j] for j in want],
+                                          [seeds[c][r] for c in keep], retain_graph=True, allow_unused=True)
             except RuntimeError as err:
                 if "second time" in str(err) or "freed" in str(err):
                     self.freed(err)
                 raise
-        return [torch.stack([o[j] for o in out]) for j in range(len(inputs))]
+            for j, o in zip(want, out):
+                per[j][r] = o
+        res: list[Rows] = []
+        for j, col in enumerate(per):
+            if j < dense:
+                p = inputs[j]
+                res.append(torch.stack([torch.zeros(p.shape, dtype=p.dtype, device=p.device) if o is None else o
+                                        for o in col]))
+            else:
+                res.append(col)
+        return res
 
-    def checked(self, compute: Callable[[], list], named: Callable[[list], Named], outputs: list, inputs: list,
-                seeds: list[Tensor], rows: int, onehot: int) -> list:
-        """Per-task gradients, finite or an error naming the loss.
+    def checked(self, compute: Callable[[bool], list[Rows]], named: Callable[[list[Rows]], Named],
+                batched: bool) -> list[Rows]:
+        """Per-task gradients (``compute(batched)``), finite or an error naming the loss.
 
         A batched backward multiplies the zero seeds of the other tasks by every local derivative: one infinite
         derivative on task i's path (``sqrt`` at 0) puts ``0 × inf = NaN`` in every row.  So a non-finite batch
         is recomputed task by task before anyone is blamed.
         """
-        loops = self.loops
-        res = compute()
+        n = len(self.passes)
+        res = compute(batched)
         bad = self.first_bad(named(res))
-        if bad is not None and self.loops == loops:  # batched: recompute before blaming
+        if bad is not None and self.passes[n:] == ["batched"]:  # batched: recompute before blaming
+            self.passes.pop()
             try:
-                res = self.loop(outputs, inputs, seeds, rows, onehot)
-            except RuntimeError as err:  # the graph is gone (retain_graph=False): name the batched suspect
-                raise FloatingPointError(f"{bad} is not finite (in a batched backward, where another task's "
-                                         "0 × inf can also cause it); no gradient was written") from err
+                res = compute(False)
+            except RuntimeError as err:  # pragma: no cover - the batched pass retains the graph
+                raise NonFinite(f"{bad[0]} is not finite (in a batched backward, where another task's "
+                                "0 × inf can also cause it); no gradient was written", bad[1]) from err
             self.fallback = "non-finite values in the batched backward (0 × inf); recomputed task by task"
             bad = self.first_bad(named(res))
         if bad is not None:
-            raise FloatingPointError(f"{bad} is not finite; no gradient was written")
+            raise NonFinite(f"{bad[0]} is not finite; no gradient was written", bad[1])
         return res
 
     def freed(self, err: RuntimeError) -> None:
@@ -122,20 +245,49 @@ class _Engine:
         if g is not None:
             self.grads.setdefault(node, []).append(g)
 
-    def first_bad(self, named: Named) -> str | None:
+    def first_bad(self, named: Named) -> tuple[str, int] | None:
         """The first named row that is not finite, or None.
 
-        ``named`` pairs a batched gradient ``[rows, ...]`` (or already computed flags ``[rows]``, e.g. from a
-        Gram diagonal) with a name per row (None: not checked).  One device sync for all of them.
+        ``named`` pairs per-row values with a name per row (None: not checked).  One device sync for all of
+        them; a flagged row is confirmed element by element (a sum may overflow where no entry is infinite).
         """
         if not named:
             return None
-        ok = torch.cat([t if t.dtype == torch.bool else _finite_rows(t) for _, t in named]).cpu()
-        flat = [n for names, _ in named for n in names]
-        return next((n for n, good in zip(flat, ok.tolist()) if n is not None and not good), None)
+        flags = [_flags(t).reshape(-1) for _, t in named]
+        dev = flags[0].device
+        ok = torch.cat([f.to(dev) for f in flags])
+        if self.group is not None:  # every rank takes the same branch
+            ok = _dist.all_true(ok, self.group)
+        ok = ok.to("cpu").tolist()
+        # flagged rows, confirmed element by element (on every rank, then combined: the same verdict everywhere)
+        suspects = []  # (name, index of the bad member of a group, or 0; None if the row is finite here)
+        i = 0
+        for names, t in named:
+            for r, name in enumerate(names):
+                if name is not None and not ok[i + r]:
+                    flags_only = isinstance(t, Tensor) and t.dtype == torch.bool
+                    suspects.append((name, 0 if flags_only else _exact_bad(t, r)))
+            i += len(names)
+        if self.group is not None and suspects:
+            here = torch.tensor([m is None for _, m in suspects], device=dev)
+            fine = _dist.all_true(here, self.group).to("cpu").tolist()
+            suspects = [(name, 0 if m is None else m) for (name, m), f in zip(suspects, fine) if not f]
+        for name, m in suspects:
+            if m is not None:  # a group names each member: (messages, task)
+                return (name[0][m], name[1]) if isinstance(name[0], list) else name
+        return None
 
     def write(self) -> None:
-        """Accumulate the collected gradients into ``.grad`` (like ``AccumulateGrad``, without hooks)."""
+        """Accumulate the collected gradients into ``.grad``: like ``AccumulateGrad`` without hooks in one
+        process; through ``AccumulateGrad`` itself across processes (DDP's reducer must see them)."""
+        if self.group is not None:  # through AccumulateGrad: DDP's reducer hooks fire once per parameter
+            leaves, totals = [], []
+            for node, parts in self.grads.items():
+                p = self.g.leaves[node]
+                leaves.append(p)
+                totals.append(sum(parts[1:], parts[0]).to(p.dtype))
+            _dist.write_through_autograd(leaves, totals)
+            return
         with torch.no_grad():
             for node, parts in self.grads.items():
                 p = self.g.leaves[node]
@@ -144,7 +296,9 @@ class _Engine:
                     total = total + part
                 total = total.to(p.dtype)
                 if p.grad is None:
-                    # a row of a batched result is a view: copy it, not to keep all k rows alive
-                    p.grad = total.clone() if total._base is not None else total.detach()
+                    # a row of a batched result is a view: copy it, not to keep all k rows alive (a view of
+                    # the whole storage, e.g. a transposed weight gradient, is kept as autograd would)
+                    small = total.untyped_storage().nbytes() <= total.numel() * total.element_size()
+                    p.grad = total.detach() if small else total.clone()
                 else:
                     p.grad += total

@@ -17,27 +17,35 @@ __all__ = ["Report", "BlockReport"]
 class BlockReport:
     """One block: its name (``grad_fn`` and shape), its tasks, and the task gradients' geometry there.
 
-    ``cosine`` ``[k_b, k_b]`` is the cosine matrix of the task gradients at the block (over the whole block,
-    all samples); ``weights`` the solver's weights (Gram-space solvers; ``[B, k_b]`` when per-sample), else
-    None (the mean over samples is printed when per-sample); ``scale`` the ``keep_norm`` factor (1 when off).
+    ``gram`` ``[k_b, k_b]`` is the Gram matrix of the task gradients at the block (over the whole block, all
+    samples) and ``cosine`` its cosine matrix (computed when read); ``weights`` the solver's weights
+    (Gram-space solvers; ``[B, k_b]`` when per-sample), else None (the mean over samples is printed when
+    per-sample); ``scale`` the ``keep_norm`` factor (1 when off).
     """
 
     name: str
     shape: tuple[int, ...]
     tasks: tuple[str, ...]
-    cosine: Tensor
+    gram: Tensor
     weights: Tensor | None
     scale: Tensor
     above: tuple[int, ...] = ()
+    #: how the per-task gradients were computed: "batched" (one vmapped backward) or "loop" (one per task)
+    task_grads: str = "batched"
+
+    @property
+    def cosine(self) -> Tensor:
+        return cosine(self.gram)
 
 
 @dataclass(frozen=True)
 class Report:
     """The result of one :func:`impartial.backward` call; ``print(report)`` shows it as a table.
 
-    ``fallback`` is None when every per-task gradient came from one batched backward
-    (``is_grads_batched``), else the reason torch's vmap could not run (the gradients were then computed in a
-    loop, one task at a time).
+    Each block's ``task_grads`` says how its per-task gradients were computed ("batched": one vmapped
+    backward; "loop": one backward per task).  ``fallback`` is None unless a batched pass was chosen and
+    replaced by the loop: then it gives the reason (torch's vmap could not run an op, or ``0 × inf`` NaNs).
+    ``skipped`` names the tasks dropped for a non-finite gradient (``nonfinite="skip"``).
     """
 
     mode: str
@@ -46,6 +54,7 @@ class Report:
     also: tuple[str, ...]
     blocks: tuple[BlockReport, ...]
     fallback: str | None = None
+    skipped: tuple[str, ...] = ()
 
     @property
     def vmap_fallback(self) -> bool:
@@ -71,8 +80,14 @@ class Report:
             for j, (t, cos) in enumerate(zip(b.tasks, b.cosine.double().tolist())):
                 row = f"  {t:<{col}}" + "".join(f" {c:>{col}.3f}" for c in cos)
                 lines.append(row + (f" {w[j]:>{col}.4g}" if w is not None else ""))
-        lines.append("per-task gradients: " + ("one batched backward (is_grads_batched)" if self.fallback is None
-                                               else f"a loop over tasks; vmap failed: {self.fallback}"))
+        if self.blocks:
+            how = {"batched": "one batched backward (is_grads_batched)", "loop": "a loop over tasks"}
+            lines.append("per-task gradients: " + "; ".join(f"block {i}: {how[b.task_grads]}"
+                                                            for i, b in enumerate(self.blocks)))
+        if self.fallback is not None:
+            lines.append(f"a batched pass was replaced by a loop over tasks: {self.fallback}")
+        if self.skipped:
+            lines.append(f"skipped (non-finite gradient): {', '.join(self.skipped)}")
         return "\n".join(lines)
 
 

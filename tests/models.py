@@ -59,10 +59,13 @@ class VAE(nn.Module):
         self.heads = nn.ModuleList(nn.Sequential(nn.Linear(d_z, hidden), nn.Tanh(), nn.Linear(hidden, d))
                                    for d in dims)
         self.register_buffer("eps", torch.randn(batch, d_z, generator=torch.Generator().manual_seed(7)))
+        #: the first row of ``eps`` this model's batch uses (a rank's slice of the batch, in distributed tests)
+        self.eps_offset = 0
 
     def losses(self, x: Tensor) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
         mu, logvar = self.trunk(x).chunk(2, dim=-1)
-        z = mu + self.eps[: x.shape[0]].to(x.dtype) * (0.5 * logvar).exp()
+        o = self.eps_offset
+        z = mu + self.eps[o:o + x.shape[0]].to(x.dtype) * (0.5 * logvar).exp()
         parts = x.split(list(self.dims), dim=-1)
         tasks = [(h(z) - p).pow(2).sum(-1).mean() for h, p in zip(self.heads, parts)]
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1).mean()

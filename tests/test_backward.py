@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given
@@ -13,6 +15,20 @@ from impartial.solvers import IMTLG, Mean, Solver, Sum
 from models import DTYPE, MLP, MODELS, make, shared_params
 
 MODES = ["auto", "params", "explicit"]
+
+
+@pytest.fixture(autouse=True)
+def _force_task_grads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``IMPARTIAL_TASK_GRADS=batched`` (or ``loop``) runs every test of this module with that per-task pass
+    forced (tests that choose ``task_grads=`` themselves are then skipped)."""
+    from impartial._engine import _Engine
+
+    force = os.environ.get("IMPARTIAL_TASK_GRADS") or None
+    monkeypatch.setattr(_Engine, "force", force)
+
+
+chooses = pytest.mark.skipif(bool(os.environ.get("IMPARTIAL_TASK_GRADS")),
+                             reason="checks the per-task pass itself; IMPARTIAL_TASK_GRADS forces one")
 
 
 def _grads(model: nn.Module) -> list[Tensor | None]:
@@ -289,7 +305,13 @@ def test_per_sample_gives_the_solver_one_problem_per_sample() -> None:
 
 # -- 7. one batched backward; the loop fallback -------------------------------------------------------------------
 
-def test_per_task_gradients_come_from_one_batched_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+@chooses
+@pytest.mark.parametrize("task_grads, expected", [("batched", [True, False]), ("loop", [False] * 4),
+                                                    ("auto", [False] * 4)])
+def test_per_task_gradients_come_from_one_batched_backward_or_a_loop(monkeypatch: pytest.MonkeyPatch,
+                                                                     task_grads: str, expected: list) -> None:
+    """Batched: one vmapped pass, then the one backward through the trunk.  Loop: one pass per task.  The VAE's
+    decoders are disjoint above the block, so ``auto`` picks the loop (each decoder is traversed once)."""
     calls = []
     real = torch.autograd.grad
 
@@ -300,9 +322,25 @@ def test_per_task_gradients_come_from_one_batched_backward(monkeypatch: pytest.M
     model, x = make("vae")
     tasks, also, _ = model.losses(x)
     monkeypatch.setattr(torch.autograd, "grad", counting)
-    report = impartial.backward(tasks, model.trunk.parameters(), solver=Mean(), also=also)
-    assert calls == [True, False]  # the batched per-task pass, then the one backward through the trunk
+    report = impartial.backward(tasks, model.trunk.parameters(), solver=Mean(), also=also, task_grads=task_grads)
+    assert calls == expected
     assert report.fallback is None and not report.vmap_fallback
+    assert report.blocks[0].task_grads == ("batched" if task_grads == "batched" else "loop")
+    assert ("one batched backward" if task_grads == "batched" else "a loop over tasks") in str(report)
+
+
+@chooses
+def test_auto_batches_where_the_tasks_share_the_graph_above_the_block() -> None:
+    """Losses that are columns of one shared head, with the block marked below the head: a loop would traverse
+    the head k times, a batched pass once.  (Above an automatic top-level block the tasks never share a node:
+    the block is where they first meet.  They do above a marked block and in ``block="params"``.)"""
+    model, x = make("mlp")
+    z = model.trunk(x)
+    out = model.heads[0](z)  # one shared head, two columns
+    tasks = [out[:, 0].pow(2).mean(), out[:, 1].pow(2).mean()]
+    report = impartial.backward(tasks, model.trunk.parameters(), block=[z], retain_graph=True)
+    assert report.blocks[0].task_grads == "batched"
+    assert impartial.backward(tasks, model.trunk.parameters()).blocks[0].task_grads == "loop"
 
 
 class _NoVmap(torch.autograd.Function):
@@ -319,6 +357,7 @@ class _NoVmap(torch.autograd.Function):
         return 2 * g * x * (1.0 if g.abs().sum().item() >= 0 else 0.0)
 
 
+@chooses
 def test_vmap_failure_falls_back_to_a_loop_and_says_so() -> None:
     grads = []
     for use in (False, True):
@@ -328,8 +367,9 @@ def test_vmap_failure_falls_back_to_a_loop_and_says_so() -> None:
         z = enc(x)
         tasks = [_NoVmap.apply(h(z)).sum() for h in heads]
         if use:
-            report = impartial.backward(tasks, enc.parameters(), solver=Sum(), keep_norm=False)
-            assert report.vmap_fallback and "loop" in str(report)
+            report = impartial.backward(tasks, enc.parameters(), solver=Sum(), keep_norm=False,
+                                        task_grads="batched")
+            assert report.vmap_fallback and "loop" in str(report) and report.blocks[0].task_grads == "loop"
         else:
             sum(tasks).backward()
         grads.append([p.grad.clone() for p in [*enc.parameters(), *heads[0].parameters(), *heads[1].parameters()]])
@@ -480,3 +520,76 @@ def test_bad_input_raises_before_any_grad_is_written(case, make_input, error, ma
     with pytest.raises(error, match=match):
         impartial.backward(losses, solver=Mean(), **kw)
     _close(_grads(model), before, 0)
+
+
+# -- nonfinite="skip": drop a task whose gradient is not finite ------------------------------------------------------
+
+def _nan_task(tasks: list[Tensor], acts: dict[str, Tensor], i: int) -> list[Tensor]:
+    """Task ``i`` gets a NaN gradient at the block (and a NaN loss): ``0 · log(0)`` style poison."""
+    out = list(tasks)
+    out[i] = out[i] + (acts["z"] * float("nan")).sum()
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_nonfinite_task_raises_by_default_with_every_grad_untouched(mode: str) -> None:
+    model, x = make("vae")
+    _seed_grads(model)
+    tasks, also, acts = model.losses(x)
+    before = _grads(model)
+    with pytest.raises(FloatingPointError, match=r"losses\[1\]"):
+        impartial.backward(_nan_task(tasks, acts, 1), model.trunk.parameters(), also=also, block=_block(mode, acts))
+    _close(_grads(model), before, 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("solver", [UnitSum(), IMTLG()], ids=repr)
+def test_skip_equals_the_call_without_the_nonfinite_task(mode: str, solver: Solver) -> None:
+    """``nonfinite="skip"`` drops the task from the whole call: the result equals passing the other tasks only
+    (its head gets nothing), and the report names it."""
+    ref, x = make("vae")
+    _seed_grads(ref)
+    tasks, also, acts = ref.losses(x)
+    impartial.backward([tasks[0], tasks[2]], ref.trunk.parameters(), solver=solver, also=also,
+                       block=_block(mode, acts))
+    model, x = make("vae")
+    _seed_grads(model)
+    tasks, also, acts = model.losses(x)
+    report = impartial.backward(_nan_task(tasks, acts, 1), model.trunk.parameters(), solver=solver, also=also,
+                                block=_block(mode, acts), nonfinite="skip")
+    assert report.skipped == ("losses[1]",) and "skipped" in str(report)
+    _close(_grads(model), _grads(ref))
+
+
+def test_skip_restores_stateful_solvers_and_handles_every_task_dropped() -> None:
+    from impartial.solvers import GradVac
+
+    model, x = make("vae")
+    tasks, also, acts = model.losses(x)
+    solver = GradVac()
+    state = repr(solver.state_dict())
+    bad = [t + (acts["z"] * float("nan")).sum() for t in tasks]
+    expected = torch.autograd.grad(also[0], list(model.trunk.parameters()), retain_graph=True)
+    report = impartial.backward(bad, model.trunk.parameters(), solver=solver, also=also, nonfinite="skip")
+    assert report.skipped == ("losses[0]", "losses[1]", "losses[2]") and report.blocks == ()
+    assert repr(solver.state_dict()) == state
+    _close([p.grad for p in model.trunk.parameters()], list(expected))
+    assert all(p.grad is None for p in model.heads.parameters())
+
+
+def test_bad_options_raise() -> None:
+    model, x = make("mlp")
+    tasks, _, _ = model.losses(x)
+    with pytest.raises(ValueError, match="task_grads"):
+        impartial.backward(tasks, task_grads="vmap")
+    with pytest.raises(ValueError, match="nonfinite"):
+        impartial.backward(tasks, nonfinite="ignore")
+
+
+def test_skip_ignores_a_shared_parameter_only_the_dropped_task_reached() -> None:
+    model, x = make("vae")
+    tasks, also, acts = model.losses(x)
+    head = list(model.heads[1].parameters())
+    shared = [*model.trunk.parameters(), *head]  # declared shared, but only task 1 reaches the head
+    report = impartial.backward(_nan_task(tasks, acts, 1), shared, also=also, nonfinite="skip")
+    assert report.skipped == ("losses[1]",) and all(p.grad is None for p in head)

@@ -62,11 +62,11 @@ def ladders(draw: st.DrawFn) -> tuple[int, list[list[int]], int]:
 @given(ladders(), st.booleans(), st.booleans())
 def test_blocks_and_gradients_match_the_reference_on_random_ladders(ladder, also: bool, batched: bool) -> None:
     """Also with the per-task gradients from the loop (the vmap fallback) instead of the batched backward."""
-    _Engine.batched = batched
+    _Engine.force = "batched" if batched else "loop"
     try:
         _check_ladder(ladder, also)
     finally:
-        _Engine.batched = True
+        _Engine.force = None
 
 
 def _check_ladder(ladder: tuple[int, list[list[int]], int], also: bool) -> None:

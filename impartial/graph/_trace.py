@@ -190,7 +190,9 @@ def _bits(mask: int) -> tuple[int, ...]:
     return tuple(i for i in range(mask.bit_length()) if mask >> i & 1)
 
 
-def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | None) -> Graph:
+def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | None, strict: bool = True) -> Graph:
+    """The traced graph; ``strict=False`` ignores shared parameters that no task reaches (after a task was
+    dropped) instead of raising."""
     edge_masks: dict[Node, dict[int, int]] = {}
     for (node, nr), m in tasks.roots + extra.roots:
         edge_masks.setdefault(node, {})
@@ -218,6 +220,8 @@ def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | No
         for name, p in params:
             node = by_id.get(id(p))
             if node is None or not g.tasks(node):
+                if not strict:
+                    continue
                 raise ValueError(f"shared_params: {name!r} is not reached by any task loss (nothing to share)")
             names[node] = name
             g.shared.add(node)
