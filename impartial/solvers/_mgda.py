@@ -1,6 +1,70 @@
-"""SCAFFOLD: to be replaced by the real implementation."""
+"""MGDA-UB: the minimum-norm convex combination of the task gradients.
+
+Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018 (problem (3), and
+MGDA-UB when ``J`` holds the gradients at a shared representation).  The direction is the min-norm point
+of the convex hull of the task gradients: a common descent direction, or 0 at a Pareto-stationary point.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
 from ._base import GramSolver
+from ._qp import prepare, simplex_qp
+
+__all__ = ["MGDA"]
+
+
+def _two_tasks(G: Tensor) -> Tensor:
+    """The paper's closed form for ``k = 2``: ``w = (γ, 1 − γ)``, ``γ = clip((g₂ − g₁)·g₂ / ‖g₁ − g₂‖², 0, 1)``.
+    """
+    num = G[..., 1, 1] - G[..., 0, 1]
+    den = G[..., 0, 0] + G[..., 1, 1] - 2 * G[..., 0, 1]
+    # g₁ = g₂ (den = 0): every γ gives the same direction; take the middle.  torch.where: no host sync.
+    gamma = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(den, 0.5))
+    gamma = gamma.clamp(0.0, 1.0)
+    return torch.stack([gamma, 1 - gamma], dim=-1)
 
 
 class MGDA(GramSolver):
-    pass
+    r"""The min-norm point of the convex hull of the task gradients (MGDA-UB).
+
+    .. math::  w = \arg\min_{w \in \Delta_k} \lVert w^\top J \rVert^2 = \arg\min_{w \in \Delta_k} w^\top G w,
+               \qquad d = w^\top J .
+
+    Sener & Koltun, NeurIPS 2018.  Optimality (KKT): ``g_t · d ≥ ‖d‖²`` for every task, with equality on the
+    support ``w_t > 0``; so ``d`` decreases every loss, or is 0 when 0 is in the hull (Pareto-stationary:
+    e.g. a zero task gradient, or an antiparallel pair).  ``k = 1`` returns the gradient, ``k = 2`` uses the
+    paper's closed form; ``k > 2`` runs the exact batched active-set method of :mod:`._qp` (``iters``
+    iterations, default ``2k + 8``), not the paper's Frank–Wolfe loop, whose fixed step budget leaves
+    10% errors at ``k = 40``.  The solution is scale-free: ``G`` is normalised inside, so gradient norms
+    from 1e-10 to 1e15 behave alike (LibMTL's ``dmin = 1e8`` start breaks at norms ≥ 1e4).
+
+    Gradient normalisation: none.  Problem (3) of the paper weights the raw gradients; the authors' code
+    optionally divides them by their norm or loss (``l2`` / ``loss`` / ``loss+``) -- compose with
+    :class:`NSGD` for that.  The ``torchmoo`` code clamps the weights with ``min(w, 1e-3)``; we do not.
+
+    >>> J = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    >>> MGDA()(J)
+    tensor([0.5000, 0.5000])
+    """
+
+    def __init__(self, *, iters: int | None = None) -> None:
+        if iters is not None and iters < 0:
+            raise ValueError(f"MGDA: iters must be ≥ 0, got {iters}")
+        self.iters = iters
+
+    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
+        k = G.shape[-1]
+        if k == 1:  # a shape, not a value: no host sync
+            return torch.ones_like(G[..., 0])
+        if k == 2:
+            return _two_tasks(G)
+        H, _ = prepare(G)
+        return simplex_qp(H, torch.zeros_like(G[..., :1, :]), self.iters).squeeze(-2)
+
+    def _hparams(self) -> dict[str, Any]:
+        return {} if self.iters is None else {"iters": self.iters}

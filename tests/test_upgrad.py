@@ -1,0 +1,75 @@
+"""UPGrad and DualProj: the KKT conditions of every projection QP, and non-conflict."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+
+from impartial.solvers import DualProj, UPGrad, gram
+from impartial.solvers._upgrad import project_weights
+from strategies import jacobians
+
+TOL = 1e-6  # √δ: see tests/rows/qp.py
+
+
+def _scale2(J: torch.Tensor) -> float:
+    return max(float((J * J).sum(1).max()), 1e-300)
+
+
+@given(J=jacobians())
+def test_upgrad_projection_kkt_conditions_hold(J: torch.Tensor) -> None:
+    """For ``v_i = argmin_{v ≥ e_i} vᵀGv``: ``v ≥ e_i``, ``G v ≥ 0`` and ``(G v)_j (v_j − δ_ij) = 0``.
+
+    (Stationarity ``2Gv = λ`` with multipliers ``λ ≥ 0`` of ``v ≥ u`` and complementary slackness.)
+    """
+    G = gram(J)
+    k = G.shape[0]
+    U = torch.eye(k, dtype=G.dtype)
+    V = project_weights(G, U)
+    GV = V @ G
+    s = _scale2(J)
+    assert (V - U).min() >= 0
+    assert GV.min() >= -TOL * s * (1 + float(V.abs().max()))
+    assert (GV * (V - U)).abs().max() <= TOL * s * (1 + float(V.abs().max())) ** 2
+
+
+@given(J=jacobians())
+def test_upgrad_is_non_conflicting(J: torch.Tensor) -> None:
+    d = UPGrad()(J)
+    assert (J @ d).min() >= -TOL * _scale2(J)
+
+
+@given(J=jacobians())
+def test_dualproj_is_non_conflicting_and_the_projection_of_the_mean(J: torch.Tensor) -> None:
+    d = DualProj()(J)
+    s = _scale2(J)
+    assert (J @ d).min() >= -TOL * s
+    # projection onto a cone: (ḡ − d) ⟂ d and ‖d‖ ≤ ‖ḡ‖
+    g = J.mean(0)
+    assert abs(float((g - d) @ d)) <= TOL * s
+    assert float(d.norm()) <= float(g.norm()) * (1 + 1e-9) + TOL * s**0.5
+
+
+@given(J=jacobians(degenerate=False))
+def test_upgrad_is_the_mean_when_no_task_conflicts(J: torch.Tensor) -> None:
+    J = J.abs()  # nonnegative entries: all inner products ≥ 0, every g_i is in the dual cone
+    assert torch.allclose(UPGrad()(J), J.mean(0), rtol=1e-9, atol=1e-9 * float(J.abs().max()))
+    assert torch.allclose(DualProj()(J), J.mean(0), rtol=1e-9, atol=1e-9 * float(J.abs().max()))
+
+
+def test_upgrad_pinned_value() -> None:
+    J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    # π(g₁) = (½, ½) (onto x₂ ≥ x₁), π(g₂) = (0, 1) (onto x₁ ≥ 0)
+    assert torch.allclose(UPGrad()(J), torch.tensor([0.25, 0.75], dtype=torch.float64), atol=1e-12)
+
+
+def test_weights_equal_torchjd_upgrad_and_dualproj() -> None:
+    torchjd = __import__("pytest").importorskip("torchjd.aggregation")
+    J = torch.randn(6, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for ours, theirs in ((UPGrad(), torchjd.UPGrad()), (DualProj(), torchjd.DualProj())):
+        try:
+            expected = theirs(J)
+        except ImportError:  # TorchJD's optional quadprog extra is missing
+            __import__("pytest").skip("torchjd QP extra not installed")
+        # TorchJD regularises and normalises G before its QP (reg_eps = 1e-4): agreement to ~1e-3 only
+        assert torch.allclose(ours(J), expected, atol=1e-3)
