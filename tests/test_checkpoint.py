@@ -91,9 +91,6 @@ def test_resuming_without_the_solver_state_changes_the_run(name: str, tmp_path: 
     assert any(not torch.equal(a, b) for a, b in zip(expected, got))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="Random (RLW) has no state_dict: its generator's state is not checkpointed "
-                          "(PCGrad, GradVac and GradDrop checkpoint theirs)")
 def test_random_weighting_resumes_bit_identically(tmp_path: Path) -> None:
     make_solver = lambda: Random(generator=_gen())  # noqa: E731
     expected = _uninterrupted("mlp", make_solver)

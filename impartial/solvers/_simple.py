@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramSolver
+from ._base import GramSolver, _check_jacobian, combine, solve_dtype
+from ._pcgrad import _load_rng_state, _rng_state
 
 __all__ = ["Sum", "Mean", "Random"]
 
@@ -27,6 +28,10 @@ class Sum(GramSolver):
     def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
         return torch.ones_like(G[..., 0])
 
+    def __call__(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
+        _check_jacobian(J, "Sum")
+        return J.sum(-2)  # the weights need no Gram: one pass over J
+
 
 class Mean(GramSolver):
     """The mean of task gradients, ``w = 1/k``.
@@ -37,6 +42,10 @@ class Mean(GramSolver):
 
     def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
         return torch.full_like(G[..., 0], 1.0 / G.shape[-1])
+
+    def __call__(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
+        _check_jacobian(J, "Mean")
+        return J.mean(-2)  # the weights need no Gram: one pass over J
 
 
 class Random(GramSolver):
@@ -55,9 +64,24 @@ class Random(GramSolver):
     def __init__(self, *, generator: torch.Generator | None = None) -> None:
         self.generator = generator
 
-    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
-        eps = torch.randn(G.shape[:-1], generator=self.generator, dtype=G.dtype, device=G.device)
+    def _draw(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        eps = torch.randn(shape, generator=self.generator, dtype=dtype, device=device)
         return torch.softmax(eps, dim=-1)
+
+    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
+        return self._draw(G.shape[:-1], G.dtype, G.device)
+
+    def __call__(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
+        _check_jacobian(J, "Random")
+        # the same draw as weights(J Jᵀ) (same shape and dtype), without forming the Gram
+        return combine(self._draw(J.shape[:-1], solve_dtype(J.dtype), J.device), J)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state (nothing for the global RNG): a resumed run draws what the original would."""
+        return _rng_state(self.generator)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _load_rng_state(self, self.generator, state)
 
     def _hparams(self) -> dict[str, Any]:
         return {"generator": self.generator}

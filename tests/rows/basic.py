@@ -19,6 +19,6 @@ ROWS: list[SolverInfo] = [
     # only what holds for a fixed draw.  Dynamo cannot trace a torch.Generator, so the compiled form uses the
     # global RNG (generator=None).
     SolverInfo("Random", lambda: Random(generator=torch.Generator().manual_seed(0)),
-               frozenset({"k1", "homogeneous", "rotation", "gram_path"}), k1=lambda g: g),
+               frozenset({"k1", "homogeneous", "rotation", "gram_path", "checkpoint"}), k1=lambda g: g),
     SolverInfo("Random(global-rng)", Random, frozenset({"k1", "compile"}), k1=lambda g: g),
 ]
