@@ -22,7 +22,9 @@ def _members(seed: int) -> list:
             GradVac(0.3, generator=gen()), NSGD(reference_step=1)]
 
 
-@given(J=jacobians(max_k=10, degenerate=False), seed=st.integers(0, 2**31 - 1))
+# d >= k: tasks in general position.  With d < k, GradVac's projected gradients can cancel to round-off, where
+# its cosine targets are ill-defined and the Gram and coordinate computations part at ~1e-5 (see _gradvac.py).
+@given(J=jacobians(max_k=10, min_d=10, degenerate=False), seed=st.integers(0, 2**31 - 1))
 def test_compose_of_gram_solvers_equals_applying_them_in_turn(J: Tensor, seed: int) -> None:
     composed, members = Compose(*_members(seed)), _members(seed)
     assert composed.gram_space

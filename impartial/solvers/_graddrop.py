@@ -13,10 +13,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import _LOW, Solver
+from ._base import _LOW, Solver, _check_jacobian
 from ._pcgrad import _load_rng_state, _rng_state
 
 __all__ = ["GradDrop"]
+
+_CHUNK = 1 << 22  # elements of a [k, d] temporary made at once (16 MiB in float32)
+
+
+def _row_chunks(X: Tensor) -> list[slice]:
+    """Slices of J's task rows (dim −2) with about ``_CHUNK`` elements each, one slice when J is small.
+
+    A whole [k, d] temporary (|S|, S ⊙ w) would double J's memory and, on CPU, page-fault at every call.
+    """
+    k = X.shape[-2]
+    rows = max(1, _CHUNK // max(1, X.numel() // max(1, k)))
+    return [slice(i, i + rows) for i in range(0, k, rows)]
+
+
+def _task_sum(X: Tensor, W: Tensor, dim: int) -> Tensor:
+    """``Σ_i W_i ⊙ X_i`` over the tasks (``dim``), a chunk of rows at a time (see :func:`_row_chunks`)."""
+    out = None
+    for rows in _row_chunks(X.movedim(dim, -2)):
+        i, n = rows.start, min(rows.stop, X.shape[dim]) - rows.start
+        part = (X.narrow(dim, i, n) * W.narrow(dim, i, n)).sum(dim)
+        out = part if out is None else out + part
+    return out
 
 
 class GradDrop(Solver):
@@ -43,6 +65,13 @@ class GradDrop(Solver):
     - ``U`` is drawn per feature (and per batch element of J's leading dims) at every call, from
       ``generator`` (its state is checkpointed by :meth:`state_dict`) or, compilable, the global RNG.
 
+    - **Cost.** Without ``inputs`` and with a scalar ``ℓ``, the direction needs no mask: with
+      ``σ = sign(P − U)``, ``Σ_i M_i g_i = σ(σ Σ_i g_i + Σ_i |g_i|)/2`` (the positive part, the negative part,
+      or 0 on a tie ``P = U``) and ``d = (1−ℓ)·that + ℓ Σ_i g_i``: two reductions over the tasks, 4 passes over
+      J in all.  The kept part is then exact to the rounding of ``Σ|g|`` rather than of itself.  ``apply``
+      and the other forms build the ``[k, F]`` factors ``(1−ℓ_i) M_i + ℓ_i``.  Temporaries of J's size are
+      made a few task rows at a time (about 4M elements), so the extra memory stays bounded.
+
     ``k = 1`` returns the gradient (``P`` is 1 where ``g > 0`` and 0 where ``g < 0``).  Positively homogeneous
     and, for a scalar leakage, permutation invariant, for a fixed draw.  Work runs in J's dtype (float32 for
     half precision); no host sync.
@@ -61,38 +90,72 @@ class GradDrop(Solver):
         self.leakage: float | tuple[float, ...] = leak[0] if isinstance(leakage, (int, float)) else leak
         self.generator = generator
 
-    def _draw_uniform(self, P: Tensor) -> Tensor:
-        where = self.generator.device if self.generator is not None else P.device
-        return torch.rand(P.shape, generator=self.generator, dtype=P.dtype, device=where).to(P.device)
+    def __call__(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
+        _check_jacobian(J, type(self).__name__)
+        X, S, inputs = self._signals(J, context)
+        total, mass, side = self._side(S)
+        if inputs is None and not isinstance(self.leakage, tuple):
+            # Σ_i M_i g_i is the positive part (Σg + Σ|g|)/2 where side = 1, the negative part (Σg − Σ|g|)/2
+            # where side = −1, 0 on a tie: side·(side·Σg + Σ|g|)/2, with no [k, d] mask (4 passes over J).
+            kept = torch.addcmul(mass, side, total).mul_(side).mul_(0.5)
+            return (kept if self.leakage == 0.0 else torch.lerp(kept, total, self.leakage)).to(J.dtype)
+        W = self._weights(S, side)
+        if inputs is None:
+            return _task_sum(X, W, -2).to(J.dtype)
+        return _task_sum(X.unflatten(-1, inputs.shape[-2:]), W.unsqueeze(-2), -3).flatten(-2).to(J.dtype)
 
-    def _apply(self, J: Tensor, *, losses: Tensor | None, inputs: Tensor | None = None, **context: Tensor) -> Tensor:
+    def _apply(self, J: Tensor, *, losses: Tensor | None, **context: Tensor) -> Tensor:
+        X, S, inputs = self._signals(J, context)
+        W = self._weights(S, self._side(S)[2])
+        if inputs is None:
+            return (X * W).to(J.dtype)
+        return (X.unflatten(-1, inputs.shape[-2:]) * W.unsqueeze(-2)).flatten(-2).to(J.dtype)
+
+    def _signals(self, J: Tensor, context: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``X`` (J, float32 for half precision), the signals ``S`` ``[..., k, F]`` and ``inputs`` (or None)."""
+        inputs = context.pop("inputs", None)
         if context:
             raise TypeError(f"GradDrop: unexpected context {sorted(context)} (it takes inputs=)")
-        k, d = J.shape[-2:]
         X = J.float() if J.dtype in _LOW else J  # float32 sums: a half-precision Σ|g| loses the sign purity
         if inputs is None:
-            S = X
-        else:
-            if inputs.ndim != J.ndim or inputs.shape[:-2] != J.shape[:-2] or inputs.shape[-2] * inputs.shape[-1] != d:
-                raise ValueError(f"GradDrop: inputs must have shape [..., B, F] with [...] = {tuple(J.shape[:-2])} "
-                                 f"(J's leading dims) and B·F = d = {d}; got {tuple(inputs.shape)}")
-            B, F = inputs.shape[-2:]
-            S = (X.unflatten(-1, (B, F)) * torch.sign(inputs).to(X.dtype).unsqueeze(-3)).sum(-2)  # [..., k, F]
-        total, mass = S.sum(-2), S.abs().sum(-2)
-        safe = torch.where(mass > 0, mass, torch.ones_like(mass))  # torch.where: no NaN, no host sync
-        P = torch.where(mass > 0, 0.5 * (1.0 + total / safe), torch.full_like(mass, 0.5))
-        U = self._draw_uniform(P).unsqueeze(-2)
-        P = P.unsqueeze(-2)
-        M = ((P > U) & (S > 0)) | ((P < U) & (S < 0))
-        if inputs is not None:
-            M = M.unsqueeze(-2).expand(*M.shape[:-1], B, F).flatten(-2)  # one mask per feature, all rows
+            return X, X, None
+        d = J.shape[-1]
+        if inputs.ndim != J.ndim or inputs.shape[:-2] != J.shape[:-2] or inputs.shape[-2] * inputs.shape[-1] != d:
+            raise ValueError(f"GradDrop: inputs must have shape [..., B, F] with [...] = {tuple(J.shape[:-2])} "
+                             f"(J's leading dims) and B·F = d = {d}; got {tuple(inputs.shape)}")
+        sign, Xb = torch.sign(inputs).to(X.dtype).unsqueeze(-3), X.unflatten(-1, inputs.shape[-2:])
+        return X, torch.cat([(Xb[..., rows, :, :] * sign).sum(-2) for rows in _row_chunks(X)], -2), inputs
+
+    def _side(self, S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``Σ S_i``, ``Σ |S_i|`` and the kept side ``sign(P − U)`` (1 positive, −1 negative, 0 none)."""
+        total = mass = None
+        for rows in _row_chunks(S):  # Σ S_i over the same rows in the same order: P is 0 or 1 exactly at one sign
+            part = S[..., rows, :]
+            total = part.sum(-2) if total is None else total + part.sum(-2)
+            mass = part.abs().sum(-2) if mass is None else mass + part.abs().sum(-2)
+        # The least subnormal: every mass > 0 stays as it is (P to the bit), and a zero mass, where total is 0
+        # too, gives P = ½ with no NaN; clamp_min, not an `if`: no host sync.
+        least = torch.finfo(S.dtype).tiny * torch.finfo(S.dtype).eps
+        P = (total / mass.clamp_min(least)).add_(1.0).mul_(0.5)
+        # P − U is 0 exactly when P = U (gradual underflow), so its sign is both comparisons of Alg. 1 at once.
+        return total, mass, torch.sign(P - self._draw_uniform(P))
+
+    def _weights(self, S: Tensor, side: Tensor) -> Tensor:
+        """The factors ``(1 − ℓ_i) M_i + ℓ_i`` ``[..., k, F]``: 1 where kept, ``ℓ_i`` where dropped."""
+        k = S.shape[-2]
+        # S_i·side > 0: S_i > 0 with P > U, or S_i < 0 with P < U (the mask M_i); never on a tie or S_i = 0.
+        # sign of the positive part: 1.0 / 0.0 in S's dtype, with no bool tensor and no torch.where (slow on CPU).
+        M = (S * side.unsqueeze(-2)).clamp(min=0).sign()
         if isinstance(self.leakage, tuple):
             if len(self.leakage) != k:
                 raise ValueError(f"GradDrop has {len(self.leakage)} leakages but J has k = {k} tasks")
-            leak = torch.tensor(self.leakage, dtype=X.dtype, device=X.device).unsqueeze(-1)
-        else:
-            leak = self.leakage
-        return (((1.0 - leak) * M.to(X.dtype) + leak) * X).to(J.dtype)
+            leak = torch.tensor(self.leakage, dtype=S.dtype, device=S.device).unsqueeze(-1)
+            return M.mul_(1.0 - leak).add_(leak)
+        return M if self.leakage == 0.0 else M.mul_(1.0 - self.leakage).add_(self.leakage)
+
+    def _draw_uniform(self, P: Tensor) -> Tensor:
+        where = self.generator.device if self.generator is not None else P.device
+        return torch.rand(P.shape, generator=self.generator, dtype=P.dtype, device=where).to(P.device)
 
     def state_dict(self) -> dict[str, Any]:
         return _rng_state(self.generator)
