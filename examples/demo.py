@@ -152,4 +152,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    failed = [r for r in main() if "error" in r]
+    if failed:  # listed in the table above; a failed run must not pass for a finished demo
+        sys.exit(f"{len(failed)} run(s) failed (see the list above)")
