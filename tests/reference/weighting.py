@@ -79,16 +79,23 @@ def imtlg_ref(J: Tensor, losses: Tensor | None = None, rtol: float = 1e-10) -> T
     return w @ J
 
 
-def _phi(x: float, p: float) -> float:
-    return math.log(x) if p == 0 else x**p / p
+def _phi_change(x: float, dx: float, p: float) -> float:
+    """``φ(x + dx) − φ(x)`` without the cancellation of subtracting two large values."""
+    r = math.log1p(dx / x)
+    return r if p == 0 else x**p * math.expm1(p * r) / p
 
 
 def bargain_ref(J: Tensor, p: float, stationary: float = 1e-5) -> Tensor:
     """α-fair weights ``β`` (``p = 1 − 1/α``): ``(Gβ)_i = β_i^{p−1}`` on the nonzero rows, or 0.
 
     Plain damped Newton on ``F(β) = ½βᵀGβ − Σ φ(β_i)`` in the raw coordinates, with Armijo backtracking,
-    run until the Newton decrement is at round-off.  Pareto-stationary tasks (a convex combination of the
-    unit gradients of norm ≤ ``stationary``) have no solution: zero weights.
+    run until the Newton decrement is at round-off relative to ``Σ β_i^p`` (the size of ``F``'s terms at the
+    solution, where ``βᵀGβ = Σ β_i^p``) or no step decreases ``F`` any more.  Pareto-stationary tasks (a
+    convex combination of the unit gradients of norm ≤ ``stationary``) have no solution: zero weights.
+
+    Near such tasks ``β`` grows large while ``Σ β_j g_j`` stays small, so everything that involves ``Gβ`` is
+    formed from that direction (``(Gβ)_i = g_i·d``, never a sum of large ``β_j G_ij`` that cancel) and the
+    change of ``F`` along a step is expanded in ``t`` rather than taken as a difference of two large values.
     """
     k = J.shape[0]
     idx, norms, _ = _unit_rows(J)
@@ -96,37 +103,43 @@ def bargain_ref(J: Tensor, p: float, stationary: float = 1e-5) -> Tensor:
     m = len(idx)
     if m == 0:
         return beta
-    G = torch.tensor([[float(J[i] @ J[j]) for j in idx] for i in idx], dtype=J.dtype)
+    rows = J[idx]
 
-    def F(b: list[float]) -> float:
-        bt = torch.tensor(b, dtype=J.dtype)
-        return 0.5 * float(bt @ G @ bt) - sum(_phi(x, p) for x in b)
+    def certificate(b: list[float]) -> float:
+        """``‖Σ v_i u_i‖`` with ``v ∝ β_i ‖g_i‖`` on the simplex."""
+        return float(sum(x * g for x, g in zip(b, rows)).norm()) / sum(x * n for x, n in zip(b, norms))
 
-    b = [1.0 / n for n in norms]
+    b = [n ** (-2 / (2 - p)) for n in norms]  # exact when the gradients are orthogonal
     for _ in range(500):
-        bt = torch.tensor(b, dtype=J.dtype)
-        grad = G @ bt - torch.tensor([x ** (p - 1) for x in b], dtype=J.dtype)
-        H = G + torch.diag(torch.tensor([(1 - p) * x ** (p - 2) for x in b], dtype=J.dtype))
-        step = -torch.linalg.solve(H, grad)
-        dec2 = float(-(grad @ step))
-        if dec2 < 1e-26:
+        d = sum(x * g for x, g in zip(b, rows))
+        Gb = [float(g @ d) for g in rows]
+        grad = torch.tensor([Gb[i] - b[i] ** (p - 1) for i in range(m)], dtype=J.dtype)
+        # Newton system (G + diag h) Δ = −∇F in the scaled step y = S⁻¹Δ, S = diag(h)^{-1/2}: it reads
+        # (AᵀA) y = Aᵀz for A = [Jᵀ S; I] and z = [−d; S β^{p−1}], so y is a least-squares solution, found
+        # without forming the normal matrix, whose condition squares A's once β runs off to ∞.
+        s = torch.tensor([((1 - p) * x ** (p - 2)) ** -0.5 for x in b], dtype=J.dtype)
+        A = torch.cat([rows.T * s, torch.eye(m, dtype=J.dtype)])
+        z = torch.cat([-d, s * torch.tensor([x ** (p - 1) for x in b], dtype=J.dtype)])
+        y = torch.linalg.lstsq(A, z.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
+        step = [float(v) for v in s * y]
+        dec2 = float((A @ y).norm()) ** 2  # −∇FᵀΔ = yᵀAᵀAy
+        if dec2 <= 1e-24 * sum(x**p for x in b):
             break
-        t, f0 = 1.0, F(b)
-        while True:
-            cand = [x + t * float(s) for x, s in zip(b, step)]
-            if all(x > 0 for x in cand) and F(cand) <= f0 - 0.25 * t * dec2:
-                break
+        e = sum(st * g for st, g in zip(step, rows))
+        Gb_step, sGs = float(d @ e), float(e @ e)
+        t = 1.0
+        while t > 1e-30:  # F(β + tΔ) − F(β) ≤ ¼ t ∇Fᵀ Δ, β + tΔ > 0
+            if all(x + t * st > 0 for x, st in zip(b, step)):
+                change = t * Gb_step + 0.5 * t * t * sGs - sum(_phi_change(x, t * st, p) for x, st in zip(b, step))
+                if change <= -0.25 * t * dec2:
+                    break
             t /= 2
-            if t < 1e-30:
-                break
-        b = cand
-        # certificate ‖Σ v_i u_i‖ with v ∝ β_i ‖g_i‖ on the simplex: stop once the tasks are stationary
-        v = [x * n for x, n in zip(b, norms)]
-        direction = sum(x * J[i] for x, i in zip(b, idx))
-        if float(direction.norm()) / sum(v) <= stationary:
+        else:  # no step decreases F: β is at round-off
+            break
+        b = [x + t * st for x, st in zip(b, step)]
+        if certificate(b) <= stationary:
             return beta
-    v = [x * n for x, n in zip(b, norms)]
-    if float(sum(x * J[i] for x, i in zip(b, idx)).norm()) / sum(v) <= stationary:
+    if certificate(b) <= stationary:
         return beta
     for x, i in zip(b, idx):
         beta[i] = x
