@@ -6,7 +6,8 @@ J*: the direction is ``wᵀJ`` with weights ``w = f(G)`` that depend only on the
 ``[..., k, k]``.  Those subclass :class:`GramSolver` and implement ``_weights``; the whole call then costs
 one pass over ``J`` to form ``G`` (:func:`gram`), an ``O(k³)`` problem on ``G`` (run in float64 for float32
 and lower inputs) and one pass to combine (:func:`combine`).  The few methods that need coordinates
-(GradDrop) subclass :class:`Solver` and implement ``_apply`` on ``J`` directly.
+(GradDrop) subclass :class:`Solver` and implement ``_apply`` on ``J`` directly.  Solvers whose numerical
+cut-offs (ranks, stationarity) must follow the input's precision subclass :class:`_PrecisionGramSolver`.
 
 Composition (see :class:`~impartial.solvers.Compose`) needs more than a direction: every solver also maps
 the task gradients to *new* task gradients whose sum is its direction.  For a Gram-space solver that map is
@@ -158,3 +159,32 @@ class GramSolver(Solver):
 
     def _apply(self, J: Tensor, *, losses: Tensor | None, **context: Tensor) -> Tensor:
         return mix(self._mixing(gram(J), losses=losses), J)
+
+
+class _PrecisionGramSolver(GramSolver):
+    """A Gram-space solver whose numerical cut-offs follow the precision of its input.
+
+    ``_weights`` always receives ``G`` in float64, which hides whether ``J`` (or a user's ``G``) was float32:
+    a float32 Gram carries ~1e-7 relative noise, so rank and stationarity cut-offs must be looser.  Every
+    entry point routes through :meth:`_solve` with ``low`` set from the input dtype.
+    """
+
+    @abstractmethod
+    def _solve(self, G: Tensor, low: bool) -> Tensor: ...
+
+    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
+        return self._solve(G, G.dtype != torch.float64)
+
+    def __call__(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
+        _check_jacobian(J, type(self).__name__)
+        return combine(self._solve(gram(J), J.dtype != torch.float64), J)
+
+    def _apply(self, J: Tensor, *, losses: Tensor | None, **context: Tensor) -> Tensor:
+        return mix(torch.diag_embed(self._solve(gram(J), J.dtype != torch.float64)), J)
+
+    def weights(self, G: Tensor, *, losses: Tensor | None = None) -> Tensor:
+        _check_gram(G, type(self).__name__)
+        return self._solve(G.to(solve_dtype(G.dtype)), G.dtype != torch.float64)
+
+    def mixing(self, G: Tensor, *, losses: Tensor | None = None) -> Tensor:
+        return torch.diag_embed(self.weights(G, losses=losses))

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._imtlg import _RTOL, _PrecisionGramSolver, _equal_projection
+from ._base import _PrecisionGramSolver
+from ._imtlg import _RTOL, _equal_projection
 
 __all__ = ["ConFIG"]
 

@@ -9,48 +9,18 @@ gradient norms differ by orders of magnitude.
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._base import GramSolver, _check_gram, _check_jacobian, combine, gram, mix, solve_dtype
+from ._base import _PrecisionGramSolver
 
 __all__ = ["IMTLG"]
 
 #: relative eigenvalue cut-off of the cosine matrix: float64 input, float32 and lower (whose Gram is
 #: accumulated in float32: its cosines carry ~1e-7 noise)
 _RTOL = (1e-10, 1e-6)
-
-
-class _PrecisionGramSolver(GramSolver):
-    """A Gram-space solver whose numerical cut-offs follow the precision of its input.
-
-    ``_weights`` always receives ``G`` in float64, which hides whether ``J`` (or a user's ``G``) was float32:
-    a float32 Gram carries ~1e-7 relative noise, so rank and stationarity cut-offs must be looser.  Every
-    entry point routes through :meth:`_solve` with ``low`` set from the input dtype.
-    """
-
-    @abstractmethod
-    def _solve(self, G: Tensor, low: bool) -> Tensor: ...
-
-    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
-        return self._solve(G, G.dtype != torch.float64)
-
-    def __call__(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
-        _check_jacobian(J, type(self).__name__)
-        return combine(self._solve(gram(J), J.dtype != torch.float64), J)
-
-    def _apply(self, J: Tensor, *, losses: Tensor | None, **context: Tensor) -> Tensor:
-        return mix(torch.diag_embed(self._solve(gram(J), J.dtype != torch.float64)), J)
-
-    def weights(self, G: Tensor, *, losses: Tensor | None = None) -> Tensor:
-        _check_gram(G, type(self).__name__)
-        return self._solve(G.to(solve_dtype(G.dtype)), G.dtype != torch.float64)
-
-    def mixing(self, G: Tensor, *, losses: Tensor | None = None) -> Tensor:
-        return torch.diag_embed(self.weights(G, losses=losses))
 
 
 class IMTLG(_PrecisionGramSolver):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._imtlg import _PrecisionGramSolver
+from ._base import _PrecisionGramSolver
 
 __all__ = ["NashMTL", "FairGrad"]
 
