@@ -1,6 +1,6 @@
 """Hypothesis profiles and test-wide settings.
 
-Profiles (choose with ``HYPOTHESIS_PROFILE``): ``ci`` (default; keeps the suite within minutes on 2 cores),
+Profiles (choose with ``HYPOTHESIS_PROFILE``): ``ci`` (default; deterministic, within minutes on 2 cores),
 ``dev`` (more examples), ``thorough`` (many examples, for a release).
 """
 
@@ -17,7 +17,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                derandomize=False, print_blob=True)
-settings.register_profile("ci", max_examples=12, **_common)
+# ci: the same examples on every run (derandomize), so a landing never hinges on a lucky draw; the other
+# profiles explore afresh and keep their failures in the example database.
+settings.register_profile("ci", max_examples=12, **{**_common, "derandomize": True})
 settings.register_profile("dev", max_examples=60, **_common)
 settings.register_profile("thorough", max_examples=600, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

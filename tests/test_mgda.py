@@ -7,6 +7,7 @@ from hypothesis import given
 
 from impartial.solvers import MGDA, gram
 from impartial.solvers._mgda import _two_tasks
+from impartial.solvers._qp import REG
 from reference.qp import mgda_ref
 from strategies import jacobians
 
@@ -31,8 +32,10 @@ def test_mgda_kkt_conditions_hold(J: torch.Tensor) -> None:
 
 @given(J=jacobians())
 def test_mgda_norm_is_minimal(J: torch.Tensor) -> None:
+    # Where 0 lies on the hull's boundary (e.g. an exactly antiparallel pair) the ridge δ = REG of _qp.prepare
+    # moves the min-norm point by O(√δ) relative to the largest gradient (see the _qp module docstring).
     d, ref = MGDA()(J), mgda_ref(J)
-    assert float(d.norm()) <= float(ref.norm()) + TOL * _norm2(J) ** 0.5
+    assert float(d.norm()) <= float(ref.norm()) + REG**0.5 * _norm2(J) ** 0.5
 
 
 @given(J=jacobians(min_k=2, max_k=2))
