@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._base import GramSolver
-from ._qp import active_set, default_iters, masked_solve, prepare
+from ._qp import active_set, check_iters, default_iters, masked_solve, prepare
 
 __all__ = ["CAGrad"]
 
@@ -90,8 +90,7 @@ class CAGrad(GramSolver):
     def __init__(self, c: float = 0.4, *, iters: int | None = None) -> None:
         if not c >= 0:
             raise ValueError(f"CAGrad: c must be ≥ 0, got {c}")
-        if iters is not None and iters < 0:
-            raise ValueError(f"CAGrad: iters must be ≥ 0, got {iters}")
+        check_iters("CAGrad", iters)
         self.c = float(c)
         self.iters = iters
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._base import GramSolver
-from ._qp import prepare, simplex_qp
+from ._qp import check_iters, prepare, simplex_qp
 
 __all__ = ["MGDA"]
 
@@ -53,8 +53,7 @@ class MGDA(GramSolver):
     """
 
     def __init__(self, *, iters: int | None = None) -> None:
-        if iters is not None and iters < 0:
-            raise ValueError(f"MGDA: iters must be ≥ 0, got {iters}")
+        check_iters("MGDA", iters)
         self.iters = iters
 
     def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:

@@ -31,12 +31,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["prepare", "masked_solve", "active_set", "nonneg_qp", "simplex_qp", "default_iters", "REG", "TOL"]
+__all__ = ["check_iters", "prepare", "masked_solve", "active_set", "nonneg_qp", "simplex_qp", "default_iters", "REG", "TOL"]
 
 #: relative Tikhonov term added to the normalised Gram matrix (see the module docstring).
 REG = 1e-12
 #: a multiplier below ``-TOL`` (relative to the normalised Gram matrix) puts its variable in the working set.
 TOL = 1e-11
+
+
+def check_iters(who: str, iters: int | None) -> None:
+    """Reject a negative iteration count, naming the solver."""
+    if iters is not None and iters < 0:
+        raise ValueError(f"{who}: iters must be ≥ 0, got {iters}")
 
 
 def default_iters(k: int) -> int:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._base import GramSolver
-from ._qp import nonneg_qp, prepare
+from ._qp import check_iters, nonneg_qp, prepare
 
 __all__ = ["UPGrad", "DualProj", "project_weights"]
 
@@ -30,12 +30,18 @@ def project_weights(G: Tensor, U: Tensor, iters: int | None = None) -> Tensor:
     return U + nonneg_qp(H, U @ H, iters)
 
 
-def _check_iters(who: str, iters: int | None) -> None:
-    if iters is not None and iters < 0:
-        raise ValueError(f"{who}: iters must be ≥ 0, got {iters}")
+class _DualCone(GramSolver):
+    """What UPGrad and DualProj share: the iteration cap of their box QPs."""
+
+    def __init__(self, *, iters: int | None = None) -> None:
+        check_iters(type(self).__name__, iters)
+        self.iters = iters
+
+    def _hparams(self) -> dict[str, Any]:
+        return {} if self.iters is None else {"iters": self.iters}
 
 
-class UPGrad(GramSolver):
+class UPGrad(_DualCone):
     r"""The mean of the task gradients, each projected onto the dual cone of all of them.
 
     .. math::  d = \frac{1}{k} \sum_i \pi_J(g_i), \quad \pi_J(g_i) = J^\top v_i, \quad
@@ -51,20 +57,13 @@ class UPGrad(GramSolver):
     tensor([0.2500, 0.7500])
     """
 
-    def __init__(self, *, iters: int | None = None) -> None:
-        _check_iters("UPGrad", iters)
-        self.iters = iters
-
     def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
         k = G.shape[-1]
         U = torch.eye(k, dtype=G.dtype, device=G.device).expand(*G.shape[:-2], k, k)
         return project_weights(G, U, self.iters).mean(-2)
 
-    def _hparams(self) -> dict[str, Any]:
-        return {} if self.iters is None else {"iters": self.iters}
 
-
-class DualProj(GramSolver):
+class DualProj(_DualCone):
     r"""The mean gradient projected onto the dual cone of the task gradients.
 
     .. math::  d = \pi_J(\bar g) = J^\top w, \qquad w = \arg\min_{v \ge \mathbf{1}/k} v^\top G v .
@@ -77,14 +76,7 @@ class DualProj(GramSolver):
     tensor([0.0000, 0.5000])
     """
 
-    def __init__(self, *, iters: int | None = None) -> None:
-        _check_iters("DualProj", iters)
-        self.iters = iters
-
     def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
         k = G.shape[-1]
         u = torch.full_like(G[..., :1, :], 1.0 / k)
         return project_weights(G, u, self.iters).squeeze(-2)
-
-    def _hparams(self) -> dict[str, Any]:
-        return {} if self.iters is None else {"iters": self.iters}
