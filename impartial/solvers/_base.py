@@ -85,6 +85,21 @@ def mix(M: Tensor, J: Tensor) -> Tensor:
     return M.to(J.dtype) @ J
 
 
+def _rng_state(generator: torch.Generator | None) -> dict[str, Any]:
+    """The checkpointable part of a solver's randomness: its generator's state (none for the global RNG)."""
+    return {"generator": generator.get_state()} if generator is not None else {}
+
+
+def _load_rng_state(solver: Any, generator: torch.Generator | None, state: dict[str, Any]) -> None:
+    unknown = set(state) - {"generator"}
+    if unknown:
+        raise ValueError(f"{type(solver).__name__}: unexpected state keys {sorted(unknown)}")
+    if "generator" in state:
+        if generator is None:
+            raise ValueError(f"{type(solver).__name__} draws from the global RNG; it cannot load a generator state")
+        generator.set_state(state["generator"])
+
+
 class Solver(ABC):
     """A gradient-conflict solver: task gradients ``J [..., k, d]`` → one direction ``[..., d]``.
 

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import _LOW, Solver, _check_jacobian
-from ._pcgrad import _load_rng_state, _rng_state
+from ._base import _LOW, Solver, _check_jacobian, _load_rng_state, _rng_state
 
 __all__ = ["GradDrop"]
 

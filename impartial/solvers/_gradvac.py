@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramSolver
-from ._pcgrad import _load_rng_state, _partner_rows, _rng_state, random_orders
+from ._base import GramSolver, _load_rng_state, _rng_state
+from ._pcgrad import _partner_rows, random_orders
 
 __all__ = ["GradVac", "vaccinate"]
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramSolver
+from ._base import GramSolver, _load_rng_state, _rng_state
 
 __all__ = ["PCGrad", "project_conflicts", "random_orders"]
 
@@ -107,17 +107,3 @@ class PCGrad(GramSolver):
     def _hparams(self) -> dict[str, Any]:
         return {"generator": self.generator} if self.generator is not None else {}
 
-
-def _rng_state(generator: torch.Generator | None) -> dict[str, Any]:
-    """The checkpointable part of a solver's randomness: its generator's state (none for the global RNG)."""
-    return {"generator": generator.get_state()} if generator is not None else {}
-
-
-def _load_rng_state(solver: Any, generator: torch.Generator | None, state: dict[str, Any]) -> None:
-    unknown = set(state) - {"generator"}
-    if unknown:
-        raise ValueError(f"{type(solver).__name__}: unexpected state keys {sorted(unknown)}")
-    if "generator" in state:
-        if generator is None:
-            raise ValueError(f"{type(solver).__name__} draws from the global RNG; it cannot load a generator state")
-        generator.set_state(state["generator"])

@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramSolver, _check_jacobian, combine, solve_dtype
-from ._pcgrad import _load_rng_state, _rng_state
+from ._base import GramSolver, _check_jacobian, _load_rng_state, _rng_state, combine, solve_dtype
 
 __all__ = ["Sum", "Mean", "Random"]
 
