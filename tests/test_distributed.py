@@ -127,6 +127,9 @@ def _worker(rank: int, init: str, cases: list, expected: list, out: str) -> None
                 worst = max(worst, err)
                 assert err <= TOL * max(1.0, float(e.abs().max())), (name, block, solver, micro, err)
         _nonfinite_on_one_rank(rank)
+        # both ranks leave their last collective before either tears gloo down: a rank destroying the group
+        # while its peer is still in flight can abort the peer (seen once: SIGABRT in a CI run)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     with open(f"{out}.{rank}", "w") as f:
