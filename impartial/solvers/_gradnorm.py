@@ -19,7 +19,8 @@ __all__ = ["GradNorm", "NSGD"]
 
 def _safe_div(a: Tensor, b: Tensor, default: float) -> Tensor:
     """``a / b`` where ``b > 0``, ``default`` elsewhere (torch.where: no NaN, no host sync)."""
-    return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.full_like(a, default))
+    positive = b > 0
+    return torch.where(positive, a / torch.where(positive, b, 1.0), default)
 
 
 class _Stateful(GramSolver):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._base import GramSolver, _load_rng_state, _rng_state
-from ._pcgrad import _partner_rows, random_orders
+from ._pcgrad import random_orders
 
 __all__ = ["GradVac", "vaccinate"]
 
@@ -45,34 +45,43 @@ def vaccinate(G: Tensor, phi_hat: Tensor, orders: Tensor, beta: float) -> tuple[
     # ‖g_i'‖).  Below the cut-off g_i' has cancelled out and counts as zero.
     sq = lengths * lengths
     bound = lengths
+    # What does not depend on W is taken for all rounds at once, [..., k - 1, k] (round r reads row r).  Each
+    # pair (i, p) is visited once a call, so its target φ̂_ip is the one from before the call.
+    norm_p = lengths.unsqueeze(-2).expand_as(G).gather(-1, orders).mT
+    inv_p = torch.where(norm_p > 0, 1.0 / torch.where(norm_p > 0, norm_p, 1.0), 0.0)
+    sq_p = norm_p * norm_p
+    target = phi_hat.gather(-1, orders).mT
+    sin_t = (1.0 - target * target).clamp(min=0.0).sqrt()
+    # φ < φ̂ is tested as g_i'·g_p < φ̂ ‖g_i'‖ ‖g_p‖: at φ̂ = 0 it is exactly PCGrad's test.  A target cosine
+    # of ±1 cannot be reached by adding a multiple of g_p (the paper's coefficient is infinite); one within
+    # 1e-12 of it (an EMA of collinear pairs) would turn round-off of the tie φ = φ̂ into cancelling g_i' or
+    # not: such pairs, and zero partners, are left unchanged.
+    reach = (norm_p > 0) & (target.abs() < 1.0 - _UNREACHABLE)
+    slope = torch.where(reach, target / torch.where(reach, sin_t, 1.0), 0.0)  # φ̂ / sin φ̂
+    kept = (1.0 - beta) * target
+    cols = orders.mT.unsqueeze(-1)  # [..., k - 1, k, 1]
+    rows = cols.expand(*cols.shape[:-1], k)  # [..., k - 1, k, k]: row i of round r repeats p_i
+    measured = []
     for r in range(k - 1):
-        p = orders[..., r]
-        dot = (W * _partner_rows(G, p)).sum(-1)  # g_i' · g_p
-        norm_p = lengths.gather(-1, p)
-        live = sq > _CANCELLED * bound * bound
-        norm2 = torch.where(live, sq, zero)
+        dot = (W * G.gather(-2, rows[..., r, :, :])).sum(-1)  # g_i' · g_p
+        cut = _CANCELLED * bound * bound
+        norm2 = torch.where(sq > cut, sq, zero)
         norm_i = norm2.sqrt()
-        safe_p = torch.where(norm_p > 0, norm_p, torch.ones_like(norm_p))
-        u = torch.where(norm_p > 0, dot / safe_p, zero)
+        u = dot * inv_p[..., r, :]
         # s² is a squared norm from the Gram matrix too: below the same cut-off, g_i' is collinear with g_p
-        s2 = norm2 - u * u
-        s = torch.where(s2 > _CANCELLED * bound * bound, s2, zero).sqrt()
-        den = norm_i * norm_p
+        s2 = torch.addcmul(norm2, u, u, value=-1.0)
+        s = torch.where(s2 > cut, s2, zero).sqrt()
+        den = norm_i * norm_p[..., r, :]
         # the cosine of a zero vector is taken as 0 (the paper leaves it undefined)
-        phi = torch.where(den > 0, dot / torch.where(den > 0, den, torch.ones_like(den)), zero).clamp(-1.0, 1.0)
-        target = phi_hat.gather(-1, p.unsqueeze(-1)).squeeze(-1)
-        sin_t = (1.0 - target * target).clamp(min=0.0).sqrt()
-        # φ < φ̂ tested as g_i'·g_p < φ̂ ‖g_i'‖ ‖g_p‖: at φ̂ = 0 it is exactly PCGrad's test.  A target cosine
-        # of ±1 cannot be reached by adding a multiple of g_p (the paper's coefficient is infinite); one
-        # within 1e-12 of it (an EMA of collinear pairs) would turn round-off of the tie φ = φ̂ into cancelling
-        # g_i' or not: such pairs, and zero partners, are left unchanged.
-        ok = (dot < target * den) & (norm_p > 0) & (target.abs() < 1.0 - _UNREACHABLE)
-        safe_t = torch.where(ok, sin_t, torch.ones_like(sin_t))
-        coef = torch.where(ok, (target * s / safe_t - u) / safe_p, zero)
-        W = W.scatter_add(-1, p.unsqueeze(-1), coef.unsqueeze(-1))
-        sq = sq + coef * (2.0 * dot + coef * norm_p * norm_p)
-        bound = bound + coef.abs() * norm_p
-        phi_hat = phi_hat.scatter(-1, p.unsqueeze(-1), ((1.0 - beta) * target + beta * phi).unsqueeze(-1))
+        phi = torch.where(den > 0, dot / torch.where(den > 0, den, 1.0), zero).clamp(-1.0, 1.0)
+        ok = (dot < target[..., r, :] * den) & reach[..., r, :]
+        coef = torch.where(ok, (slope[..., r, :] * s - u) * inv_p[..., r, :], zero)
+        W = W.scatter_add(-1, cols[..., r, :, :], coef.unsqueeze(-1))
+        sq = torch.addcmul(sq, coef, torch.addcmul(2.0 * dot, coef, sq_p[..., r, :]))
+        bound = torch.addcmul(bound, coef.abs(), norm_p[..., r, :])
+        measured.append(torch.add(kept[..., r, :], phi, alpha=beta))
+    if measured:
+        phi_hat = phi_hat.scatter(-1, orders, torch.stack(measured, -1))
     return W, phi_hat
 
 

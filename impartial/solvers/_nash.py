@@ -8,10 +8,11 @@ stationarity condition of the strictly convex
 
 Substituting ``β_i = γ_i/‖g_i‖`` turns it into the same problem on the cosine matrix ``C`` (unit diagonal)
 with ``φ`` weighted by ``c_i = ‖g_i‖^{-(1−1/α)}``: the conditioning no longer depends on the gradient norms.
-We run a fixed number (24) of Newton steps, each followed by a search over a geometric grid of step sizes
-along ``γ ⊙ exp(tΔ/γ)``, which stays positive and matches the Newton step to second order (so the final
-steps converge quadratically); ``F`` along it is a quadratic plus a separable term, so all candidates cost
-one pass over ``k``: no cvxpy, no host sync.
+We run a fixed number (24) of Newton steps (none for ``k = 1`` and for Nash at ``k = 2``, which have closed
+forms), each followed by a search over a geometric grid of step sizes along ``γ ⊙ exp(tΔ/γ)``, which stays
+positive and matches the Newton step to second order (so the final steps converge quadratically); ``F``
+along it is a quadratic plus a separable term, so all candidates are scored by a handful of batched ops
+(about 20 ops and one ``k × k`` solve a step): no cvxpy, no host sync.
 
 ``F`` has no minimiser exactly when some nonnegative combination of the task gradients vanishes (the tasks
 are at a Pareto-stationary point: no direction improves them all).  Then ``γ`` runs off to infinity along
@@ -51,26 +52,46 @@ def _bargain(G: Tensor, p: float, low: bool, iters: int = _ITERS) -> Tensor:
     # A zero gradient's utility is 0 whatever d is: it has no stake in the bargain.  Its row of C is made a
     # decoupled unit (its own γ converges on its own) and its weight is set to 0 at the end.
     C = torch.where(eye > 0, 1.0, G * inv.unsqueeze(-1) * inv.unsqueeze(-2))
-    logc = torch.where(nonzero, -p * torch.log(torch.where(nonzero, n, 1.0)), 0.0)
-    # a common factor of c only rescales γ (by its 1/(2−p) power): remove it for the iteration's sake
-    shift = (logc * nonzero).sum(-1, keepdim=True) / nonzero.sum(-1, keepdim=True).clamp_min(1)
-    c = torch.exp(torch.where(nonzero, logc - shift, 0.0))
+    nz = nonzero.unsqueeze(-1)  # γ, c and the other per-task vectors are columns [..., k, 1] below
+    if p == 0:  # Nash: c ≡ 1 (every c_i = ‖g_i‖^0), the start is a common factor
+        shift = torch.zeros_like(n[..., :1])
+        c = None
+        b = torch.ones_like(nz, dtype=G.dtype)
+    else:
+        logc = torch.where(nonzero, -p * torch.log(torch.where(nonzero, n, 1.0)), 0.0)
+        # a common factor of c only rescales γ (by its 1/(2−p) power): remove it for the iteration's sake
+        shift = (logc * nonzero).sum(-1, keepdim=True) / nonzero.sum(-1, keepdim=True).clamp_min(1)
+        c = torch.exp(torch.where(nonzero, logc - shift, 0.0)).unsqueeze(-1)
+        b = c ** (1 / (2 - p))
     # start: b_i = c_i^{1/(2−p)} (exact for C = I) times the best common factor for the tasks that bargain
-    b = c ** (1 / (2 - p))
-    bz = b * nonzero
-    bCb = (bz * (C @ bz.unsqueeze(-1)).squeeze(-1)).sum(-1, keepdim=True)
-    tau = (torch.where(nonzero, c * b**p, 0.0).sum(-1, keepdim=True) / bCb.clamp_min(1e-3 * k)) ** (1 / (2 - p))
-    g = torch.where(nonzero, tau * b, b)
+    bz = b * nz
+    bCb = (bz * (C @ bz)).sum(-2, keepdim=True)
+    cbp = nz.sum(-2, keepdim=True, dtype=G.dtype) if c is None else (torch.where(nz, c * b**p, 0.0)).sum(-2, keepdim=True)
+    tau = (cbp / bCb.clamp_min(1e-3 * k)) ** (1 / (2 - p))
+    g = torch.where(nz, tau * b, b)
+    if k == 1:  # C = I: the start is the solution
+        iters = 0
+    elif k == 2 and p == 0:  # Nash, two tasks: γ_1 = γ_2 = (1 + cos)^{-1/2} solves γ ⊙ Cγ = 1 exactly
+        # (an antiparallel pair, cos = −1, has no solution: γ is left large and the checks below say so)
+        g = (1 + C[..., :1, 1:]).clamp_min(torch.finfo(G.dtype).eps).rsqrt().expand_as(g)
+        iters = 0
     steps = torch.tensor(_STEPS, dtype=G.dtype, device=G.device)
+    one = torch.ones((), dtype=G.dtype, device=G.device)
     for _ in range(iters):  # fixed count: no data-dependent stopping, so vmap / compile see one graph
-        Cg = (C @ g.unsqueeze(-1)).squeeze(-1)
-        u = c * g ** (p - 1)  # the utilities γ asks for; −∇F = u − Cγ
-        h = (1 - p) * u / g  # ∇²F = C + diag h
-        # Newton system (C + diag h) Δ = −∇F, scaled by diag(h)^{-1/2}: the matrix S C S + I has
-        # eigenvalues ≥ 1 however large γ grows.
-        s = h.rsqrt()
-        M = s.unsqueeze(-1) * C * s.unsqueeze(-2) + eye
-        D = s * torch.linalg.solve_ex(M, (s * (u - Cg)).unsqueeze(-1))[0].squeeze(-1)  # _ex: no check, no sync
+        Cg = C @ g
+        # Newton system (C + diag h) Δ = −∇F = u − Cγ with u = c γ^{p−1} (the utilities γ asks for) and
+        # h = (1 − p) u/γ, scaled by s = h^{-1/2} = γ a, a = ((1 − p) c γ^p)^{-1/2}: the matrix S C S + I has
+        # eigenvalues ≥ 1 however large γ grows, and Δ/γ = a x for its solution x.  Nash: s = γ, a = 1.
+        if c is None:
+            s = g
+            rhs = torch.addcmul(one, g, Cg, value=-1.0)  # s (u − Cγ) = 1 − γ Cγ
+        else:
+            w = c * g**p  # u γ
+            a = ((1 - p) * w).rsqrt()
+            s = g * a
+            rhs = s * (w / g - Cg)
+        M = torch.addcmul(eye, s * C, s.mT)
+        x = torch.linalg.solve_ex(M, rhs)[0]  # _ex: no check, no sync
         # Line search, all candidates at once, over two paths written as γ_new = γ ⊙ exp(L), L = log(γ_new/γ):
         # - γ ⊙ exp(tΔ/γ): tangent Δ at t = 0 (a descent path) and equal to γ + tΔ to second order near the
         #   solution (quadratic convergence kept), but never leaves γ > 0, so a γ_i that must shrink by decades
@@ -80,14 +101,18 @@ def _bargain(G: Tensor, p: float, low: bool, iters: int = _ITERS) -> Tensor:
         # Each candidate's change of F is exact, with δ = γ ⊙ expm1(L) and no difference of large values (so
         # the search still tells steps apart at round-off):
         #   F(γ + δ) − F(γ) = (Cγ + ½Cδ)·δ − Σ c_i γ_i^p expm1(p L_i)/p     (Σ c_i L_i at p = 0)
-        q = (steps.unsqueeze(-1) * (D / g).unsqueeze(-2)).clamp_max(_GROWTH)  # [..., steps, k]
-        q = torch.cat([q, torch.log1p(q.clamp_min(-0.99))], -2)  # L on both paths
-        delta = g.unsqueeze(-2) * torch.expm1(q)
-        quad = ((Cg.unsqueeze(-2) + 0.5 * (delta @ C)) * delta).sum(-1)
-        gain = q @ c.unsqueeze(-1) if p == 0 else torch.expm1(p * q) @ (u * g / p).unsqueeze(-1)
-        best = (quad - gain.squeeze(-1)).argmin(-1, keepdim=True)
-        g = g + torch.take_along_dim(delta, best.unsqueeze(-1), -2).squeeze(-2)
+        q = (x if c is None else a * x) * steps  # [..., k, steps]
+        q = q.clamp_max(_GROWTH)
+        q = torch.cat([q, torch.log1p(q.clamp_min(-0.99))], -1)  # L on both paths
+        delta = g * torch.expm1(q)
+        half = torch.add(Cg, C @ delta, alpha=0.5)
+        # the decrease of F, −(F(γ + δ) − F(γ)), summed over the tasks: the best candidate has the largest
+        gain = q if c is None else (w / p) * torch.expm1(p * q)
+        best = torch.addcmul(gain, half, delta, value=-1.0).sum(-2, keepdim=True).argmax(-1, keepdim=True)
+        g = g + delta.gather(-1, best.expand_as(g))  # gather, not take_along_dim (which checks on the host)
     # converged: every task's utility equation holds to a relative residual
+    g = g.squeeze(-1)
+    c = torch.ones_like(g) if c is None else c.squeeze(-1)
     Cg = (C @ g.unsqueeze(-1)).squeeze(-1)
     target = c * g ** (p - 1)
     # Cγ carries a rounding error of at most about k·eps·(|C|γ)_i, which can exceed a relative 1e-6 of a small

@@ -36,11 +36,6 @@ def random_orders(batch_shape: tuple[int, ...], k: int, generator: torch.Generat
     return keys.argsort(dim=-1)[..., : k - 1].to(device if device is not None else where)
 
 
-def _partner_rows(G: Tensor, p: Tensor) -> Tensor:
-    """``R[..., i, :] = G[..., p_i, :]`` for partners ``p`` ``[..., k]``."""
-    return G.gather(-2, p.unsqueeze(-1).expand(*p.shape, G.shape[-1]))
-
-
 def project_conflicts(G: Tensor, orders: Tensor) -> Tensor:
     """PCGrad's coefficients ``W`` ``[..., k, k]`` (projected gradients ``W J``) for given partner orders.
 
@@ -51,14 +46,15 @@ def project_conflicts(G: Tensor, orders: Tensor) -> Tensor:
     """
     k = G.shape[-1]
     W = torch.eye(k, dtype=G.dtype, device=G.device) + torch.zeros_like(G)  # zeros_like: batched under vmap
-    diag = G.diagonal(dim1=-2, dim2=-1)
+    # Everything that does not depend on W is taken for all rounds at once (round r reads column r):
+    # 1/‖g_p‖² of every partner, 0 for a zero partner (torch.where: no NaN, no host sync), and the indices.
+    norm2 = G.diagonal(dim1=-2, dim2=-1).unsqueeze(-2).expand_as(G).gather(-1, orders)  # [..., k, k - 1]
+    inv = torch.where(norm2 > 0, -1.0 / torch.where(norm2 > 0, norm2, 1.0), 0.0).mT  # [..., k - 1, k]
+    cols = orders.mT.unsqueeze(-1)  # [..., k - 1, k, 1]
+    rows = cols.expand(*cols.shape[:-1], k)  # [..., k - 1, k, k]: row i of round r repeats p_i
     for r in range(k - 1):
-        p = orders[..., r]
-        dot = (W * _partner_rows(G, p)).sum(-1)  # g_i^PC · g_p
-        norm2 = diag.gather(-1, p)
-        safe = torch.where(norm2 > 0, norm2, torch.ones_like(norm2))  # torch.where: no NaN, no host sync
-        coef = torch.where(norm2 > 0, dot.clamp(max=0.0) / safe, torch.zeros_like(dot))
-        W = W.scatter_add(-1, p.unsqueeze(-1), -coef.unsqueeze(-1))
+        dot = (W * G.gather(-2, rows[..., r, :, :])).sum(-1)  # g_i^PC · g_p
+        W = W.scatter_add(-1, cols[..., r, :, :], (dot.clamp(max=0.0) * inv[..., r, :]).unsqueeze(-1))
     return W
 
 
