@@ -35,12 +35,14 @@ from torch.autograd.graph import Node
 
 from . import solvers as _solvers
 from . import _distributed as _dist
+from ._blocks_pass import _BlocksPass
+from ._params_pass import _ParamsPass
 from ._engine import TASK_GRADS, NonFinite, _Engine
 from ._report import BlockReport, Report
-from .graph._blocks import Block, _find
+from ._solve import _Solving
+from .graph._blocks import _find
 from .graph._trace import Losses, Params, _as_losses, _as_params, _bits, _build, _Losses
-from .solvers import Solver, combine, gram
-from .solvers._base import mix
+from .solvers import Solver, gram
 
 __all__ = ["backward", "Report"]
 
@@ -159,8 +161,9 @@ def _as_solver(solver: Solver | str | None) -> Solver:
 
 
 @dataclass
-class _Run(_Engine):
-    """One call: the passes of ``block="params"`` and of the blocks, and the solve at each block."""
+class _Run(_ParamsPass, _BlocksPass, _Solving, _Engine):
+    """One call: the passes of ``block="params"`` (:mod:`._params_pass`) and of the blocks
+    (:mod:`._blocks_pass`), and the solve at each block (:mod:`._solve`)."""
 
     #: one solver for every block, or one per block (stateful solvers keep one state per block)
     solvers: list[Solver] = field(default_factory=list)
@@ -200,63 +203,6 @@ class _Run(_Engine):
             raise ValueError(f"{len(self.solvers)} solvers were given, one per block, but there are {n_blocks} "
                              "blocks (see impartial.graph.find_blocks)")
 
-    # -- block="params" --------------------------------------------------------------------------------------
-    def params_pass(self) -> None:
-        """Per-task gradients of every leaf (one batched call or a loop); solve on the shared ones."""
-        g, k = self.g, self.g.k
-        shared = [n for n in g.nodes if n in g.shared]
-        others = [n for n in g.nodes if n in g.leaves and n not in g.shared and g.mask(n) & g.task_bits]
-        eye = torch.eye(k, dtype=torch.float64)
-        seeds = [eye[:, i].to(out.dtype) for i, out in enumerate(self.tasks.outs)]
-        also = self.also_grads(retain=True)
-        inputs = [g.leaves[n] for n in shared + others]
-        # the loop asks row i only for the other leaves task i reaches
-        needs = [[len(shared) + j for j, n in enumerate(others) if g.mask(n) >> i & 1] for i in range(k)]
-        mask = 0
-        for n in shared:
-            mask |= g.mask(n) & g.task_bits
-        ts = _bits(mask)  # tasks that reach no shared parameter take no part in the solve
-        sel = slice(None) if len(ts) == k else list(ts)  # a slice: no copy of the k rows
-        G = None
-
-        def compute(batched: bool) -> list:
-            res = self.task_rows(self.tasks.outs, inputs, seeds, rows=k, onehot=k, dense=len(shared), needs=needs,
-                                 batched=batched)
-            if self.group is not None:  # the full-batch task gradients: the mean over the ranks
-                res[:len(shared)] = [_dist.all_mean(r, self.group) for r in res[:len(shared)]]
-            return res
-
-        def named(res: list) -> list:
-            nonlocal G
-            out = []
-            if shared:  # the Gram's diagonal is finite iff the rows are (it is needed anyway)
-                G = sum(gram(r[sel].reshape(len(ts), -1)) for r in res[:len(shared)])
-                out.append(([(f"the gradient of {self.tasks.names[i]!r} w.r.t. the shared parameters", i)
-                             for i in ts], G.diagonal().isfinite()))
-            return out + [([(f"the gradient of {self.tasks.names[i]!r} w.r.t. {g.name(n)!r}", i)
-                            if i in g.tasks(n) else None for i in range(k)], r)
-                          for n, r in zip(others, res[len(shared):]) if r is not None]
-
-        rows = self.checked(compute, named, self.choose(None, g.task_bits))
-        for n, r in zip(others, rows[len(shared):]):
-            if isinstance(r, Tensor):
-                self.add(n, r.sum(0))
-            elif r is not None:
-                for part in r:
-                    self.add(n, part)
-        if shared:
-            # per-parameter pieces of J: a Gram-space solver never needs them concatenated
-            Js = [r[sel].reshape(len(ts), -1) for r in rows[:len(shared)]]
-            ds, _, rep = self.solve(self.solvers[0], Js, ts, None, G=G)
-            D = sum(J.shape[-1] for J in Js)
-            self.reports.append(BlockReport(f"{len(shared)} shared parameters [{D}]", (D,),
-                                            tuple(self.tasks.names[i] for i in ts), *rep,
-                                            task_grads=self.passes[-1]))
-            for n, piece in zip(shared, ds):
-                self.add(n, piece.reshape(g.leaves[n].shape))
-        for n, a in also:
-            self.add(n, a)
-
     def also_grads(self, retain: bool) -> list[tuple[Node, Tensor]]:
         """The plain gradient of the ``also`` terms, per leaf."""
         if not self.extra.outs:
@@ -265,198 +211,3 @@ class _Run(_Engine):
         out = self.grad(self.extra.outs, [self.g.leaves[n] for n in leaves],
                         [torch.ones_like(a) for a in self.extra.outs], retain=retain)
         return [(n, a) for n, a in zip(leaves, out) if a is not None]
-
-    # -- block="auto" and marked blocks ------------------------------------------------------------------------
-    def blocks_pass(self, auto: bool = False) -> None:
-        """A batched per-task pass per block (top-down), a solve at each, then one backward from all blocks."""
-        g, blocks = self.g, self.g.blocks
-        leaf_blocks = {b.edge.node for b in blocks if b.leaf is not None}
-        in_block = 0
-        for b in blocks:
-            for i in b.tasks:
-                in_block |= 1 << i
-        heads: dict[int, list[Node]] = {}  # block index -> the single-task leaves its pass also returns
-        plain = False  # some task reaches a leaf on a path through no block: seed every loss at the end
-        for n in g.nodes:
-            if n not in g.leaves or n in leaf_blocks:
-                continue
-            t, raw = g.mask(n) & g.task_bits, g.raw.get(n, 0)
-            if raw and (g.above.get(n, 0) or bin(t).count("1") > 1):  # a raw path past or beside a block
-                plain = True
-            elif raw and t & in_block:
-                i = _bits(t)[0]
-                heads.setdefault(next(j for j, b in enumerate(blocks) if i in b.tasks), []).append(n)
-        if plain:
-            heads = {}
-        has_below = {a for b in blocks for a in b.above}
-        corr: dict[int, Tensor] = {}  # block -> [k, *shape]: resolved minus incoming task gradients
-        sigma: dict[int, Tensor] = {}
-        for j, b in enumerate(blocks):
-            ts = list(b.tasks)
-            kb, arrival = len(ts), bool(b.above) and not plain
-            eye = torch.eye(kb + arrival, kb, dtype=torch.float64)
-            outs = [self.tasks.outs[i] for i in ts]
-            seeds = [eye[:, c].to(o.dtype) for c, o in enumerate(outs)]
-            for a in b.above:
-                if blocks[a].leaf is None and a in corr:
-                    outs.append(blocks[a].edge)
-                    s = corr[a][ts]
-                    seeds.append(torch.cat([s, sigma[a][None]]) if arrival else s)
-            head = heads.get(j, [])
-            target = b.leaf if b.leaf is not None else b.edge
-            inputs = [target] + [g.leaves[n] for n in head]
-            owner = [ts.index(_bits(g.mask(n) & g.task_bits)[0]) for n in head]  # each head's row
-            # the loop asks row c for the block and task ts[c]'s own leaves; the arrival row for the block only
-            needs = [[1 + h for h, c in enumerate(owner) if c == r] for r in range(kb + arrival)]
-
-            def heads_of(res: list) -> list[tuple[Node, int, Tensor]]:
-                """(leaf, its task's row, that row's gradient) of the single-task leaves."""
-                out = []
-                for n, c, r in zip(head, owner, res[1:]):
-                    v = None if r is None else r[c]
-                    if v is not None:
-                        out.append((n, c, v))
-                return out
-
-            G = ctx = None
-
-            def named(res: list) -> list:
-                nonlocal G, ctx
-                J, ctx = self.block_J(b, res[0][:kb])
-                G = gram(J)  # its diagonal is finite iff the rows are (and the solve needs it anyway)
-                if local:  # the rows are this rank's coordinates: the full-batch Gram is Σ_r G_r / W²
-                    G = _dist.all_sum(G, self.group) / _dist.world(self.group) ** 2
-                out = [([(f"the gradient of {self.tasks.names[i]!r} at block {b.name!r}", i) for i in ts],
-                        G.diagonal(dim1=-2, dim2=-1).isfinite().reshape(-1, kb).all(0))]
-                own: dict[int, list] = {}  # each task's own leaves: one fused finiteness check per task
-                for n, c, r in heads_of(res):  # only its task's row: the others are zeros
-                    msg = f"the gradient of {self.tasks.names[ts[c]]!r} w.r.t. {g.name(n)!r}"
-                    own.setdefault(c, []).append((msg, r))
-                for c, items in own.items():
-                    out.append(([([m for m, _ in items], ts[c])], tuple(r for _, r in items)))
-                return out
-
-            def compute(batched: bool) -> list:
-                res = self.task_rows(outs, inputs, seeds, rows=kb + arrival, onehot=kb, dense=1, needs=needs,
-                                     batched=batched)
-                if self.group is not None and b.leaf is not None:  # a parameter: the mean over the ranks
-                    res[0] = _dist.all_mean(res[0], self.group)
-                return res
-
-            node = b.edge.node
-            local = self.group is not None and b.leaf is None and not self.per_sample
-            bm = 0
-            for i in ts:
-                bm |= 1 << i
-            # above an automatic top-level block no node is reached by two of its tasks (the block is where
-            # they first meet): the loop does 1/k_b of the batched pass's work, no need to measure
-            res = self.checked(compute, named, self.choose(node, bm, disjoint=auto and not b.above))
-            rows = res[0][:kb]
-            for n, _, r in heads_of(res):
-                self.add(n, r)
-            solver = self.solvers[j % len(self.solvers)]
-            J, _ = self.block_J(b, rows)
-            (d,), R, rep = self.solve(solver, [J], ts, ctx, need_rows=j in has_below, G=G, local=local)
-            d = d.reshape(rows.shape[1:])
-            if R is not None:
-                R = (R.transpose(0, 1) if J.ndim == 3 else R).reshape(rows.shape)
-            self.reports.append(BlockReport(b.name, tuple(rows.shape[1:]), tuple(self.tasks.names[i] for i in ts),
-                                            *rep, above=b.above, task_grads=self.passes[-1]))
-            if R is not None:
-                full = torch.zeros((g.k, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
-                full[ts] = R - rows
-                corr[j] = full
-            base = rows.sum(0) if plain else (res[0][kb] if arrival else None)
-            sigma[j] = d if base is None else d - base
-            if b.leaf is not None:
-                self.add(b.edge.node, sigma[j])
-        outs = [blocks[j].edge for j in sigma if blocks[j].leaf is None]
-        seeds = [sigma[j] for j in sigma if blocks[j].leaf is None]
-        seeded = range(g.k) if plain else [i for i in range(g.k) if not in_block >> i & 1]
-        outs += [self.tasks.outs[i] for i in seeded] + self.extra.outs
-        seeds += [torch.ones_like(self.tasks.outs[i]) for i in seeded] + [torch.ones_like(a) for a in self.extra.outs]
-        leaves = [n for n in g.nodes if n in g.leaves and g.mask(n)]
-        if outs and leaves:
-            for n, r in zip(leaves, self.grad(outs, [g.leaves[n] for n in leaves], seeds, retain=self.retain_graph)):
-                self.add(n, r)
-
-    def block_J(self, b: Block, rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The solver's ``J`` for block ``b`` from its task gradients ``rows`` ``[k_b, *shape]`` (``[k_b, numel]``,
-        or ``[B, k_b, numel/B]`` per sample; views, no copy) and the context of coordinate solvers."""
-        kb, shape = rows.shape[0], rows.shape[1:]
-        act = b.tensor if b.leaf is None else None  # a coordinate solver's ``inputs``: activations only
-        if self.per_sample and b.leaf is None:
-            if len(shape) == 0:
-                raise ValueError(f"per_sample=True: block {b.name!r} is a scalar and has no batch dim")
-            B = shape[0]
-            # one sample per problem: inputs [B, 1, F]
-            return rows.reshape(kb, B, -1).transpose(0, 1), {} if act is None else {
-                "inputs": act.detach().reshape(B, 1, -1)}
-        # J's rows are the [B, F] block gradients, batch-major
-        return rows.reshape(kb, -1), {} if act is None else {
-            "inputs": act.detach().reshape(shape[0] if len(shape) else 1, -1)}
-
-    def solve(self, solver: Solver, Js: list[Tensor], ts: Sequence[int], ctx: dict[str, Tensor] | None,
-              need_rows: bool = False, G: Tensor | None = None,
-              local: bool = False) -> tuple[list[Tensor], Tensor | None, tuple]:
-        """Directions of the pieces ``Js`` (``[..., k, d_p]`` each; ``J`` is their concatenation), resolved rows
-        (when ``need_rows``; one piece) and the report's values (Gram, weights, keep_norm scale).
-
-        Gram-space solvers cost two passes over ``J`` (the Gram matrix, the direction ``wᵀJ``), and one more for
-        ``keep_norm`` (the plain sum, whose norm is taken directly: ``sqrt(1ᵀG1)`` would lose half the digits
-        where the tasks nearly cancel).
-        """
-        losses = torch.stack([self.tasks.outs[i].detach() for i in ts])
-        if self.group is not None:  # the full-batch losses: the mean of the ranks' means
-            losses = _dist.all_mean(losses, self.group)
-        losses = losses.expand(Js[0].shape[:-1])
-        if G is None:
-            G = sum(gram(J) for J in Js)
-        w = R = None
-        sums: list[Tensor] | None = None
-        if solver.gram_space:  # piece by piece: G = Σ_p J_p J_pᵀ, d_p = wᵀ J_p
-            if need_rows:
-                M = solver.mixing(G, losses=losses)
-                w, R = M.sum(-2), mix(M, Js[0])
-            else:
-                w = solver.weights(G, losses=losses)
-            ds = [combine(w, J) for J in Js]
-            if self.keep_norm:
-                sums = [J.sum(-2) for J in Js]
-        else:
-            J = Js[0] if len(Js) == 1 else torch.cat(Js, dim=-1)
-            if need_rows:
-                R = solver.apply(J, losses=losses, **(ctx or {}))
-                d = R.sum(-2)
-            else:
-                d = solver(J, losses=losses, **(ctx or {}))
-            ds = list(d.split([J.shape[-1] for J in Js], dim=-1))
-            if self.keep_norm:
-                sums = [J.sum(-2) for J in Js]
-        scale = torch.ones(G.shape[:-2], dtype=G.dtype, device=G.device)
-        if sums is not None:
-            sq = torch.stack([_sq_norm(sums, G.dtype), _sq_norm(ds, G.dtype)])
-            if local:  # sums over coordinates: add the ranks' (the 1/W² of both cancels in the ratio)
-                sq = _dist.all_sum(sq, self.group)
-            plain, norm = sq.sqrt().unbind(0)
-            # torch.where: a zero direction stays zero (no 0/0).
-            scale = torch.where(norm > 0, plain / torch.where(norm > 0, norm, torch.ones_like(norm)),
-                                torch.zeros_like(norm))
-            if solver.gram_space:  # the directions are fresh products (wᵀJ): scale them in place, no new buffer
-                ds = [d.mul_(scale.unsqueeze(-1).to(d.dtype)) for d in ds]
-            else:
-                ds = [d * scale.unsqueeze(-1).to(d.dtype) for d in ds]
-            if R is not None:
-                R = R * scale[..., None, None].to(R.dtype)
-        return ds, R, (G.sum(0) if G.ndim == 3 else G, w, scale)
-
-
-_LOW = (torch.float16, torch.bfloat16)
-
-
-def _sq_norm(pieces: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """The squared norm ``[...]`` of the concatenation of ``pieces`` ``[..., d_p]``, combined in ``dtype``."""
-    # the norm in the pieces' own dtype (float32 norms of 1e6 entries are accurate to ~1e-7 and 10x faster
-    # than an upcast); half precision in float32, where a sum of squares would overflow
-    return sum(torch.linalg.vector_norm(p, dim=-1, dtype=torch.float32 if p.dtype in _LOW else None).to(dtype).pow(2)
-               for p in pieces)

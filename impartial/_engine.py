@@ -1,6 +1,7 @@
 """The autograd plumbing of :func:`impartial.backward`: per-task gradients, checks, deferred writes.
 
-Per-task gradients come from one of two passes, chosen per block by the graph's structure (:func:`_overlap`):
+Per-task gradients come from one of two passes, chosen by the structure of the graph above the blocks
+(:func:`_overlap`):
 
 - **batched**: one ``torch.autograd.grad(..., is_grads_batched=True)`` with the rows of the identity as
   seeds.  Every node above the block runs once, on ``k`` rows; a node that only task ``i`` reaches still runs
@@ -25,7 +26,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import Node
+from torch.autograd.graph import GradientEdge, Node
 
 from . import _distributed as _dist
 from .graph._trace import Graph, _Losses
@@ -77,6 +78,14 @@ def _exact_bad(t: Tensor | list[Tensor | None] | tuple[Tensor, ...], row: int) -
     return None if r is None or bool(r.isfinite().all()) else 0
 
 
+def _zeros(x: Tensor | GradientEdge, rows: int) -> Tensor:
+    """``[rows, *shape]`` zeros for the gradient of ``x`` (a tensor, or an edge: from autograd's metadata)."""
+    if isinstance(x, Tensor):
+        return torch.zeros((rows, *x.shape), dtype=x.dtype, device=x.device)
+    m = x.node._input_metadata[x.output_nr]  # private but stable since torch 2.0
+    return torch.zeros((rows, *m.shape), dtype=m.dtype, device=m.device)
+
+
 def _numel(node: Node, nr: int | None = None) -> int:
     try:  # private but stable since torch 2.0; only a cost estimate
         meta = node._input_metadata
@@ -90,23 +99,26 @@ def _weight(node: Node) -> int:
     return max(1, _numel(node) + sum(_numel(c, nr) for c, nr in node.next_functions if c is not None))
 
 
-def _overlap(g: Graph, target: Node | None, mask: int) -> float:
+def _overlap(g: Graph, targets: list[Node] | None, mask: int) -> float:
     """How much of a batched pass a loop over the tasks in ``mask`` would redo, in ``[1/k, 1]``.
 
-    Over the nodes above ``target`` (those whose gradient flows into it; every non-leaf node reached by the
-    tasks when ``target`` is None), weighted by :func:`_weight`: a loop runs node ``n`` once per task that
-    reaches it (``t_n`` times), a batched pass once on ``k`` rows.  Disjoint heads give ``1/k``; a graph that
-    every task reaches everywhere gives 1.
+    Over the nodes that run to bring the gradient to ``targets`` (those with a target, or a node that runs,
+    among their children; every non-leaf node reached by the tasks when ``targets`` is None), weighted by
+    :func:`_weight`: a loop runs node ``n`` once per task that reaches it (``t_n`` times), a batched pass once
+    on ``k`` rows.  Disjoint heads give ``1/k``; a graph that every task reaches everywhere gives 1.
     """
     k = bin(mask).count("1")
-    reach: dict[Node, bool] = {}
-    for n in reversed(g.nodes):
-        reach[n] = target is None or n is target or any(reach.get(c, False) for c, _ in n.next_functions
-                                                        if c is not None)
+    want = None if targets is None else set(targets)
+    runs: dict[Node, bool] = {}
+    if want is not None:
+        for n in reversed(g.nodes):
+            runs[n] = any(c in want or runs.get(c, False) for c, _ in n.next_functions if c is not None)
     loop = batch = 0
     for n in g.nodes:
+        if n in g.leaves or (want is not None and not runs[n]):
+            continue
         t = bin(g.mask(n) & mask).count("1")
-        if not t or n in g.leaves or not reach[n] or n is target:
+        if not t:
             continue
         w = _weight(n)
         loop += w * t
@@ -133,12 +145,12 @@ class _Engine:
     #: the torch.distributed process group to reduce over (None: one process; see :mod:`._distributed`)
     group: Any = None
 
-    def choose(self, target: Node | None, mask: int, disjoint: bool = False) -> bool:
-        """Batched (True) or loop (False) for the per-task pass of the tasks in ``mask`` above ``target``
-        (``disjoint``: known to share no node there)."""
+    def choose(self, targets: list[Node] | None, mask: int, disjoint: bool = False) -> bool:
+        """Batched (True) or loop (False) for the per-task pass of the tasks in ``mask`` above ``targets``
+        (None: the whole graph; ``disjoint``: known to share no node there)."""
         how = self.force or self.task_grads
         if how == "auto":
-            return not disjoint and _overlap(self.g, target, mask) >= BATCH_OVERLAP
+            return not disjoint and _overlap(self.g, targets, mask) >= BATCH_OVERLAP
         return how == "batched"
 
     def grad(self, outputs: list, inputs: list, seeds: list[Tensor], *, retain: bool = True) -> list[Tensor | None]:
@@ -170,8 +182,7 @@ class _Engine:
             else:
                 for j in range(dense):
                     if res[j] is None:
-                        p = inputs[j]
-                        res[j] = torch.zeros((rows, *p.shape), dtype=p.dtype, device=p.device)
+                        res[j] = _zeros(inputs[j], rows)
                 self.passes.append("batched")
                 return res
         self.passes.append("loop")
@@ -196,9 +207,11 @@ class _Engine:
         res: list[Rows] = []
         for j, col in enumerate(per):
             if j < dense:
-                p = inputs[j]
-                res.append(torch.stack([torch.zeros(p.shape, dtype=p.dtype, device=p.device) if o is None else o
-                                        for o in col]))
+                if all(o is None for o in col):
+                    res.append(_zeros(inputs[j], rows))
+                    continue
+                zero = torch.zeros_like(next(o for o in col if o is not None))
+                res.append(torch.stack([zero if o is None else o for o in col]))
             else:
                 res.append(col)
         return res

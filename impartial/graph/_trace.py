@@ -158,6 +158,8 @@ class Graph:
     raw: dict[Node, int] = field(default_factory=dict)
     #: mask of the blocks above each node (bit j: ``blocks[j]``'s resolved gradient reaches it)
     above: dict[Node, int] = field(default_factory=dict)
+    #: ``mask(node)``, computed once by the trace (every node's edges are complete when it is visited)
+    masks: dict[Node, int] = field(default_factory=dict)
 
     @property
     def task_bits(self) -> int:
@@ -165,6 +167,9 @@ class Graph:
 
     def mask(self, node: Node) -> int:
         """Mask of all losses (tasks and ``also`` terms) whose gradient reaches ``node``."""
+        m = self.masks.get(node)
+        if m is not None:
+            return m
         m = 0
         for v in self.edge_masks.get(node, {}).values():
             m |= v
@@ -199,10 +204,12 @@ def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | No
         edge_masks[node][nr] = edge_masks[node].get(nr, 0) | m
     order = _topological(edge_masks)
     leaves: dict[Node, Tensor] = {}
+    masks: dict[Node, int] = {}
     for node in order:
         m = 0
         for v in edge_masks.get(node, {}).values():
             m |= v
+        masks[node] = m
         for c, nr in node.next_functions:
             if c is not None:
                 slot = edge_masks.setdefault(c, {})
@@ -212,7 +219,7 @@ def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | No
             leaves[node] = var
     names: dict[Node, str] = {}
     g = Graph(len(tasks.outs), tasks.names, extra.names, order, edge_masks, leaves, names,
-              roots=[(node, m) for (node, _), m in tasks.roots + extra.roots])
+              roots=[(node, m) for (node, _), m in tasks.roots + extra.roots], masks=masks)
     by_id = {id(t): n for n, t in leaves.items()}
     if params is None:  # infer: the leaves that two or more tasks reach
         g.shared = {n for n in leaves if len(g.tasks(n)) >= 2}
