@@ -14,6 +14,11 @@ between faces, and once ``F`` is the optimal support the face minimiser is the e
 method, not a first-order approximation.  The batch runs a fixed number of iterations (``2k + 8`` by
 default; converged problems are fixed points), with ``torch.where`` for every branch: no host sync.
 
+**Small problems: enumeration.**  For ``m k 2ᵏ ≤`` :data:`ENUM_WORK` (UPGrad up to ``k = 8``, a single problem
+up to ``k = 10``) every face's minimiser is computed in one batched Cholesky and the feasible one of least
+objective is taken.  The optimum minimises the objective on its own face, so this is the exact solution
+too, in ~15 ATen ops instead of ``2k + 8`` iterations of ~40 (measured 3–16× faster, 1 thread).
+
 **Conditioning.** :func:`prepare` divides ``G`` by its largest diagonal entry (the solutions are scale-free,
 so inputs from 1e-10 to 1e15 behave alike), projects the tasks' correlation matrix onto the PSD cone
 (``eigh``; a float32 Gram has negative round-off eigenvalues) and adds ``δ = 1e-12`` to its diagonal.  The
@@ -31,12 +36,55 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["check_iters", "prepare", "masked_solve", "active_set", "nonneg_qp", "simplex_qp", "default_iters", "REG", "TOL"]
+__all__ = ["check_iters", "prepare", "masked_solve", "active_set", "nonneg_qp", "simplex_qp", "default_iters",
+           "enumerates", "all_faces", "face_minimisers", "pick_feasible", "REG", "TOL", "ENUM_WORK"]
 
 #: relative Tikhonov term added to the normalised Gram matrix (see the module docstring).
 REG = 1e-12
 #: a multiplier below ``-TOL`` (relative to the normalised Gram matrix) puts its variable in the working set.
 TOL = 1e-11
+
+
+#: with the default iteration count, ``m`` problems of ``k`` variables are solved by enumerating all ``2ᵏ``
+#: faces while ``m k 2ᵏ ≤ ENUM_WORK`` (UPGrad up to k = 8, one problem up to k = 10).  Measured, 1 thread:
+#: 9–16× faster than the active set for k ≤ 6, 3× (UPGrad) and 2–9× (one problem) at the limit, slower beyond.
+ENUM_WORK = 2**14
+
+
+def enumerates(k: int, m: int, iters: int | None) -> bool:
+    """Whether :func:`nonneg_qp` / :func:`simplex_qp` enumerate the faces (a shape rule: no sync)."""
+    return iters is None and m * k * 2**k <= ENUM_WORK
+
+
+def all_faces(k: int, like: Tensor) -> Tensor:
+    """All ``2ᵏ`` supports as a ``[2ᵏ, k]`` 0/1 matrix in ``like``'s dtype (row ``r`` has bit ``j`` of ``r``)."""
+    r = torch.arange(2**k, device=like.device).unsqueeze(-1)
+    bit = 2 ** torch.arange(k, device=like.device)
+    return ((r // bit) % 2).to(like.dtype)
+
+
+def face_minimisers(H: Tensor, F: Tensor, rhs: Tensor) -> Tensor:
+    """``(H_FF)⁻¹ rhs_F`` on every face ``F`` ``[n, k]`` at once.
+
+    ``rhs`` ``[..., m, k, r]`` → ``[..., m, n, k, r]`` (zero off each face).
+    """
+    A = H.unsqueeze(-3) * (F.unsqueeze(-1) * F.unsqueeze(-2)) + torch.diag_embed(1 - F)  # [..., n, k, k]
+    L, _ = torch.linalg.cholesky_ex(A)  # positive definite (prepare's ridge): no check, no sync
+    R = rhs.unsqueeze(-3) * F.unsqueeze(-1)  # [..., m, n, k, r]
+    L = L.unsqueeze(-4).expand(*R.shape[:-2], *L.shape[-2:])
+    return torch.cholesky_solve(R, L)
+
+
+def pick_feasible(X: Tensor, f: Tensor) -> Tensor:
+    """The candidate ``X[..., m, n, k]`` of least objective ``f`` ``[..., m, n]`` among the feasible (``X ≥ 0``) ones.
+
+    Feasibility allows round-off (``-1e-12`` relative to the candidate's largest entry), then clamps.
+    """
+    tol = 1e-12 * X.abs().amax(-1).clamp(min=1.0)
+    feasible = X.amin(-1) >= -tol
+    f = torch.where(feasible, f, torch.full_like(f, torch.inf))
+    best = f.argmin(-1, keepdim=True)  # [..., m, 1]
+    return X.gather(-2, best.unsqueeze(-1).expand(*best.shape[:-1], 1, X.shape[-1])).squeeze(-2).clamp(min=0.0)
 
 
 def check_iters(who: str, iters: int | None) -> None:
@@ -131,8 +179,16 @@ def nonneg_qp(H: Tensor, c: Tensor, iters: int | None = None) -> Tensor:
 
     Starts from ``x = 0`` with every variable in the working set: the first ratio test then drops, in one
     step, all variables the unconstrained minimiser wants negative.  Returns ``x`` ``[..., m, k]``.
+
+    For small ``m k 2ᵏ`` (:func:`enumerates`, default ``iters``) all ``2ᵏ`` faces are solved at once
+    instead, and the feasible face minimiser of least objective is returned: the optimum is the minimiser of
+    its own face (``H`` is positive definite), so this is exact, with no iteration at all.
     """
     k = H.shape[-1]
+    if enumerates(k, c.shape[-2], iters):
+        X = -face_minimisers(H, all_faces(k, H), c.unsqueeze(-1)).squeeze(-1)  # [..., m, 2ᵏ, k]
+        # at a face minimiser xᵀHx = −cᵀx, so the objective is ½ cᵀx
+        return pick_feasible(X, 0.5 * (X * c.unsqueeze(-2)).sum(-1))
 
     def face(free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         zero = torch.zeros_like(c[..., :1])
@@ -154,10 +210,19 @@ def simplex_qp(H: Tensor, c: Tensor, iters: int | None = None) -> Tensor:
 
     On a face ``F`` the minimiser is ``x = μ a − b`` with ``a = H_FF⁻¹ 1``, ``b = H_FF⁻¹ c`` and
     ``μ = (1 + 1ᵀb) / 1ᵀa`` (``F`` is never empty: the ratio test cannot zero all of a point summing to 1).
-    Starts at the best vertex.  Returns ``x`` ``[..., m, k]``.
+    Starts at the best vertex.  Returns ``x`` ``[..., m, k]``.  For small ``m k 2ᵏ``
+    (:func:`enumerates`, default ``iters``) every nonempty face is solved at once and the best feasible face
+    minimiser returned (exact).
     """
     k = H.shape[-1]
     ones = torch.ones_like(c)
+    if enumerates(k, c.shape[-2], iters):
+        F = all_faces(k, H)[1:]  # nonempty supports
+        sol = face_minimisers(H, F, torch.stack([ones, c], dim=-1))  # [..., m, n, k, 2]
+        a, b = sol[..., 0], sol[..., 1]
+        mu = (1 + b.sum(-1, keepdim=True)) / a.sum(-1, keepdim=True)
+        X = mu * a - b
+        return pick_feasible(X, 0.5 * ((X @ H.unsqueeze(-3)) * X).sum(-1) + (X * c.unsqueeze(-2)).sum(-1))
 
     def face(free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         sol = masked_solve(H, free, torch.stack([ones, c], dim=-1))

@@ -3,8 +3,9 @@
 Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024 (arXiv:2406.16232; reference code
 TorchJD).  The dual cone ``{x : J x ≥ 0}`` holds the directions that conflict with no task.  By their
 Proposition 1 the projection of ``Jᵀu`` onto it is ``Jᵀv`` with ``v = argmin_{v ≥ u} vᵀGv``: a small QP on the
-Gram matrix, solved here for all projections at once by the exact batched active-set method of :mod:`._qp`
-(``v = u + x``, ``x ≥ 0``).
+Gram matrix, solved here for all projections at once by :mod:`._qp` (``v = u + x``, ``x ≥ 0``): exactly,
+by enumerating the faces for small problems (UPGrad up to k = 8, DualProj up to k = 10), beyond by the
+batched active-set method.
 """
 
 from __future__ import annotations
