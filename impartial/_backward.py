@@ -61,7 +61,9 @@ def backward(losses: Losses, shared_params: Params = None, *,
     - ``solver``: a :class:`~impartial.solvers.Solver` (default ``IMTLG()``), its name, or one solver per
       block (a stateful solver shared by several blocks would mix their states).
     - ``block``: ``"auto"`` (the blocks of :func:`impartial.graph.find_blocks`), ``"params"`` (solve on the
-      shared parameters' own gradients, k vector-Jacobian products in one batched call), or a list of
+      shared parameters' own gradients, k vector-Jacobian products in one batched call; where the graph
+      proves every shared parameter is a Linear layer's weight or bias, the Gram matrix comes from the layers'
+      inputs and output gradients, without forming ``J``: ``Report.blocks[0].gram_from``), or a list of
       activations to use as blocks.
     - ``also``: terms added plainly, never tasks (a KL, a regulariser).
     - ``per_sample``: a block's leading dim is the batch: B problems of size ``k × numel/B``.  A block that

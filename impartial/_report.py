@@ -32,6 +32,10 @@ class BlockReport:
     above: tuple[int, ...] = ()
     #: how the per-task gradients were computed: "batched" (one vmapped backward) or "loop" (one per task)
     task_grads: str = "batched"
+    #: ``block="params"`` only: how ``gram`` and the direction were computed: "J" (the per-task gradients of the
+    #: shared parameters were formed) or "linear" (from each matrix-product layer's input and per-task output
+    #: gradients, then one weighted backward; ``J`` never formed); None at activation blocks
+    gram_from: str | None = None
 
     @property
     def cosine(self) -> Tensor:
@@ -45,7 +49,9 @@ class Report:
     Each block's ``task_grads`` says how its per-task gradients were computed ("batched": one vmapped
     backward; "loop": one backward per task).  ``fallback`` is None unless a batched pass was chosen and
     replaced by the loop: then it gives the reason (torch's vmap could not run an op, or ``0 × inf`` NaNs).
-    ``skipped`` names the tasks dropped for a non-finite gradient (``nonfinite="skip"``).
+    ``skipped`` names the tasks dropped for a non-finite gradient (``nonfinite="skip"``).  With
+    ``block="params"``, the block's ``gram_from`` says whether ``J`` was formed ("J") or the Gram matrix came
+    from the Linear layers' inputs ("linear").
     """
 
     mode: str
@@ -68,8 +74,9 @@ class Report:
             lines.append("no block: a plain backward")
         for i, b in enumerate(self.blocks):
             below = f", below block {', '.join(map(str, b.above))}" if b.above else ""
+            via = {"J": "; Gram from J", "linear": "; Gram from the layers' inputs (J not formed)"}.get(b.gram_from, "")
             lines.append(f"block {i}: {b.name}{below}; {len(b.tasks)} tasks; keep_norm scale "
-                         f"{float(b.scale.double().mean()):.4g}")
+                         f"{float(b.scale.double().mean()):.4g}{via}")
             col = max(9, *(len(t) for t in b.tasks))
             head = f"  {'cosine':<{col}}" + "".join(f" {t:>{col}}" for t in b.tasks)
             w = None
