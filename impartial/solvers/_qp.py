@@ -14,6 +14,11 @@ between faces, and once ``F`` is the optimal support the face minimiser is the e
 method, not a first-order approximation.  The batch runs a fixed number of iterations (``2k + 8`` by
 default; converged problems are fixed points), with ``torch.where`` for every branch: no host sync.
 
+**Large problems: interior point, then the active set.**  From ``k ≥`` :data:`IPM_K` (default ``iters``) a
+fixed number of Mehrotra predictor-corrector steps (:func:`interior_point`; their count does not grow with
+``k``) find the support, and :data:`POLISH` active-set iterations from there land on the exact face
+minimiser.  The ``2k + 8`` active-set iterations from a cold start made UPGrad O(k⁵) at large k.
+
 **Small problems: enumeration.**  For ``m k 2ᵏ ≤`` :data:`ENUM_WORK` (UPGrad up to ``k = 8``, a single problem
 up to ``k = 10``) every face's minimiser is computed in one batched Cholesky and the feasible one of least
 objective is taken.  The optimum minimises the objective on its own face, so this is the exact solution
@@ -85,6 +90,20 @@ def pick_feasible(X: Tensor, f: Tensor) -> Tensor:
     f = torch.where(feasible, f, torch.full_like(f, torch.inf))
     best = f.argmin(-1, keepdim=True)  # [..., m, 1]
     return X.gather(-2, best.unsqueeze(-1).expand(*best.shape[:-1], 1, X.shape[-1])).squeeze(-2).clamp(min=0.0)
+
+
+#: with the default iteration count, problems of at least this many variables run :func:`interior_point`
+#: and then :data:`POLISH` active-set iterations from its support, instead of ``2k + 8`` active-set
+#: iterations.  Measured (1 thread, against the active set): about equal at k = 20–32 (the interior point's
+#: 30 steps cost ~6 ms of dispatch); k = 64: UPGrad 5×, DualProj 3×, MGDA 2× faster; k = 256: DualProj 21×,
+#: MGDA 12×.
+IPM_K = 24
+#: interior-point iterations (Mehrotra's predictor-corrector): the duality measure falls by ~10× or more per
+#: iteration, so 30 reach round-off from the fixed start on the normalised problems of :func:`prepare`
+IPM_ITERS = 30
+#: active-set iterations after the interior point: the first lands on the exact face minimiser when the
+#: interior point's support is right; the others correct a support that round-off left ambiguous
+POLISH = 8
 
 
 def check_iters(who: str, iters: int | None) -> None:
@@ -172,6 +191,56 @@ def active_set(grad: Callable[[Tensor], Tensor], face: Face, x: Tensor, free: Te
     return x
 
 
+def interior_point(H: Tensor, c: Tensor, simplex: bool, iters: int = IPM_ITERS) -> tuple[Tensor, Tensor]:
+    """``(x, support)`` of ``min ½ xᵀHx + cᵀx`` s.t. ``x ≥ 0`` (and ``1ᵀx = 1`` if ``simplex``), by ``iters``
+    steps of Mehrotra's predictor-corrector method, batched over ``c``'s rows.
+
+    Runs on the Jacobi-scaled variables ``y = x ⊙ √diag H`` (unit curvature each, whatever the task
+    gradients' norms), from ``y = z = 1`` (the simplex: ``y`` on the scaled constraint).  Each step factors
+    ``Ĥ + diag(z/y)`` once per problem and solves with it twice (predictor, corrector), each step cut to 0.99
+    of the way to the boundary.  The residuals of stationarity and of ``1ᵀx = 1`` shrink with the steps.
+    ``support`` is ``y > z`` (strict complementarity), which :func:`nonneg_qp` / :func:`simplex_qp` polish.
+    """
+    k = c.shape[-1]
+    h = H.diagonal(dim1=-2, dim2=-1).sqrt().unsqueeze(-2)  # [..., 1, k], > 0 (prepare's ridge)
+    H = H / (h.mT * h)
+    c = c / h
+    e = 1 / h  # the simplex constraint on y: eᵀy = 1
+    ones = torch.ones_like(c)
+    y = ones / (e * k).sum(-1, keepdim=True) if simplex else ones  # the simplex: eᵀy = 1
+    z = torch.ones_like(c)
+    nu = torch.zeros_like(c[..., :1])
+
+    def longest(v: Tensor, dv: Tensor) -> Tensor:  # largest t ≤ 1 keeping v + t dv ≥ 0
+        neg = dv < 0
+        return torch.where(neg, v / torch.where(neg, -dv, ones), 2 * ones).amin(-1, keepdim=True).clamp(max=1.0)
+
+    for _ in range(iters):
+        rd = y @ H + c - z - nu * e  # stationarity residual (ν = 0 without the simplex)
+        L, _ = torch.linalg.cholesky_ex(H + torch.diag_embed(z / y))  # no check: positive definite, no sync
+        if simplex:
+            a = torch.cholesky_solve(e.expand_as(c).unsqueeze(-1), L).squeeze(-1)  # M⁻¹e
+            rp = (e * y).sum(-1, keepdim=True) - 1
+
+        def newton(rc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            # Ĥ Δy − Δz − Δν e = −rd,  z Δy + y Δz = −rc,  eᵀΔy = −rp  ⇒  (Ĥ + Z/Y) Δy = −rd − rc/y + Δν e
+            dy = torch.cholesky_solve((-rd - rc / y).unsqueeze(-1), L).squeeze(-1)
+            dnu = torch.zeros_like(nu)
+            if simplex:
+                dnu = (-rp - (e * dy).sum(-1, keepdim=True)) / (e * a).sum(-1, keepdim=True)
+                dy = dy + dnu * a
+            return dy, (-rc - z * dy) / y, dnu
+
+        mu = (y * z).sum(-1, keepdim=True) / k
+        dy, dz, _ = newton(y * z)  # predictor (affine scaling)
+        t = torch.minimum(longest(y, dy), longest(z, dz))
+        sigma = (((y + t * dy) * (z + t * dz)).sum(-1, keepdim=True) / k / mu) ** 3
+        dy, dz, dnu = newton(y * z + dy * dz - sigma * mu)  # corrector, centred
+        t = 0.99 * torch.minimum(longest(y, dy), longest(z, dz))
+        y, z, nu = y + t * dy, z + t * dz, nu + t * dnu
+    return y / h, y > z
+
+
 def nonneg_qp(H: Tensor, c: Tensor, iters: int | None = None) -> Tensor:
     """``argmin_{x ≥ 0} ½ xᵀHx + cᵀx`` for each row of ``c`` ``[..., m, k]``; ``H`` ``[..., k, k]``.
 
@@ -198,9 +267,14 @@ def nonneg_qp(H: Tensor, c: Tensor, iters: int | None = None) -> Tensor:
     def objective(X: Tensor) -> Tensor:  # X [..., m, n, k] -> [..., m, n]
         return ((X @ H.unsqueeze(-3)) * X).sum(-1) / 2 + (X * c.unsqueeze(-2)).sum(-1)
 
+    m = c.shape[-2]
+    search = objective if m * k**3 <= 2**24 else None  # the projected search costs m k³ an iteration
+    if iters is None and k >= IPM_K:
+        x, free = interior_point(H, c, simplex=False)
+        return active_set(lambda x: x @ H + c, face, torch.where(free, x, 0.0), free, POLISH, search)
     x = torch.zeros_like(c)
     return active_set(lambda x: x @ H + c, face, x, torch.ones_like(c, dtype=torch.bool),
-                      default_iters(k) if iters is None else iters, objective)
+                      default_iters(k) if iters is None else iters, search)
 
 
 def simplex_qp(H: Tensor, c: Tensor, iters: int | None = None) -> Tensor:
@@ -230,6 +304,11 @@ def simplex_qp(H: Tensor, c: Tensor, iters: int | None = None) -> Tensor:
         mu = (1 + b.sum(-1, keepdim=True)) / a.sum(-1, keepdim=True)
         return mu * a - b, mu, torch.ones_like(mu, dtype=torch.bool)
 
+    if iters is None and k >= IPM_K:
+        x, free = interior_point(H, c, simplex=True)
+        free = free | (x == x.amax(-1, keepdim=True))  # never empty (x sums to 1): the largest entry is in it
+        x = torch.where(free, x, 0.0)
+        return active_set(lambda x: x @ H + c, face, x / x.sum(-1, keepdim=True), free, POLISH)
     vertex = (0.5 * H.diagonal(dim1=-2, dim2=-1).unsqueeze(-2) + c).argmin(-1)
     x = (torch.arange(k, device=c.device) == vertex.unsqueeze(-1)).to(c.dtype)  # one_hot would sync
     return active_set(lambda x: x @ H + c, face, x, x > 0, default_iters(k) if iters is None else iters)
