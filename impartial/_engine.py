@@ -86,41 +86,77 @@ def _zeros(x: Tensor | GradientEdge, rows: int) -> Tensor:
     return torch.zeros((rows, *m.shape), dtype=m.dtype, device=m.device)
 
 
-def _numel(node: Node, nr: int | None = None) -> int:
+def _sizes(node: Node) -> list[int] | None:
+    """The numel of each of ``node``'s inputs (None where autograd's metadata cannot be read)."""
     try:  # private but stable since torch 2.0; only a cost estimate
-        meta = node._input_metadata
-        return sum(math.prod(m.shape) for m in (meta if nr is None else meta[nr:nr + 1]))
-    except (AttributeError, RuntimeError, TypeError, IndexError):
-        return 1
+        return [math.prod(m.shape) for m in node._input_metadata]
+    except (AttributeError, RuntimeError, TypeError):
+        return None
 
 
-def _weight(node: Node) -> int:
-    """Backward work of ``node``, roughly: the gradient entries it reads plus those it writes."""
-    return max(1, _numel(node) + sum(_numel(c, nr) for c, nr in node.next_functions if c is not None))
+#: the nodes :func:`_overlap` weighs, by structure: ``(Graph.key, target positions, mask)`` →
+#: ``[(position, t, ((child position, nr), ...))]``.  Plain values only; the few most recent are kept.
+_PLANS: dict[tuple, list[tuple[int, int, tuple[tuple[int, int], ...]]]] = {}
+_PLANS_SIZE = 8
+
+
+def _plan(g: Graph, targets: list[Node] | None, mask: int) -> list[tuple[int, int, tuple[tuple[int, int], ...]]]:
+    """``(position, t, children)`` of each node that runs to bring the gradient of the tasks in ``mask`` to
+    ``targets`` (every non-leaf node when None), ``t`` the number of those tasks that reach it; children are
+    ``(position, nr)``.  Read from the structure alone, so kept per ``g.key``."""
+    index = {n: i for i, n in enumerate(g.nodes)}
+    key = (g.key, None if targets is None else tuple(index[n] for n in targets), mask) if g.key else None
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:
+        return plan
+    want = None if targets is None else set(targets)
+    runs: set[Node] = set()
+    if want is not None:
+        for n in reversed(g.nodes):  # children first: a node runs if a target or a running node is below it
+            for c, _ in n.next_functions:
+                if c is not None and (c in want or c in runs):
+                    runs.add(n)
+                    break
+    plan = []
+    for i, n in enumerate(g.nodes):
+        if n in g.leaves or (want is not None and n not in runs):
+            continue
+        t = bin(g.mask(n) & mask).count("1")
+        if t:
+            plan.append((i, t, tuple((index[c], nr) for c, nr in n.next_functions if c is not None)))
+    if key is not None:
+        if len(_PLANS) >= _PLANS_SIZE:
+            _PLANS.pop(next(iter(_PLANS)), None)  # the oldest
+        _PLANS[key] = plan
+    return plan
 
 
 def _overlap(g: Graph, targets: list[Node] | None, mask: int) -> float:
     """How much of a batched pass a loop over the tasks in ``mask`` would redo, in ``[1/k, 1]``.
 
-    Over the nodes that run to bring the gradient to ``targets`` (those with a target, or a node that runs,
-    among their children; every non-leaf node reached by the tasks when ``targets`` is None), weighted by
-    :func:`_weight`: a loop runs node ``n`` once per task that reaches it (``t_n`` times), a batched pass once
-    on ``k`` rows.  Disjoint heads give ``1/k``; a graph that every task reaches everywhere gives 1.
+    Over the nodes that run to bring the gradient to ``targets`` (:func:`_plan`), each weighted by its backward
+    work, roughly: the gradient entries it reads plus those it writes (at least 1; the shapes are read on
+    every call).  A loop runs node ``n`` once per task that reaches it (``t_n`` times), a batched pass once on
+    ``k`` rows.  Disjoint heads give ``1/k``; a graph that every task reaches everywhere gives 1.
     """
     k = bin(mask).count("1")
-    want = None if targets is None else set(targets)
-    runs: dict[Node, bool] = {}
-    if want is not None:
-        for n in reversed(g.nodes):
-            runs[n] = any(c in want or runs.get(c, False) for c, _ in n.next_functions if c is not None)
+    nodes = g.nodes
+    sizes: dict[int, list[int] | None] = {}  # each node's metadata read once
+
+    def size(i: int) -> list[int] | None:
+        s = sizes.get(i, 0)
+        if s == 0:
+            s = sizes[i] = _sizes(nodes[i])
+        return s
+
     loop = batch = 0
-    for n in g.nodes:
-        if n in g.leaves or (want is not None and not runs[n]):
-            continue
-        t = bin(g.mask(n) & mask).count("1")
-        if not t:
-            continue
-        w = _weight(n)
+    for i, t, children in _plan(g, targets, mask):
+        own = size(i)
+        w = 1 if own is None else sum(own)
+        for c, nr in children:
+            s = size(c)
+            w += 1 if s is None else (s[nr] if nr < len(s) else 0)
+        w = max(1, w)
         loop += w * t
         batch += w * k
     return loop / batch if batch else 1.0
@@ -210,8 +246,10 @@ class _Engine:
                 if all(o is None for o in col):
                     res.append(_zeros(inputs[j], rows))
                     continue
-                zero = torch.zeros_like(next(o for o in col if o is not None))
-                res.append(torch.stack([zero if o is None else o for o in col]))
+                if any(o is None for o in col):
+                    zero = torch.zeros_like(next(o for o in col if o is not None))
+                    col = [zero if o is None else o for o in col]
+                res.append(torch.stack(col))
             else:
                 res.append(col)
         return res

@@ -80,16 +80,17 @@ class _Solving:
             else:
                 d = solver(J, losses=losses, **(ctx or {}))
             ds = list(d.split([J.shape[-1] for J in Js], dim=-1))
-        scale = torch.ones(G.shape[:-2], dtype=G.dtype, device=G.device)
-        if self.keep_norm:
+        if not self.keep_norm:
+            scale = torch.ones(G.shape[:-2], dtype=G.dtype, device=G.device)
+        else:
             sums = [J.sum(-2) for J in Js]
             sq = torch.stack([_sq_norm(sums, G.dtype), _sq_norm(ds, G.dtype)])
             if local:  # sums over coordinates: add the ranks' (the 1/W² of both cancels in the ratio)
                 sq = _dist.all_sum(sq, self.group)
             plain, norm = sq.sqrt().unbind(0)
             # torch.where: a zero direction stays zero (no 0/0).
-            scale = torch.where(norm > 0, plain / torch.where(norm > 0, norm, torch.ones_like(norm)),
-                                torch.zeros_like(norm))
+            pos = norm > 0
+            scale = torch.where(pos, plain / torch.where(pos, norm, 1.0), 0.0)
             if solver.gram_space:  # the directions are fresh products (wᵀJ): scale them in place, no new buffer
                 ds = [d.mul_(scale.unsqueeze(-1).to(d.dtype)) for d in ds]
             else:

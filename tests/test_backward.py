@@ -593,3 +593,27 @@ def test_skip_ignores_a_shared_parameter_only_the_dropped_task_reached() -> None
     shared = [*model.trunk.parameters(), *head]  # declared shared, but only task 1 reaches the head
     report = impartial.backward(_nan_task(tasks, acts, 1), shared, also=also, nonfinite="skip")
     assert report.skipped == ("losses[1]",) and all(p.grad is None for p in head)
+
+
+def test_the_overlap_plan_kept_per_structure_matches_a_fresh_one() -> None:
+    """``_overlap`` keeps which nodes it weighs per (structure, targets, tasks): every combination, asked in
+    turn on graphs of two structures, gets the value computed from scratch."""
+    from impartial import _engine
+    from impartial.graph import trace
+
+    def cases() -> list:
+        out = []
+        for name in ("lower", "hivae"):
+            model, x = make(name)
+            tasks, also, _ = model.losses(x)
+            g = trace(tasks, shared_params(model), also=also)
+            for targets in ([b.edge.node for b in g.blocks], [g.blocks[-1].edge.node]):
+                for mask in (g.task_bits, 3):  # 8 cases: as many as are kept
+                    out.append((g, targets, mask))
+        return out
+
+    _engine._PLANS.clear()
+    fresh = [_engine._overlap(g, t, m) for g, t, m in cases()]
+    for _ in range(2):
+        assert [_engine._overlap(g, t, m) for g, t, m in cases()] == fresh
+    assert len(set(fresh)) > 3 and len(_engine._PLANS) == 8

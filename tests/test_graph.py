@@ -114,3 +114,37 @@ def test_graph_drawing_stays_out_of_the_import_path() -> None:
 
     code = "import impartial, sys; assert 'matplotlib' not in sys.modules and 'graphviz' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _plain_values(x: object) -> bool:
+    """Whether ``x`` is made of ints, types, None and tuples / lists of them (no node, no tensor)."""
+    if isinstance(x, (tuple, list)):
+        return all(_plain_values(v) for v in x)
+    return x is None or isinstance(x, (int, type))
+
+
+def test_blocks_found_before_are_reused_only_for_the_same_structure_and_shared_params() -> None:
+    from impartial.graph import _blocks
+
+    lin, w1, w2 = nn.Linear(3, 4), nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+    x = torch.randn(5, 3)
+
+    def losses(wired: bool) -> list[torch.Tensor]:
+        z = lin(x)
+        y = z * w1
+        return [y.sum(), (z * w2).sum()] if wired else [y.sum(), y.pow(2).sum()]
+
+    def found(wired: bool, shared: list, fresh: bool) -> list:
+        if fresh:
+            _blocks._FOUND.clear()
+        return [(b.name, b.tasks, b.above, b.edge.node.name()) for b in find_blocks(losses(wired), shared)]
+
+    params = list(lin.parameters())
+    want = {(wired, s): found(wired, shared, fresh=True)
+            for wired in (True, False) for s, shared in (("lin", params), ("w1", [w1]))}
+    assert want[(True, "lin")] and not want[(True, "w1")]  # the shared params decide: a block at z, or none
+    assert want[(True, "lin")] != want[(False, "lin")]  # another graph: another block
+    for _ in range(2):  # every order of the four, served from the cache: each its own blocks
+        for (wired, s), blocks in want.items():
+            assert found(wired, params if s == "lin" else [w1], fresh=False) == blocks
+    assert len(_blocks._FOUND) >= 3 and all(_plain_values(k) and _plain_values(v) for k, v in _blocks._FOUND.items())

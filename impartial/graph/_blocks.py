@@ -59,8 +59,25 @@ def _shape(node: Node, nr: int, leaf: Tensor | None) -> tuple[int, ...]:
         return ()
 
 
+#: automatic blocks by graph structure: ``Graph.key`` → (blocks as ``(position, nr, tasks, above)``, ``raw`` and
+#: ``above`` per position).  Plain values only: no node or tensor outlives its call.  A training loop builds
+#: the same graph every step; the few most recent structures are kept.
+_FOUND: dict[tuple, tuple[list[tuple[int, int, tuple[int, ...], tuple[int, ...]]], list[int], list[int]]] = {}
+_FOUND_SIZE = 8
+
+
 def _find(g: Graph, tasks: _Losses, explicit: Sequence[Tensor] | None = None) -> None:
-    """Fill ``g.blocks`` and ``g.raw`` (automatic rule, or the user's ``explicit`` block tensors)."""
+    """Fill ``g.blocks`` and ``g.raw`` (automatic rule, or the user's ``explicit`` block tensors).
+
+    The automatic rule reads only the structure, the masks and the shared leaves, which ``g.key`` holds:
+    a graph with a key seen before gets the blocks found then, placed on its own nodes.
+    """
+    cache = explicit is None and tasks.fused is None and bool(g.key)
+    if cache:
+        found = _FOUND.get(g.key)
+        if found is not None:
+            _place(g, *found)
+            return
     marked: dict[tuple[Node, int], Tensor] = {}
     if explicit is not None:
         for i, t in enumerate(explicit):
@@ -70,25 +87,29 @@ def _find(g: Graph, tasks: _Losses, explicit: Sequence[Tensor] | None = None) ->
             marked[(e.node, e.output_nr)] = t
     elif tasks.fused is not None and g.k > 1:
         raise ValueError(f"cannot find blocks automatically: {tasks.fused}; or mark the blocks (block=[z])")
-    below_shared: dict[Node, bool] = {}
-    for node in reversed(g.nodes):
-        below_shared[node] = node in g.shared or any(
-            below_shared.get(c, False) for c, _ in node.next_functions if c is not None)
+    shared, next_of = g.shared, [(n, n.next_functions) for n in g.nodes]
+    below_shared: set[Node] = set()  # nodes with a shared parameter at or below them
+    for node, nxt in reversed(next_of):  # children first
+        if node in shared or any(c is not None and c in below_shared for c, _ in nxt):
+            below_shared.add(node)
     raw_edges: dict[Node, dict[int, int]] = {}
     for (node, nr), m in tasks.roots:
         raw_edges.setdefault(node, {})[nr] = raw_edges.get(node, {}).get(nr, 0) | m
     above_edges: dict[Node, dict[int, int]] = {}
     blocks: list[Block] = []
-    for node in g.nodes:
+    none: dict[int, int] = {}
+    task_bits, edge_masks, g_raw, g_above = g.task_bits, g.edge_masks, g.raw, g.above
+    for node, nxt in next_of:
         raw_in = above_in = 0
-        for nr, mask in sorted(g.edge_masks.get(node, {}).items()):
-            t = mask & g.task_bits
-            raw = raw_edges.get(node, {}).get(nr, 0)
-            above = above_edges.get(node, {}).get(nr, 0)
+        raws, aboves, items = raw_edges.get(node, none), above_edges.get(node, none), edge_masks.get(node, none)
+        for nr, mask in (sorted(items.items()) if len(items) > 1 else items.items()):
+            t = mask & task_bits
+            raw = raws.get(nr, 0)
+            above = aboves.get(nr, 0)
             if explicit is not None:
                 hit = (node, nr) in marked
             else:
-                hit = bin(t).count("1") >= 2 and raw != 0 and below_shared[node]
+                hit = raw != 0 and t & (t - 1) != 0 and node in below_shared  # two or more tasks, one raw
             if hit:
                 if not t:
                     raise ValueError(f"block {g.name(node)} is reached by no task loss")
@@ -101,20 +122,44 @@ def _find(g: Graph, tasks: _Losses, explicit: Sequence[Tensor] | None = None) ->
                 raw = 0
             raw_in |= raw
             above_in |= above
-        g.raw[node] = raw_in
-        g.above[node] = above_in
-        for c, nr in node.next_functions:
-            if c is not None:
-                slot = raw_edges.setdefault(c, {})
-                slot[nr] = slot.get(nr, 0) | raw_in
-                slot = above_edges.setdefault(c, {})
-                slot[nr] = slot.get(nr, 0) | above_in
+        g_raw[node] = raw_in
+        g_above[node] = above_in
+        if raw_in or above_in:  # zero masks need no entry (absent reads as 0)
+            for c, nr in nxt:
+                if c is not None:
+                    if raw_in:
+                        slot = raw_edges.setdefault(c, {})
+                        slot[nr] = slot.get(nr, 0) | raw_in
+                    if above_in:
+                        slot = above_edges.setdefault(c, {})
+                        slot[nr] = slot.get(nr, 0) | above_in
     if explicit is not None:
         found = {(b.edge.node, b.edge.output_nr) for b in blocks}
         for i, key in enumerate(marked):
             if key not in found:
                 raise ValueError(f"block[{i}] is not on the path of any loss")
     g.blocks = blocks
+    if cache:
+        index = {n: i for i, n in enumerate(g.nodes)}
+        if len(_FOUND) >= _FOUND_SIZE:
+            _FOUND.pop(next(iter(_FOUND)), None)  # the oldest
+        _FOUND[g.key] = ([(index[b.edge.node], b.edge.output_nr, b.tasks, b.above) for b in blocks],
+                         [g_raw[n] for n in g.nodes], [g_above[n] for n in g.nodes])
+
+
+def _place(g: Graph, blocks: list[tuple[int, int, tuple[int, ...], tuple[int, ...]]], raw: list[int],
+           above: list[int]) -> None:
+    """Blocks and masks found on a graph of the same structure, on ``g``'s nodes."""
+    nodes = g.nodes
+    g.raw = dict(zip(nodes, raw))
+    g.above = dict(zip(nodes, above))
+    g.blocks = []
+    for i, nr, t, a in blocks:
+        node = nodes[i]
+        leaf = g.leaves.get(node)
+        shape = _shape(node, nr, leaf)
+        name = g.name(node) if leaf is not None else f"{g.name(node)} {list(shape)}"
+        g.blocks.append(Block(GradientEdge(node, nr), name, shape, t, a, leaf))
 
 
 def find_blocks(losses: Losses, shared_params: Params = None, *, also: Sequence[Tensor] = ()) -> list[Block]:

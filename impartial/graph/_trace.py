@@ -107,24 +107,28 @@ def _as_params(params: Params, what: str = "shared_params") -> list[tuple[str, T
     return out
 
 
-def _children(node: Node) -> list[Node]:
-    return [c for c, _ in node.next_functions if c is not None]
-
-
-def _topological(starts: Iterable[Node]) -> list[Node]:
-    """Nodes reachable from ``starts``, every node before the nodes its gradient flows into."""
+def _topological(starts: Iterable[Node], nexts: dict[Node, tuple] | None = None) -> list[Node]:
+    """Nodes reachable from ``starts``, every node before the nodes its gradient flows into; ``nexts`` (if
+    given) receives each node's ``next_functions`` (autograd builds that tuple anew on every read)."""
     post, seen = [], set()
+    if nexts is None:
+        nexts = {}
+
+    def children(node: Node) -> list[Node]:
+        nxt = nexts[node] = node.next_functions
+        return [c for c, _ in nxt if c is not None]
+
     for s in starts:
         if s in seen:
             continue
         seen.add(s)
-        stack = [(s, iter(_children(s)))]
+        stack = [(s, iter(children(s)))]
         while stack:  # iterative DFS: deep graphs (RNNs unrolled over 1000 steps) exceed Python's recursion
             node, it = stack[-1]
             for c in it:
                 if c not in seen:
                     seen.add(c)
-                    stack.append((c, iter(_children(c))))
+                    stack.append((c, iter(children(c))))
                     break
             else:
                 stack.pop()
@@ -160,6 +164,10 @@ class Graph:
     above: dict[Node, int] = field(default_factory=dict)
     #: ``mask(node)``, computed once by the trace (every node's edges are complete when it is visited)
     masks: dict[Node, int] = field(default_factory=dict)
+    #: the graph's structure as plain values (node types, edges and roots by position in ``nodes``, the
+    #: positions of the shared leaves): equal keys mean isomorphic graphs with the same masks and shared
+    #: parameters, so results that depend on nothing else can be reused (:func:`impartial.graph._blocks._find`)
+    key: tuple = ()
 
     @property
     def task_bits(self) -> int:
@@ -202,18 +210,28 @@ def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | No
     for (node, nr), m in tasks.roots + extra.roots:
         edge_masks.setdefault(node, {})
         edge_masks[node][nr] = edge_masks[node].get(nr, 0) | m
-    order = _topological(edge_masks)
+    nexts: dict[Node, tuple] = {}
+    order = _topological(edge_masks, nexts)
+    index = {n: i for i, n in enumerate(order)}
     leaves: dict[Node, Tensor] = {}
     masks: dict[Node, int] = {}
+    # the structure, flat: each node's type, then (child position or -1, input nr) per edge; types are not
+    # ints, so the sequence parses back into one graph only
+    sig: list = []
     for node in order:
         m = 0
         for v in edge_masks.get(node, {}).values():
             m |= v
         masks[node] = m
-        for c, nr in node.next_functions:
+        sig.append(type(node))
+        for c, nr in nexts[node]:
             if c is not None:
                 slot = edge_masks.setdefault(c, {})
                 slot[nr] = slot.get(nr, 0) | m
+                sig.append(index[c])
+            else:
+                sig.append(-1)
+            sig.append(nr)
         var = getattr(node, "variable", None)
         if isinstance(var, Tensor):
             leaves[node] = var
@@ -232,6 +250,8 @@ def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | No
                 raise ValueError(f"shared_params: {name!r} is not reached by any task loss (nothing to share)")
             names[node] = name
             g.shared.add(node)
+    g.key = (g.k, tuple((index[node], nr, m) for (node, nr), m in tasks.roots + extra.roots), tuple(sig),
+             tuple(sorted(index[n] for n in g.shared)))
     return g
 
 
