@@ -217,7 +217,7 @@ def interior_point(H: Tensor, c: Tensor, simplex: bool, iters: int = IPM_ITERS) 
 
     for _ in range(iters):
         rd = y @ H + c - z - nu * e  # stationarity residual (ν = 0 without the simplex)
-        L, _ = torch.linalg.cholesky_ex(H + torch.diag_embed(z / y))  # no check: positive definite, no sync
+        L, _ = torch.linalg.cholesky_ex(H.unsqueeze(-3) + torch.diag_embed(z / y))  # positive definite: no check
         if simplex:
             a = torch.cholesky_solve(e.expand_as(c).unsqueeze(-1), L).squeeze(-1)  # M⁻¹e
             rp = (e * y).sum(-1, keepdim=True) - 1
