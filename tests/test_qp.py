@@ -55,14 +55,18 @@ def test_simplex_qp_kkt_conditions_hold(J: torch.Tensor) -> None:
 
 
 def test_batched_problems_equal_one_at_a_time() -> None:
+    """Compared as directions ``xᵀJ`` (normalised): with k = 6 > d = 4 the weights have a direction of
+    curvature δ = 1e-12 that batched and single solves (different BLAS kernels) resolve differently, by
+    up to ~1e-4, while the directions agree to round-off."""
     gen = torch.Generator().manual_seed(0)
     J = torch.randn(3, 6, 4, generator=gen, dtype=torch.float64)
-    H, _ = prepare(J @ J.mT)
+    H, s = prepare(J @ J.mT)
+    Jn = J / s.sqrt()[:, None, None]
     c = torch.randn(3, 5, 6, generator=gen, dtype=torch.float64) @ H
     X = nonneg_qp(H, c)
     for b in range(3):
         for i in range(5):
-            assert torch.allclose(X[b, i], nonneg_qp(H[b], c[b, i : i + 1])[0], atol=1e-12)
+            assert ((X[b, i] - nonneg_qp(H[b], c[b, i : i + 1])[0]) @ Jn[b]).abs().max() <= 1e-12
 
 
 @pytest.mark.parametrize("k", [5, 12, IPM_K + 6])
@@ -83,8 +87,8 @@ def test_each_method_agrees_with_a_long_active_set_batched(k: int, d: int) -> No
                   nonneg_qp(H, c, 3 * default_iters(k))),
                  (simplex_qp(H, z := torch.zeros(3, 1, k, dtype=J.dtype)), simplex_qp(H, z, 3 * default_iters(k)))]:
         assert ((X - R) @ Jn).abs().max() <= 1e-8
-    for b in range(3):
-        assert torch.allclose(nonneg_qp(H, c)[b], nonneg_qp(H[b], c[b]), rtol=0, atol=1e-12)
+    for b in range(3):  # as directions: see test_batched_problems_equal_one_at_a_time
+        assert ((nonneg_qp(H, c)[b] - nonneg_qp(H[b], c[b])) @ Jn[b]).abs().max() <= 1e-12
 
 
 def test_all_zero_gram_gives_a_simplex_point_and_the_zero_nonneg_point() -> None:

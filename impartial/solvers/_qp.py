@@ -68,16 +68,30 @@ def all_faces(k: int, like: Tensor) -> Tensor:
     return ((r // bit) % 2).to(like.dtype)
 
 
+def chol_solve(L: Tensor, rhs: Tensor) -> Tensor:
+    """``(L Lᵀ)⁻¹ rhs`` by two triangular solves (measured 1.2× to 7× faster than ``torch.cholesky_solve`` on
+    batches of k × k systems for k = 16…256, one CPU thread; equal below)."""
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rhs, upper=False), upper=True)
+
+
+def _plus_diag(A: Tensor, diag: Tensor) -> Tensor:
+    """``A + diag_embed(diag)`` for a freshly made ``A`` (added in place: one ``k × k`` pass, not three)."""
+    A.diagonal(dim1=-2, dim2=-1).add_(diag)
+    return A
+
+
 def face_minimisers(H: Tensor, F: Tensor, rhs: Tensor) -> Tensor:
     """``(H_FF)⁻¹ rhs_F`` on every face ``F`` ``[n, k]`` at once.
 
     ``rhs`` ``[..., m, k, r]`` → ``[..., m, n, k, r]`` (zero off each face).
     """
-    A = H.unsqueeze(-3) * (F.unsqueeze(-1) * F.unsqueeze(-2)) + torch.diag_embed(1 - F)  # [..., n, k, k]
+    A = _plus_diag(H.unsqueeze(-3) * (F.unsqueeze(-1) * F.unsqueeze(-2)), 1 - F)  # [..., n, k, k]
     L, _ = torch.linalg.cholesky_ex(A)  # positive definite (prepare's ridge): no check, no sync
-    R = rhs.unsqueeze(-3) * F.unsqueeze(-1)  # [..., m, n, k, r]
-    L = L.unsqueeze(-4).expand(*R.shape[:-2], *L.shape[-2:])
-    return torch.cholesky_solve(R, L)
+    m, k, r = rhs.shape[-3:]
+    # the m problems' right-hand sides become columns: one solve per face, not one per face and problem
+    R = rhs.movedim(-3, -2).reshape(*rhs.shape[:-3], 1, k, m * r) * F.unsqueeze(-1)  # [..., n, k, m r]
+    X = chol_solve(L, R)
+    return X.reshape(*X.shape[:-1], m, r).movedim(-2, -4)  # [..., m, n, k, r]
 
 
 def pick_feasible(X: Tensor, f: Tensor) -> Tensor:
@@ -147,9 +161,9 @@ def masked_solve(H: Tensor, free: Tensor, rhs: Tensor) -> Tensor:
     supports at once.
     """
     f = free.to(H.dtype)
-    A = H.unsqueeze(-3) * (f.unsqueeze(-1) * f.unsqueeze(-2)) + torch.diag_embed(1 - f)
+    A = _plus_diag(H.unsqueeze(-3) * (f.unsqueeze(-1) * f.unsqueeze(-2)), 1 - f)
     L, _ = torch.linalg.cholesky_ex(A)  # _ex: no error check, hence no host sync; A is positive definite
-    return torch.cholesky_solve(rhs * f.unsqueeze(-1), L)
+    return chol_solve(L, rhs * f.unsqueeze(-1))
 
 
 # A face solver maps the working set [..., m, k] to (x̂ [..., m, k], multiplier offset μ [..., m, 1], exact
@@ -220,14 +234,15 @@ def interior_point(H: Tensor, c: Tensor, simplex: bool, iters: int | None = None
 
     for _ in range(iters):
         rd = y @ H + c - z - nu * e  # stationarity residual (ν = 0 without the simplex)
-        L, _ = torch.linalg.cholesky_ex(H.unsqueeze(-3) + torch.diag_embed(z / y))  # positive definite: no check
+        M = _plus_diag(H.unsqueeze(-3).expand(*y.shape, k).clone(), z / y)
+        L, _ = torch.linalg.cholesky_ex(M)  # positive definite: no check, no sync
         if simplex:
-            a = torch.cholesky_solve(e.expand_as(c).unsqueeze(-1), L).squeeze(-1)  # M⁻¹e
+            a = chol_solve(L, e.expand_as(c).unsqueeze(-1)).squeeze(-1)  # M⁻¹e
             rp = (e * y).sum(-1, keepdim=True) - 1
 
         def newton(rc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             # Ĥ Δy − Δz − Δν e = −rd,  z Δy + y Δz = −rc,  eᵀΔy = −rp  ⇒  (Ĥ + Z/Y) Δy = −rd − rc/y + Δν e
-            dy = torch.cholesky_solve((-rd - rc / y).unsqueeze(-1), L).squeeze(-1)
+            dy = chol_solve(L, (-rd - rc / y).unsqueeze(-1)).squeeze(-1)
             dnu = torch.zeros_like(nu)
             if simplex:
                 dnu = (-rp - (e * dy).sum(-1, keepdim=True)) / (e * a).sum(-1, keepdim=True)
