@@ -137,6 +137,12 @@ class _ParamsPass:
                 heads.append(n)
         return blocks, heads
 
+    def _heads_pass_seeds(self, heads: list[Node]) -> tuple[list[Tensor], list[int]]:
+        """One-hot seeds of the per-task pass over the heads, and the task that owns each head leaf."""
+        eye = torch.eye(self.g.k, dtype=torch.float64)
+        seeds = [eye[:, i].to(out.dtype) for i, out in enumerate(self.tasks.outs)]
+        return seeds, [_bits(self.g.raw[n])[0] for n in heads]
+
     def through_blocks(self, cut: tuple[list, list[Node]], shared: list[Node], others: list[Node],
                        batched: bool) -> list:
         """The rows of ``shared + others`` (as :meth:`_Engine.task_rows` returns them) from the losses' gradients
@@ -144,9 +150,7 @@ class _ParamsPass:
         g, k = self.g, self.g.k
         blocks, heads = cut
         nb = len(blocks)
-        eye = torch.eye(k, dtype=torch.float64)
-        seeds = [eye[:, i].to(out.dtype) for i, out in enumerate(self.tasks.outs)]
-        owner = [_bits(g.raw[n])[0] for n in heads]
+        seeds, owner = self._heads_pass_seeds(heads)
         targets = [b.leaf if b.leaf is not None else b.edge for b in blocks]
         needs = [[nb + h for h, c in enumerate(owner) if c == r] for r in range(k)]
         res = self.task_rows(self.tasks.outs, targets + [g.leaves[n] for n in heads], seeds, rows=k, onehot=k,
@@ -185,9 +189,7 @@ class _ParamsPass:
         g, k = self.g, self.g.k
         blocks, heads = cut
         nb = len(blocks)
-        eye = torch.eye(k, dtype=torch.float64)
-        seeds = [eye[:, i].to(out.dtype) for i, out in enumerate(self.tasks.outs)]
-        owner = [_bits(g.raw[n])[0] for n in heads]
+        seeds, owner = self._heads_pass_seeds(heads)
         needs = [[nb + h for h, c in enumerate(owner) if c == r] for r in range(k)]
         edges = [GradientEdge(node, 0) for node, *_ in plan]
         Gs: list = []  # the Gram matrix [k, k] and the plain sum's squared norm
