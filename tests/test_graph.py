@@ -148,3 +148,27 @@ def test_blocks_found_before_are_reused_only_for_the_same_structure_and_shared_p
         for (wired, s), blocks in want.items():
             assert found(wired, params if s == "lin" else [w1], fresh=False) == blocks
     assert len(_blocks._FOUND) >= 3 and all(_plain_values(k) and _plain_values(v) for k, v in _blocks._FOUND.items())
+
+
+def test_blocks_found_before_are_not_reused_when_only_the_task_also_split_differs() -> None:
+    """The same autograd structure, with a loss moved between ``losses`` and ``also``: the key (the number of
+    tasks, the roots in order, their masks) tells the calls apart, so blocks found with three tasks never
+    serve two tasks plus an ``also`` term."""
+    from impartial.graph import _blocks
+
+    lin, heads = nn.Linear(3, 4), [nn.Linear(4, 1) for _ in range(3)]
+    x = torch.randn(5, 3)
+
+    def found(split: int, fresh: bool) -> list:
+        if fresh:
+            _blocks._FOUND.clear()
+        z = lin(x).tanh()
+        outs = [h(z).pow(2).mean() for h in heads]
+        blocks = find_blocks(outs[:split], lin.parameters(), also=outs[split:])
+        return [(b.name, b.tasks, b.above, b.edge.node.name()) for b in blocks]
+
+    want = {split: found(split, fresh=True) for split in (3, 2, 1)}
+    assert want[3] and want[3] != want[2] and not want[1]  # three tasks, two (tasks differ), one: no block
+    for _ in range(2):
+        for split, blocks in want.items():
+            assert found(split, fresh=False) == blocks
