@@ -11,8 +11,9 @@ masked, batched Cholesky solve), walks from the current feasible ``x`` towards t
 first variable hits zero (the ratio test; hitting variables leave ``F``), and when the step is full, adds
 *every* variable whose multiplier is negative.  The objective never increases, so the method cannot cycle
 between faces, and once ``F`` is the optimal support the face minimiser is the exact solution: an exact
-method, not a first-order approximation.  The batch runs a fixed number of iterations (``2k + 8`` by
-default; converged problems are fixed points), with ``torch.where`` for every branch: no host sync.
+method, not a first-order approximation.  The batch runs a fixed number of iterations (``iters``, or by
+default ``2k + 8`` for the mid sizes that are neither enumerated nor given to the interior point, below;
+converged problems are fixed points), with ``torch.where`` for every branch: no host sync.
 
 **Large problems: interior point, then the active set.**  From ``k ≥`` :data:`IPM_K` (default ``iters``) a
 fixed number of Mehrotra predictor-corrector steps (:func:`interior_point`; their count does not grow with
@@ -32,6 +33,10 @@ zero gradient is perturbed as if it had the largest norm): every face system is 
 Cholesky, no pivoting), rank-deficient, duplicate and zero rows need no special case, among equivalent
 optimal weights the perturbation picks one, and the direction moves by ``O(δ)`` relative to each task
 (by up to ``O(√δ) = 1e-6`` where the feasible cone or the hull is degenerate, e.g. 0 on its boundary).
+Known limit: where the dual cone is *nearly* {0} (k > d), the projections are combinations with huge
+weights and the shift grows with them: 7.5e-5 of the largest gradient on one UPGrad input (k = 26,
+d = 9, rank 9), against 1e-6 elsewhere.  Every method here (enumeration, active set, interior point) solves
+the same perturbed problem, so they agree with each other there, not with the unperturbed projection.
 """
 
 from __future__ import annotations
