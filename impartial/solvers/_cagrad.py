@@ -26,6 +26,20 @@ __all__ = ["CAGrad"]
 _DEFAULT = -1
 
 
+def _stationary(sol: Tensor, b: Tensor, r: Tensor) -> tuple[Tensor, ...]:
+    """On a face with ``sol = H_FF⁻¹ [1, b]`` (``[..., k, 2]``): ``(w, μ, exact, a, β, A, C)``, the face's
+    stationary point ``w = (μa − β)/√D``, ``μ = (C + √D)/A``, valid where ``exact = D > 0`` (see
+    :func:`cagrad_dual`)."""
+    a, beta = sol[..., 0], sol[..., 1]
+    A, C = a.sum(-1, keepdim=True), beta.sum(-1, keepdim=True)
+    E = (b * beta).sum(-1, keepdim=True)
+    D = C * C - A * E + A * r * r
+    exact = D > 0
+    sqrtD = torch.where(exact, D, torch.ones_like(D)).sqrt()
+    mu = (C + sqrtD) / A
+    return (mu * a - beta) / sqrtD, mu, exact, a, beta, A, C
+
+
 def cagrad_dual(H: Tensor, c: float, iters: int) -> tuple[Tensor, Tensor]:
     r"""``(w, ρ)``: the dual minimiser ``w`` ``[..., k]`` and ``ρ = r/‖g_w‖``, on a prepared Gram matrix ``H``.
 
@@ -49,13 +63,8 @@ def cagrad_dual(H: Tensor, c: float, iters: int) -> tuple[Tensor, Tensor]:
         # that always exists; f is strictly convex on the simplex, so the feasible candidate of least f is the
         # optimum, which is the stationary point of its own face
         sol = face_minimisers(H, all_faces(k, H)[1:], torch.stack([ones, b], dim=-1))  # [..., 1, n, k, 2]
-        a, beta = sol[..., 0], sol[..., 1]
-        A, C = a.sum(-1, keepdim=True), beta.sum(-1, keepdim=True)
-        E = (b.unsqueeze(-2) * beta).sum(-1, keepdim=True)
-        D = C * C - A * E + A * (r * r).unsqueeze(-1)
-        sqrtD = D.clamp(min=torch.finfo(D.dtype).tiny).sqrt()
-        W = ((C + sqrtD) / A * a - beta) / sqrtD
-        W = torch.where(D > 0, W, torch.full_like(W, -1.0))  # no stationary point: infeasible, never picked
+        W, _, exact, *_ = _stationary(sol, b.unsqueeze(-2), r.unsqueeze(-1))
+        W = torch.where(exact, W, torch.full_like(W, -1.0))  # no stationary point: infeasible, never picked
         W = torch.cat([W, (ones / k).unsqueeze(-2)], dim=-2)
         f = (W * b.unsqueeze(-2)).sum(-1) + r * ((W @ H.unsqueeze(-3)) * W).sum(-1).clamp(min=0).sqrt()
         w = pick_feasible(W, f)
@@ -69,18 +78,11 @@ def cagrad_dual(H: Tensor, c: float, iters: int) -> tuple[Tensor, Tensor]:
         return b + (r / norm(w)) * (w @ H)
 
     def face(free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        sol = masked_solve(H, free, torch.stack([ones, b], dim=-1))
-        a, beta = sol[..., 0], sol[..., 1]
-        A, C = a.sum(-1, keepdim=True), beta.sum(-1, keepdim=True)
-        E = (b * beta).sum(-1, keepdim=True)
-        D = C * C - A * E + A * r * r
-        exact = D > 0
-        sqrtD = torch.where(exact, D, torch.ones_like(D)).sqrt()
-        mu_exact = (C + sqrtD) / A
+        w_exact, mu_exact, exact, a, beta, A, C = _stationary(
+            masked_solve(H, free, torch.stack([ones, b], dim=-1)), b, r)
         # majoriser step at the current point: r/q with q = ‖g_w‖ of the current w
         rho = r / norm(state["w"])
         mu_mm = (rho + C) / A
-        w_exact = (mu_exact * a - beta) / sqrtD
         w_mm = (mu_mm * a - beta) / rho
         return torch.where(exact, w_exact, w_mm), torch.where(exact, mu_exact, mu_mm), exact
 

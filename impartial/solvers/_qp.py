@@ -47,7 +47,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["check_iters", "prepare", "masked_solve", "active_set", "nonneg_qp", "simplex_qp", "default_iters",
-           "enumerates", "all_faces", "face_minimisers", "pick_feasible", "REG", "TOL", "ENUM_WORK"]
+           "enumerates", "all_faces", "face_minimisers", "pick_feasible", "quadratic", "REG", "TOL",
+           "ENUM_WORK"]
 
 #: relative Tikhonov term added to the normalised Gram matrix (see the module docstring).
 REG = 1e-12
@@ -97,6 +98,18 @@ def face_minimisers(H: Tensor, F: Tensor, rhs: Tensor) -> Tensor:
     R = rhs.movedim(-3, -2).reshape(*rhs.shape[:-3], 1, k, m * r) * F.unsqueeze(-1)  # [..., n, k, m r]
     X = chol_solve(L, R)
     return X.reshape(*X.shape[:-1], m, r).movedim(-2, -4)  # [..., m, n, k, r]
+
+
+def quadratic(H: Tensor, c: Tensor, X: Tensor) -> Tensor:
+    """``½ xᵀHx + cᵀx`` for candidates ``X`` ``[..., m, n, k]`` of the problems ``c`` ``[..., m, k]`` → ``[..., m, n]``."""
+    return ((X @ H.unsqueeze(-3)) * X).sum(-1) / 2 + (X * c.unsqueeze(-2)).sum(-1)
+
+
+def _simplex_point(sol: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x, μ)`` on a face from ``sol = H_FF⁻¹ [1, c]`` (``[..., k, 2]``): ``x = μa − b``, ``μ = (1 + 1ᵀb)/1ᵀa``."""
+    a, b = sol[..., 0], sol[..., 1]
+    mu = (1 + b.sum(-1, keepdim=True)) / a.sum(-1, keepdim=True)
+    return mu * a - b, mu
 
 
 def pick_feasible(X: Tensor, f: Tensor) -> Tensor:
@@ -287,11 +300,9 @@ def nonneg_qp(H: Tensor, c: Tensor, iters: int | None = None) -> Tensor:
         exact = torch.ones_like(zero, dtype=torch.bool)
         return -masked_solve(H, free, c.unsqueeze(-1)).squeeze(-1), zero, exact
 
-    def objective(X: Tensor) -> Tensor:  # X [..., m, n, k] -> [..., m, n]
-        return ((X @ H.unsqueeze(-3)) * X).sum(-1) / 2 + (X * c.unsqueeze(-2)).sum(-1)
-
     m = c.shape[-2]
-    search = objective if m * k**3 <= 2**24 else None  # the projected search costs m k³ an iteration
+    # the projected search costs m k³ an iteration: only where that is cheap
+    search = (lambda X: quadratic(H, c, X)) if m * k**3 <= 2**24 else None
     if iters is None and k >= IPM_K:
         x, free = interior_point(H, c, simplex=False)
         return active_set(lambda x: x @ H + c, face, torch.where(free, x, 0.0), free, POLISH, search)
@@ -315,17 +326,12 @@ def simplex_qp(H: Tensor, c: Tensor, iters: int | None = None) -> Tensor:
     ones = torch.ones_like(c)
     if enumerates(k, c.shape[-2], iters):
         F = all_faces(k, H)[1:]  # nonempty supports
-        sol = face_minimisers(H, F, torch.stack([ones, c], dim=-1))  # [..., m, n, k, 2]
-        a, b = sol[..., 0], sol[..., 1]
-        mu = (1 + b.sum(-1, keepdim=True)) / a.sum(-1, keepdim=True)
-        X = mu * a - b
-        return pick_feasible(X, 0.5 * ((X @ H.unsqueeze(-3)) * X).sum(-1) + (X * c.unsqueeze(-2)).sum(-1))
+        X, _ = _simplex_point(face_minimisers(H, F, torch.stack([ones, c], dim=-1)))  # [..., m, n, k]
+        return pick_feasible(X, quadratic(H, c, X))
 
     def face(free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        sol = masked_solve(H, free, torch.stack([ones, c], dim=-1))
-        a, b = sol[..., 0], sol[..., 1]
-        mu = (1 + b.sum(-1, keepdim=True)) / a.sum(-1, keepdim=True)
-        return mu * a - b, mu, torch.ones_like(mu, dtype=torch.bool)
+        x, mu = _simplex_point(masked_solve(H, free, torch.stack([ones, c], dim=-1)))
+        return x, mu, torch.ones_like(mu, dtype=torch.bool)
 
     if iters is None and k >= IPM_K:
         x, free = interior_point(H, c, simplex=True)
