@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
 from . import _distributed as _dist
-from .graph._trace import Graph, _Losses
+from .graph._trace import Graph, _Losses, remember
 
 #: one input's per-task gradients: ``[rows, ...]`` (batched pass, or dense inputs of the loop), or one entry
 #: per row (the loop's task-own inputs; None where the row does not reach or need the input)
@@ -104,7 +104,7 @@ def _plan(g: Graph, targets: list[Node] | None, mask: int) -> list[tuple[int, in
     """``(position, t, children)`` of each node that runs to bring the gradient of the tasks in ``mask`` to
     ``targets`` (every non-leaf node when None), ``t`` the number of those tasks that reach it; children are
     ``(position, nr)``.  Read from the structure alone, so kept per ``g.key``."""
-    index = {n: i for i, n in enumerate(g.nodes)}
+    index = g.index
     key = (g.key, None if targets is None else tuple(index[n] for n in targets), mask) if g.key else None
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:
@@ -125,9 +125,7 @@ def _plan(g: Graph, targets: list[Node] | None, mask: int) -> list[tuple[int, in
         if t:
             plan.append((i, t, tuple((index[c], nr) for c, nr in n.next_functions if c is not None)))
     if key is not None:
-        if len(_PLANS) >= _PLANS_SIZE:
-            _PLANS.pop(next(iter(_PLANS)), None)  # the oldest
-        _PLANS[key] = plan
+        remember(_PLANS, key, plan, _PLANS_SIZE)
     return plan
 
 

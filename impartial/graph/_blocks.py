@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
-from ._trace import Graph, Losses, Params, _bits, _Losses, trace
+from ._trace import Graph, Losses, Params, _bits, _Losses, remember, trace
 
 __all__ = ["Block", "find_blocks"]
 
@@ -140,11 +140,8 @@ def _find(g: Graph, tasks: _Losses, explicit: Sequence[Tensor] | None = None) ->
                 raise ValueError(f"block[{i}] is not on the path of any loss")
     g.blocks = blocks
     if cache:
-        index = {n: i for i, n in enumerate(g.nodes)}
-        if len(_FOUND) >= _FOUND_SIZE:
-            _FOUND.pop(next(iter(_FOUND)), None)  # the oldest
-        _FOUND[g.key] = ([(index[b.edge.node], b.edge.output_nr, b.tasks, b.above) for b in blocks],
-                         [g_raw[n] for n in g.nodes], [g_above[n] for n in g.nodes])
+        remember(_FOUND, g.key, ([(g.index[b.edge.node], b.edge.output_nr, b.tasks, b.above) for b in blocks],
+                                 [g_raw[n] for n in g.nodes], [g_above[n] for n in g.nodes]), _FOUND_SIZE)
 
 
 def _place(g: Graph, blocks: list[tuple[int, int, tuple[int, ...], tuple[int, ...]]], raw: list[int],

@@ -168,6 +168,8 @@ class Graph:
     #: positions of the shared leaves): equal keys mean isomorphic graphs with the same masks and shared
     #: parameters, so results that depend on nothing else can be reused (:func:`impartial.graph._blocks._find`)
     key: tuple = ()
+    #: each node's position in ``nodes`` (the positions ``key`` and the caches keyed by it use)
+    index: dict[Node, int] = field(default_factory=dict)
 
     @property
     def task_bits(self) -> int:
@@ -201,6 +203,13 @@ class Graph:
 
 def _bits(mask: int) -> tuple[int, ...]:
     return tuple(i for i in range(mask.bit_length()) if mask >> i & 1)
+
+
+def remember(cache: dict, key: Any, value: Any, size: int = 8) -> None:
+    """Store ``value`` under ``key`` in a cache of at most ``size`` entries, dropping the oldest first."""
+    if len(cache) >= size:
+        cache.pop(next(iter(cache)), None)
+    cache[key] = value
 
 
 def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | None, strict: bool = True) -> Graph:
@@ -237,7 +246,7 @@ def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | No
             leaves[node] = var
     names: dict[Node, str] = {}
     g = Graph(len(tasks.outs), tasks.names, extra.names, order, edge_masks, leaves, names,
-              roots=[(node, m) for (node, _), m in tasks.roots + extra.roots], masks=masks)
+              roots=[(node, m) for (node, _), m in tasks.roots + extra.roots], masks=masks, index=index)
     by_id = {id(t): n for n, t in leaves.items()}
     if params is None:  # infer: the leaves that two or more tasks reach
         g.shared = {n for n in leaves if len(g.tasks(n)) >= 2}
