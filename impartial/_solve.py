@@ -18,14 +18,12 @@ from . import _distributed as _dist
 from . import solvers as _solvers
 from .graph._blocks import Block
 from .solvers import Solver, combine, gram
-from .solvers._base import mix
+from .solvers._base import _LOW, mix
 
 #: solvers whose weights are a pure function of ``(G, losses)`` (no state, no random draws): a batch of
 #: blocks is then exactly a batch of problems.  Exact types: a subclass may add state.
 _BATCHABLE = tuple(getattr(_solvers, n) for n in ("Sum", "Mean", "IMTLG", "MGDA", "CAGrad", "UPGrad",
                                                   "DualProj", "AlignedMTL", "ConFIG"))
-
-_LOW = (torch.float16, torch.bfloat16)
 
 
 class _Solving:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._base import GramSolver, _load_rng_state, _rng_state
-from ._pcgrad import random_orders
+from ._pcgrad import partner_indices, random_orders
 
 __all__ = ["GradVac", "vaccinate"]
 
@@ -59,8 +59,7 @@ def vaccinate(G: Tensor, phi_hat: Tensor, orders: Tensor, beta: float) -> tuple[
     reach = (norm_p > 0) & (target.abs() < 1.0 - _UNREACHABLE)
     slope = torch.where(reach, target / torch.where(reach, sin_t, 1.0), 0.0)  # φ̂ / sin φ̂
     kept = (1.0 - beta) * target
-    cols = orders.mT.unsqueeze(-1)  # [..., k - 1, k, 1]
-    rows = cols.expand(*cols.shape[:-1], k)  # [..., k - 1, k, k]: row i of round r repeats p_i
+    cols, rows = partner_indices(orders, k)
     measured = []
     for r in range(k - 1):
         dot = (W * G.gather(-2, rows[..., r, :, :])).sum(-1)  # g_i' · g_p

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ._base import GramSolver, _load_rng_state, _rng_state
 
-__all__ = ["PCGrad", "project_conflicts", "random_orders"]
+__all__ = ["PCGrad", "partner_indices", "project_conflicts", "random_orders"]
 
 
 def random_orders(batch_shape: tuple[int, ...], k: int, generator: torch.Generator | None,
@@ -36,6 +36,14 @@ def random_orders(batch_shape: tuple[int, ...], k: int, generator: torch.Generat
     return keys.argsort(dim=-1)[..., : k - 1].to(device if device is not None else where)
 
 
+def partner_indices(orders: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Gather / scatter indices of every round's partners at once, for orders ``[..., k, k − 1]``:
+    ``cols`` ``[..., k − 1, k, 1]`` (task i's partner in round r) and ``rows`` ``[..., k − 1, k, k]`` (that
+    index repeated along a row, to gather the partner's row of ``G``)."""
+    cols = orders.mT.unsqueeze(-1)
+    return cols, cols.expand(*cols.shape[:-1], k)
+
+
 def project_conflicts(G: Tensor, orders: Tensor) -> Tensor:
     """PCGrad's coefficients ``W`` ``[..., k, k]`` (projected gradients ``W J``) for given partner orders.
 
@@ -50,8 +58,7 @@ def project_conflicts(G: Tensor, orders: Tensor) -> Tensor:
     # 1/‖g_p‖² of every partner, 0 for a zero partner (torch.where: no NaN, no host sync), and the indices.
     norm2 = G.diagonal(dim1=-2, dim2=-1).unsqueeze(-2).expand_as(G).gather(-1, orders)  # [..., k, k - 1]
     inv = torch.where(norm2 > 0, -1.0 / torch.where(norm2 > 0, norm2, 1.0), 0.0).mT  # [..., k - 1, k]
-    cols = orders.mT.unsqueeze(-1)  # [..., k - 1, k, 1]
-    rows = cols.expand(*cols.shape[:-1], k)  # [..., k - 1, k, k]: row i of round r repeats p_i
+    cols, rows = partner_indices(orders, k)
     for r in range(k - 1):
         dot = (W * G.gather(-2, rows[..., r, :, :])).sum(-1)  # g_i^PC · g_p
         W = W.scatter_add(-1, cols[..., r, :, :], (dot.clamp(max=0.0) * inv[..., r, :]).unsqueeze(-1))
