@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._aligned import AlignedMTL
-from ._base import GramSolver, Solver, combine, gram, solve_dtype
+from ._base import GramSolver, Solution, Solver, Status, combine, gram, solve_dtype
 from ._cagrad import CAGrad
 from ._compose import Compose
 from ._config import ConFIG
@@ -24,7 +24,7 @@ from ._simple import Mean, Random, Sum
 from ._upgrad import DualProj, UPGrad
 
 __all__ = [
-    "Solver", "GramSolver", "gram", "combine", "solve_dtype", "get",
+    "Solver", "GramSolver", "Solution", "Status", "gram", "combine", "solve_dtype", "get",
     "Sum", "Mean", "PCGrad", "GradVac", "IMTLG", "MGDA", "CAGrad", "NSGD", "GradNorm", "GradDrop", "Compose",
     "UPGrad", "DualProj", "NashMTL", "AlignedMTL", "ConFIG", "FairGrad", "Random",
 ]

@@ -20,13 +20,14 @@ used by loss-based GradNorm) and, for GradDrop, ``inputs`` (the block's input ac
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Solver", "GramSolver", "gram", "combine", "solve_dtype"]
+__all__ = ["Solver", "GramSolver", "Solution", "Status", "gram", "combine", "solve_dtype"]
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -58,6 +59,39 @@ def _check_gram(G: Tensor, who: str) -> None:
         raise TypeError(f"{who}: expected a floating-point G, got {G.dtype}")
     if G.shape[-1] == 0:
         raise ValueError(f"{who}: G has k = 0 tasks; at least one is needed")
+
+
+class Status(enum.IntEnum):
+    """How a solve ended, per problem (a tensor of these codes, read only when reported: no host sync)."""
+
+    #: solved to the method's documented tolerance
+    OK = 0
+    #: Pareto-stationary: the exact direction is 0 (e.g. 0 lies in the convex hull of the task gradients)
+    STATIONARY = 1
+    #: the iteration budget ended before the residual met the method's tolerance
+    NOT_CONVERGED = 2
+    #: the input had a NaN or an infinity; the weights are NaN
+    NONFINITE = 3
+
+
+class Solution(NamedTuple):
+    """The result of :meth:`GramSolver.solve` for a batch of problems ``[...]``."""
+
+    #: ``[..., k]``: the direction is ``wᵀJ``
+    weights: Tensor
+    #: ``[...]`` int codes of :class:`Status`
+    status: Tensor
+    #: ``[...]`` the method's optimality residual (relative; 0 for closed forms)
+    residual: Tensor
+    #: ``[..., k, k]`` the mixing matrix (new task gradients ``M J``) when asked for, else None
+    mixing: Tensor | None = None
+
+
+def _ok(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Status and residual of a closed-form solve: OK where the weights are finite, NONFINITE elsewhere."""
+    finite = w.isfinite().all(-1)
+    status = torch.where(finite, int(Status.OK), int(Status.NONFINITE)).to(torch.int8)
+    return status, torch.zeros(w.shape[:-1], dtype=w.dtype, device=w.device)
 
 
 #: chunk length of the chunked float32 Gram (4 KiB per row: a [k, c] chunk stays in L1/L2 for k < 16)
@@ -136,6 +170,21 @@ class Solver(ABC):
 
     #: whether the direction depends on ``J`` only through ``G = J Jᵀ`` (then ``weights`` exists).
     gram_space: bool = False
+    #: whether the solver keeps nothing between calls (then one instance may serve any number of blocks, and
+    #: it may be given by name)
+    stateless: bool = True
+    #: whether equal inputs give equal outputs (no random draws)
+    deterministic: bool = True
+
+    @property
+    def batchable(self) -> bool:
+        """Whether a batch of independent problems may share one call (stateless and deterministic)."""
+        return self.stateless and self.deterministic
+
+    def for_block(self, key: int) -> Solver:
+        """The solver that serves problem ``key`` (block ``key`` of :func:`impartial.backward`): itself for a
+        stateless solver; a stateful one keeps a separate state per key, included in its ``state_dict``."""
+        return self
 
     def __call__(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
         """The update direction ``[..., d]`` for task gradients ``J`` ``[..., k, d]``."""
@@ -178,6 +227,19 @@ class GramSolver(Solver):
     """
 
     gram_space = True
+
+    def solve(self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None,
+              mixing: bool = False) -> Solution:
+        """Weights, status and residual (and the mixing matrix when ``mixing``) for ``G = J Jᵀ`` ``[..., k, k]``;
+        ``precision`` is the dtype of the ``J`` that ``G`` came from (None: ``G.dtype``)."""
+        _check_gram(G, type(self).__name__)
+        G = G.to(solve_dtype(G.dtype))
+        if mixing:
+            M = self._mixing(G, losses=losses)
+            w = M.sum(-2)
+        else:
+            M, w = None, self._weights(G, losses=losses)
+        return Solution(w, *_ok(w), M)
 
     def weights(self, G: Tensor, *, losses: Tensor | None = None) -> Tensor:
         """Weights ``w`` ``[..., k]`` such that the direction is ``wᵀJ`` for ``G = J Jᵀ`` ``[..., k, k]``."""
