@@ -233,7 +233,11 @@ class GramSolver(Solver):
         """Weights, status and residual (and the mixing matrix when ``mixing``) for ``G = J Jᵀ`` ``[..., k, k]``;
         ``precision`` is the dtype of the ``J`` that ``G`` came from (None: ``G.dtype``)."""
         _check_gram(G, type(self).__name__)
-        G = G.to(solve_dtype(G.dtype))
+        return self._solve(G.to(solve_dtype(G.dtype)), losses=losses, precision=precision or G.dtype, mixing=mixing)
+
+    def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> Solution:
+        """The override point of :meth:`solve` (``G`` in :func:`solve_dtype`): by default the weights (or the mixing
+        matrix) of a closed-form method, status OK where finite.  Iterative methods return their own status."""
         if mixing:
             M = self._mixing(G, losses=losses)
             w = M.sum(-2)
