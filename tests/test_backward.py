@@ -21,10 +21,9 @@ MODES = ["auto", "params", "explicit"]
 def _force_task_grads(monkeypatch: pytest.MonkeyPatch) -> None:
     """``IMPARTIAL_TASK_GRADS=batched`` (or ``loop``) runs every test of this module with that per-task pass
     forced (tests that choose ``task_grads=`` themselves are then skipped)."""
-    from impartial._engine import _Engine
+    import impartial._autograd as A
 
-    force = os.environ.get("IMPARTIAL_TASK_GRADS") or None
-    monkeypatch.setattr(_Engine, "force", force)
+    monkeypatch.setattr(A, "FORCE", os.environ.get("IMPARTIAL_TASK_GRADS") or None)
 
 
 chooses = pytest.mark.skipif(bool(os.environ.get("IMPARTIAL_TASK_GRADS")),
@@ -596,9 +595,9 @@ def test_skip_ignores_a_shared_parameter_only_the_dropped_task_reached() -> None
 
 
 def test_the_overlap_plan_kept_per_structure_matches_a_fresh_one() -> None:
-    """``_overlap`` keeps which nodes it weighs per (structure, targets, tasks): every combination, asked in
+    """``overlap`` keeps which nodes it weighs per (structure, targets, tasks): every combination, asked in
     turn on graphs of two structures, gets the value computed from scratch."""
-    from impartial import _engine
+    from impartial import _autograd
     from impartial.graph import trace
 
     def cases() -> list:
@@ -612,8 +611,8 @@ def test_the_overlap_plan_kept_per_structure_matches_a_fresh_one() -> None:
                     out.append((g, targets, mask))
         return out
 
-    _engine._PLANS.clear()
-    fresh = [_engine._overlap(g, t, m) for g, t, m in cases()]
+    _autograd._RUNS.clear()
+    fresh = [_autograd.overlap(g, t, m) for g, t, m in cases()]
     for _ in range(2):
-        assert [_engine._overlap(g, t, m) for g, t, m in cases()] == fresh
-    assert len(set(fresh)) > 3 and len(_engine._PLANS) == 8
+        assert [_autograd.overlap(g, t, m) for g, t, m in cases()] == fresh
+    assert len(set(fresh)) > 3 and len(_autograd._RUNS) == 8

@@ -18,11 +18,12 @@ Below a block the tasks it gathers are no longer raw: their gradient arrives alr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
+from .._torch_compat import input_metadata
 from ._trace import Graph, Losses, Params, _bits, _Losses, remember, trace
 
 __all__ = ["Block", "find_blocks"]
@@ -53,10 +54,55 @@ class Block:
 def _shape(node: Node, nr: int, leaf: Tensor | None) -> tuple[int, ...]:
     if leaf is not None:
         return tuple(leaf.shape)
-    try:  # private but stable since torch 2.0; the shape is only for display
-        return tuple(node._input_metadata[nr].shape)
-    except (AttributeError, IndexError, RuntimeError):
-        return ()
+    return tuple(input_metadata(node, nr)[0])
+
+
+#: ops that take one tensor and return parts of it: a loss reached from a block through these alone is an
+#: entry of the block tensor itself (``list(loss_vector)``), so its gradient there is one-hot
+_SLICES = frozenset({"UnbindBackward0", "SelectBackward0", "SliceBackward0", "IndexBackward0", "SplitBackward0",
+                     "SplitWithSizesBackward0", "UnsafeSplitBackward0", "SqueezeBackward0", "SqueezeBackward1",
+                     "SqueezeBackward2", "ViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0",
+                     "AsStridedBackward0", "NarrowBackward0"})
+
+
+def _check_not_entries(blocks: list[Block], tasks: _Losses, g: Graph) -> None:
+    """Raise where an automatic block is the tensor whose entries are the task losses: each task's gradient
+    there is one-hot, so a solver sees orthogonal unit rows and the call silently equals the plain sum."""
+    for b in blocks:
+        if b.leaf is not None:
+            continue
+        entries = 0
+        for (node, _), mask in tasks.roots:
+            while node is not b.edge.node and node.name() in _SLICES:
+                nxt = [c for c, _ in node.next_functions if c is not None]
+                if len(nxt) != 1:
+                    break
+                node = nxt[0]
+            if node is b.edge.node:
+                entries |= mask
+        if all(entries >> i & 1 for i in b.tasks):
+            names = ", ".join(repr(tasks.names[i]) for i in b.tasks)
+            raise ValueError(f"the losses {names} are entries of one tensor ({b.name}), so the only place their "
+                             "gradients meet is that tensor, where each is one-hot: there is nothing to resolve. "
+                             "Compute each task's loss from the model separately, or mark the blocks (block=[h], "
+                             "h an activation the heads share), or use block='params'")
+
+
+def _renamed(g: Graph, blocks: list[Block]) -> list[Block]:
+    """The blocks with distinct readable names: ``grad_fn`` and shape (a parameter's name for a leaf block),
+    ``#n`` (top-down) where equal."""
+    names = [g.name(b.edge.node) if b.leaf is not None else f"{g.name(b.edge.node)} {list(b.shape)}" for b in blocks]
+    seen: dict[str, int] = {}
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+    count: dict[str, int] = {}
+    out = []
+    for n in names:
+        if seen[n] > 1:
+            count[n] = count.get(n, 0) + 1
+            n = f"{n} #{count[n]}"
+        out.append(n)
+    return [replace(b, name=n) for b, n in zip(blocks, out)]
 
 
 #: automatic blocks by graph structure: ``Graph.key`` → (blocks as ``(position, nr, tasks, above)``, ``raw`` and
@@ -115,8 +161,7 @@ def _find(g: Graph, tasks: _Losses, explicit: Sequence[Tensor] | None = None) ->
                     raise ValueError(f"block {g.name(node)} is reached by no task loss")
                 leaf = g.leaves.get(node)
                 shape = _shape(node, nr, leaf)
-                name = g.name(node) if leaf is not None else f"{g.name(node)} {list(shape)}"
-                blocks.append(Block(GradientEdge(node, nr), name, shape, _bits(t),
+                blocks.append(Block(GradientEdge(node, nr), "", shape, _bits(t),
                                     _bits(above), leaf, marked.get((node, nr))))
                 above |= 1 << (len(blocks) - 1)
                 raw = 0
@@ -138,7 +183,9 @@ def _find(g: Graph, tasks: _Losses, explicit: Sequence[Tensor] | None = None) ->
         for i, key in enumerate(marked):
             if key not in found:
                 raise ValueError(f"block[{i}] is not on the path of any loss")
-    g.blocks = blocks
+    g.blocks = _renamed(g, blocks)
+    if explicit is None and g.k > 1:
+        _check_not_entries(g.blocks, tasks, g)
     if cache:
         remember(_FOUND, g.key, ([(g.index[b.edge.node], b.edge.output_nr, b.tasks, b.above) for b in blocks],
                                  [g_raw[n] for n in g.nodes], [g_above[n] for n in g.nodes]), _FOUND_SIZE)
@@ -154,9 +201,8 @@ def _place(g: Graph, blocks: list[tuple[int, int, tuple[int, ...], tuple[int, ..
     for i, nr, t, a in blocks:
         node = nodes[i]
         leaf = g.leaves.get(node)
-        shape = _shape(node, nr, leaf)
-        name = g.name(node) if leaf is not None else f"{g.name(node)} {list(shape)}"
-        g.blocks.append(Block(GradientEdge(node, nr), name, shape, t, a, leaf))
+        g.blocks.append(Block(GradientEdge(node, nr), "", _shape(node, nr, leaf), t, a, leaf))
+    g.blocks = _renamed(g, g.blocks)
 
 
 def find_blocks(losses: Losses, shared_params: Params = None, *, also: Sequence[Tensor] = ()) -> list[Block]:

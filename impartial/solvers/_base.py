@@ -233,6 +233,9 @@ class GramSolver(Solver):
         """Weights, status and residual (and the mixing matrix when ``mixing``) for ``G = J Jᵀ`` ``[..., k, k]``;
         ``precision`` is the dtype of the ``J`` that ``G`` came from (None: ``G.dtype``)."""
         _check_gram(G, type(self).__name__)
+        if isinstance(self, _PrecisionGramSolver):  # interim: its own _solve(G, low) predates this protocol
+            w = self._solve(G.to(solve_dtype(G.dtype)), (precision or G.dtype) != torch.float64)
+            return Solution(w, *_ok(w), torch.diag_embed(w) if mixing else None)
         return self._solve(G.to(solve_dtype(G.dtype)), losses=losses, precision=precision or G.dtype, mixing=mixing)
 
     def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> Solution:

@@ -1,0 +1,188 @@
+"""``block="params"``: the per-task gradients of the shared parameters themselves, then one solve on them.
+
+Two ways to get ``J`` (one row per task, one column per shared parameter entry), the same numbers:
+
+- **through the blocks** (the usual case): where every task reaches the shared parameters only through the
+  automatic top-level blocks (a trunk's output read by k heads), the per-task gradients at the blocks come from
+  one pass over the heads (each head traversed once per task that reaches it, as in a plain backward), and ``J``
+  from **one** backward from the blocks down through the trunk, batched over the k rows (``is_grads_batched``);
+- **from the losses**: otherwise (nested blocks, a task reaching a shared parameter beside every block, a loss
+  tensor made by one op), one backward from the k losses, batched or a loop.
+
+Where the graph proves every shared parameter is a Linear layer's weight or bias, ``J`` is not formed at all
+(:mod:`._param_gram`).  The parameters above the blocks and the ``also`` terms get their plain gradients.  Every
+node between the losses and the parameters runs once per task here (the trunk on k rows): the parameters are the
+block, so the whole model is "above" it, and hooks there see per-task gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import Node
+
+from . import _distributed as _dist
+from . import _autograd
+from ._autograd import Log, Rows, checked, choose, rows, zeros
+from ._call import Call, seeds
+from ._checks import Named
+from ._param_gram import linear_layers, params_gram
+from ._report import BlockReport
+from ._solve import solve_pieces
+from ._torch_compat import quiet
+from .graph._blocks import _find
+from .graph._trace import Graph, _bits
+from .solvers import gram
+
+__all__ = ["Cut", "params_stage", "heads_pass"]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Every task reaches the shared parameters only through the top-level automatic ``blocks``; ``heads`` are
+    the single-task leaves above them."""
+
+    blocks: list
+    heads: list[Node]
+
+
+def params_stage(call: Call, g: Graph, log: Log) -> tuple[list[BlockReport], list[tuple[Node, Tensor]]]:
+    """The block report and every leaf's gradient parts."""
+    shared = [n for n in g.nodes if n in g.shared]
+    others = [n for n in g.nodes if n in g.leaves and n not in g.shared and g.mask(n) & g.task_bits]
+    leaf_tensors = [g.leaves[n] for n in g.nodes if n in g.leaves]
+    with quiet(leaf_tensors):
+        parts = _also(call, g)
+        cut = _cut(call, g, shared, others)
+        layers = linear_layers(call, g, cut, shared, others) if cut is not None else None
+        if layers is not None:
+            assert cut is not None
+            rep, got = params_gram(call, g, log, cut.blocks, cut.heads, layers, shared, others)
+            return [rep], parts + got
+        rep, got = _j_path(call, g, log, cut, shared, others)
+    return [rep], parts + got
+
+
+def _also(call: Call, g: Graph) -> list[tuple[Node, Tensor]]:
+    """The plain gradient of the ``also`` terms, per leaf (before the task passes, which may free the graph)."""
+    if not call.extra.outs:
+        return []
+    leaves = [n for n in g.nodes if n in g.leaves and g.mask(n) >> g.k]
+    out = torch.autograd.grad(call.extra.outs, [g.leaves[n] for n in leaves],
+                              [torch.ones_like(a) for a in call.extra.outs], retain_graph=True, allow_unused=True)
+    return [(n, a) for n, a in zip(leaves, out) if a is not None]
+
+
+def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
+            others: list[Node]) -> tuple[BlockReport, list[tuple[Node, Tensor]]]:
+    k = g.k
+    mask = 0
+    for n in shared:
+        mask |= g.mask(n) & g.task_bits
+    ts = _bits(mask)  # tasks that reach no shared parameter take no part in the solve
+    sel = slice(None) if len(ts) == k else list(ts)  # a slice: no copy of the k rows
+    inputs = [g.leaves[n] for n in shared + others]
+    holder: list[Tensor] = []
+
+    def compute(batched: bool) -> list[Rows]:
+        if cut is None:  # the loop asks row i only for the other leaves task i reaches
+            needs = [[len(shared) + j for j, n in enumerate(others) if g.mask(n) >> i & 1] for i in range(k)]
+            res = rows(log, call.tasks.outs, inputs, seeds(call.tasks.outs, k), n=k, onehot=k, dense=len(shared),
+                       needs=needs, batched=batched, retain=call.keep)
+        else:
+            res = _through_blocks(call, g, log, cut, shared, others, batched)
+        if call.group is not None:  # the full-batch task gradients: the mean over the ranks
+            res[:len(shared)] = [_dist.all_mean(r, call.group) for r in res[:len(shared)]]  # type: ignore[arg-type]
+        return res
+
+    def named(res: list[Rows]) -> Named:
+        G = sum(gram(r[sel].reshape(len(ts), -1)) for r in res[:len(shared)])  # type: ignore[index]
+        holder[:] = [G]
+        out: Named = [([(f"the gradient of {call.tasks.names[i]!r} w.r.t. the shared parameters", i) for i in ts],
+                       G.diagonal().isfinite())]  # type: ignore[union-attr]
+        return out + [([(f"the gradient of {call.tasks.names[i]!r} w.r.t. {g.name(n)!r}", i) if i in g.tasks(n)
+                        else None for i in range(k)], r) for n, r in zip(others, res[len(shared):]) if r is not None]
+
+    # through the blocks, the per-task pass runs over the heads only: disjoint, so the loop
+    res = checked(log, compute, named, choose(call.task_grads, g, None, g.task_bits, disjoint=cut is not None),
+                  call.group)
+    parts: list[tuple[Node, Tensor]] = []
+    for n, r in zip(others, res[len(shared):]):
+        if isinstance(r, Tensor):
+            parts.append((n, r.sum(0)))
+        elif r is not None:
+            parts += [(n, p) for p in r if p is not None]
+    Js = [r[sel].reshape(len(ts), -1) for r in res[:len(shared)]]  # type: ignore[index]
+    ds, _, s = solve_pieces(call, call.solvers[0].for_block(0), Js, ts, None, False, holder[0])
+    D = sum(J.shape[-1] for J in Js)
+    rep = BlockReport(f"{len(shared)} shared parameters [{D}]", (D,), tuple(call.tasks.names[i] for i in ts), s.G,
+                      s.w, s.scale, task_grads=log.passes[-1], gram_from="J", status=s.status)
+    parts += [(n, d.reshape(g.leaves[n].shape)) for n, d in zip(shared, ds)]
+    return rep, parts
+
+
+def _cut(call: Call, g: Graph, shared: list[Node], others: list[Node]) -> Cut | None:
+    """The blocks and heads when every task reaches the shared parameters only through top-level automatic blocks
+    (then ``J`` is one batched backward from them), else None."""
+    if call.tasks.fused is not None or not shared:
+        return None
+    _find(g, call.tasks)
+    blocks = g.blocks
+    if not blocks or any(b.above for b in blocks):
+        return None
+    in_block = 0
+    for b in blocks:
+        for i in b.tasks:
+            in_block |= 1 << i
+    if in_block != g.task_bits:
+        return None
+    leaf_blocks = {b.edge.node for b in blocks if b.leaf is not None}
+    heads = []
+    for n in others + shared:
+        raw = g.raw.get(n, 0)
+        if n in leaf_blocks or not raw:
+            continue
+        if n in g.shared or g.above.get(n, 0) or raw & (raw - 1):
+            return None  # a task reaches it beside every block: J needs the losses' own pass
+        heads.append(n)
+    return Cut(blocks, heads)
+
+
+def heads_pass(call: Call, g: Graph, log: Log, cut: Cut, inputs: list, batched: bool) -> list[Rows]:
+    """The per-task pass over the heads: each task's gradient at ``inputs`` (the blocks' edges or parameters),
+    then at the heads (only its own)."""
+    k, nb = g.k, len(inputs)
+    owner = [_bits(g.raw[n])[0] for n in cut.heads]
+    needs = [[nb + h for h, c in enumerate(owner) if c == r] for r in range(k)]
+    # the last pass through the heads: the trunk pass below starts at the blocks (the also terms ran before)
+    res = rows(log, call.tasks.outs, inputs + [g.leaves[n] for n in cut.heads], seeds(call.tasks.outs, k), n=k,
+               onehot=k, dense=nb, needs=needs, batched=batched, retain=call.keep,
+               disjoint=not call.tasks.stacked)
+    for h, (c, r) in enumerate(zip(owner, res[nb:])):  # only its task's row (the others are zeros or absent)
+        res[nb + h] = None if r is None else [r[c] if i == c else None for i in range(k)]
+    return res
+
+
+def _through_blocks(call: Call, g: Graph, log: Log, cut: Cut, shared: list[Node], others: list[Node],
+                    batched: bool) -> list[Rows]:
+    """The rows of ``shared + others`` from the losses' gradients at the blocks (one pass over the heads) and one
+    backward from the blocks through the trunk."""
+    k, blocks = g.k, cut.blocks
+    res = heads_pass(call, g, log, cut, [b.leaf if b.leaf is not None else b.edge for b in blocks], batched)
+    found: dict[Node, Rows] = {b.edge.node: res[j] for j, b in enumerate(blocks) if b.leaf is not None}
+    found.update(zip(cut.heads, res[len(blocks):]))
+    act = [j for j, b in enumerate(blocks) if b.leaf is None]
+    below = [n for n in shared + others if n not in found]
+    if act and below:
+        # every row seeds every block: batched (the loop only when asked for; a row's 0 × inf here is the loop's
+        # too, as the rows at the blocks are the task gradients themselves); the last pass through the trunk
+        vjp = rows(log, [blocks[j].edge for j in act], [g.leaves[n] for n in below], [res[j] for j in act],  # type: ignore
+                   n=k, onehot=0, dense=len(below), needs=None, batched=(_autograd.FORCE or call.task_grads) != "loop",
+                   retain=call.keep)
+        log.passes.pop()  # the report names the per-task pass (the one above)
+        found.update(zip(below, vjp))
+    # a shared parameter no block reaches (only a leaf block does elsewhere): zero rows, as from the losses
+    return [found[n] if n in found else zeros(g.leaves[n], k) for n in shared] + [found.get(n) for n in others]
+

@@ -1,0 +1,143 @@
+"""Per-task gradients at every block: one per-task pass for all blocks, then one pull per lower level.
+
+Task ``i``'s row at block ``b`` is what reaches ``b`` when task ``i``'s resolved rows leave every block above it:
+
+    J_b[i] = raw_b[i] + Σ_{a above b} pull_{a→b}(R_a[i] − J_a[i])
+
+where ``raw_b[i]`` is the plain gradient of loss ``i`` at ``b`` (through every path, blocks above included) and
+``pull_{a→b}`` the vector-Jacobian product from block ``a`` down to ``b`` (linear, so corrections add).  So:
+
+1. **one per-task pass** (:func:`first_pass`): ``raw_b`` at every block and the heads' own gradients, each head
+   traversed once per task that reaches it (once in all for disjoint heads);
+2. per level ``L ≥ 1``, **one batched pull** (:func:`pull`) from the blocks above, seeded with the corrections
+   ``R_a − J_a`` and, on one more row, with ``σ_a``: what will arrive at ``b`` in the final pass.
+
+The hooks of the block tensors (and of every leaf captured) stay quiet here (:func:`impartial._torch_compat.quiet`):
+those tensors receive their gradient in the final pass and the write, once.  Nodes strictly above a block that two
+or more tasks reach (between nested blocks, above a marked block) run once per task row here, and their hooks run
+with them: a per-task gradient cannot be had without running them per task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+from torch import Tensor
+from torch.autograd.graph import Node
+
+from . import _autograd
+from . import _distributed as _dist
+from ._autograd import Log, Rows, checked, choose, rows
+from ._call import Call, seeds
+from ._checks import Named
+from ._plan import Plan
+from ._solve import named_gram
+from ._torch_compat import quiet
+
+__all__ = ["First", "first_pass", "pull"]
+
+
+@dataclass
+class First:
+    """The per-task pass: raw rows ``[K, *shape]`` at every block, the heads' gradients, level-0 Grams."""
+
+    raw: list[Tensor]
+    heads: list[tuple[Node, Tensor]]
+    grams: dict[int, Tensor]
+
+
+def first_pass(call: Call, plan: Plan, log: Log) -> First:
+    """Raw rows at every block and each head's gradient, finite or :class:`NonFinite` naming the task."""
+    g, blocks, K, nb = plan.g, plan.blocks, plan.K, len(plan.blocks)
+    T, owner = plan.layout.rows, plan.layout.owner
+    outs = [call.tasks.outs[i] for i in T]
+    inputs = plan.targets + [g.leaves[n] for n in plan.heads]
+    needs = [[nb + h for h, c in enumerate(owner) if c == r] for r in range(K)]  # row r: the blocks + its heads
+    free = plan.layout.disjoint and not call.keep and not call.tasks.stacked
+    grams: dict[int, Tensor] = {}
+
+    def compute(batched: bool) -> list[Rows]:
+        res = rows(log, outs, inputs, seeds(outs, K), n=K, onehot=K, dense=nb, needs=needs, batched=batched,
+                   retain=not free, disjoint=True)
+        for j, b in enumerate(blocks):
+            if call.group is not None and b.leaf is not None:  # a parameter: the mean over the ranks
+                res[j] = _dist.all_mean(res[j], call.group)
+        return res
+
+    def named(res: list[Rows]) -> Named:
+        out: Named = []
+        for j in plan.levels[0]:
+            G, flags = named_gram(call, plan, j, res[j][plan.sel[j]])  # type: ignore[index]
+            grams[j] = G
+            out.append(flags)
+        if log.passes[-1] == "batched":  # another task's 0 × inf shows in a lower block's raw rows too
+            for j in range(nb):
+                if plan.layout.level[j]:
+                    b = blocks[j]
+                    out.append(([(f"the gradient of {call.tasks.names[i]!r} at block {b.name!r}", i)
+                                 for i in b.tasks], res[j][plan.sel[j]]))  # type: ignore[index]
+        own: dict[int, list] = {}  # each task's own leaves: one fused finiteness check per task
+        for n, c, r in _heads(plan, res):
+            own.setdefault(c, []).append((f"the gradient of {call.tasks.names[T[c]]!r} w.r.t. {g.name(n)!r}", r))
+        for c, items in own.items():
+            out.append(([([m for m, _ in items], T[c])], tuple(r for _, r in items)))
+        return out
+
+    # above automatic top-level blocks no node is reached by two tasks (a block is where they first meet): the
+    # loop does 1/k of the batched pass's work, no need to measure
+    batched = choose(call.task_grads, g, [b.edge.node for b in blocks], sum(1 << i for i in T),
+                     disjoint=call.mode == "auto" and len(plan.levels) == 1)
+    with quiet(plan.quiet):
+        res = checked(log, compute, named, batched, call.group)
+    return First([r for r in res[:nb]], [(n, r) for n, _, r in _heads(plan, res)], grams)  # type: ignore[misc]
+
+
+def _heads(plan: Plan, res: list[Rows]) -> list[tuple[Node, int, Tensor]]:
+    """(leaf, its row, that row's gradient) of the heads (only its task's row: the others are zeros or absent)."""
+    found = []
+    for n, c, r in zip(plan.heads, plan.layout.owner, res[len(plan.blocks):]):
+        v = None if r is None else r[c]
+        if v is not None:
+            found.append((n, c, v))
+    return found
+
+
+def pull(call: Call, plan: Plan, log: Log, lvl: list[int], raw: list[Tensor], corr: dict[int, Tensor],
+         sigma: dict[int, Tensor]) -> tuple[dict[int, Tensor], dict[int, Tensor], dict[int, Tensor]]:
+    """``(rows, arrivals, grams)`` of the blocks ``lvl`` (one level below the top): their raw rows plus one pass
+    from the blocks above, seeded with the corrections (and ``σ`` on an extra row, the arrival, unless plain)."""
+    blocks, K, plain = plan.blocks, plan.K, plan.layout.plain
+    srcs = sorted({a for j in lvl for a in blocks[j].above if blocks[a].leaf is None})
+    outs = [blocks[a].edge for a in srcs]
+    seeds_ = [corr[a] if plain else torch.cat([corr[a], sigma[a][None]]) for a in srcs]
+    n = K + (0 if plain else 1)
+    inputs = [plan.targets[j] for j in lvl]
+    grams: dict[int, Tensor] = {}
+
+    def compute(batched: bool) -> list[Rows]:
+        res = rows(log, outs, inputs, seeds_, n=n, onehot=0, dense=len(lvl), needs=None, batched=batched)
+        out: list[Rows] = []
+        for j, p in zip(lvl, res):
+            full = raw[j] + p if plain else torch.cat([raw[j] + p[:K], p[K:]])  # type: ignore[index,operator]
+            if call.group is not None and blocks[j].leaf is not None:  # a parameter: the mean over the ranks
+                full = _dist.all_mean(full, call.group)
+            out.append(full)
+        return out
+
+    def named(res: list[Rows]) -> Named:
+        out: Named = []
+        for j, full in zip(lvl, res):
+            grams[j], flags = named_gram(call, plan, j, full[:K][plan.sel[j]])  # type: ignore[index]
+            out.append(flags)
+        return out
+
+    # every row seeds every block above: the nodes between are shared by all rows, so batch them
+    with quiet(plan.quiet):
+        res = checked(log, compute, named, (_autograd.FORCE or call.task_grads) != "loop", call.group)
+    got: dict[int, Tensor] = {}
+    arrival: dict[int, Tensor] = {}
+    for j, full in zip(lvl, res):
+        got[j] = full[:K][plan.sel[j]]  # type: ignore[index]
+        if not plain:
+            arrival[j] = full[K]  # type: ignore[index]
+    return got, arrival, grams

@@ -1,0 +1,119 @@
+"""Every torch internal :func:`impartial.backward` relies on, in one place.
+
+Each function here reads or sets something torch does not document as public API.  ``tests/test_torch_compat.py``
+checks every one of them against the behaviour we rely on, so that a torch release that changes one fails a test
+by name instead of silently changing a result or losing speed.  Nothing here catches an error to fall back.
+
+- :func:`input_metadata`: the shape, dtype and device of the gradient a node receives at one of its inputs
+  (``Node._input_metadata``), for zero rows and names of blocks that no tensor is at hand for;
+- :func:`linear_saved`: the input ``X`` and the scalars of a matrix-product node (``AddmmBackward0`` /
+  ``MmBackward0``: ``_saved_mat1`` / ``_saved_self``, ``_saved_alpha`` / ``_saved_beta``);
+- :func:`saved_tensors`: the tensors a node saved for backward (its ``_saved_*`` attributes), among which the
+  tensor at an automatic block is found when a consumer saved it;
+- :func:`quiet`: a tensor's own hooks switched off while impartial computes gradients that are not the one
+  the tensor receives (``Tensor._backward_hooks``, the dict torch's C++ hook reads at call time), and the
+  ``.grad`` of a tensor that retains its gradient kept as it was;
+- :func:`is_freed_graph`: whether an autograd error says the graph was already freed (its message is the only
+  signal torch gives);
+- :func:`foreach_norm`: ``torch._foreach_norm``, one fused norm per tensor of a list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import Node
+
+__all__ = ["input_metadata", "linear_saved", "saved_tensors", "quiet", "is_freed_graph", "foreach_norm"]
+
+
+def input_metadata(node: Node, nr: int) -> tuple[torch.Size, torch.dtype, torch.device]:
+    """Shape, dtype and device of the gradient ``node`` receives at input ``nr`` (its forward output ``nr``)."""
+    m = node._input_metadata[nr]  # type: ignore[attr-defined]
+    return m.shape, m.dtype, m.device
+
+
+def linear_saved(node: Node) -> tuple[Tensor | None, float, float]:
+    """``(X, alpha, beta)`` of ``AddmmBackward0`` (``X = mat1``) or ``MmBackward0`` (``X = self``, alpha = beta = 1).
+
+    ``X`` is None when autograd did not save it (the weight does not require grad) or saved it through a
+    saved-tensor hook (checkpointing: reading it would recompute the region).
+    """
+    if node.name() == "AddmmBackward0":
+        X = _unhooked(node, "mat1")
+        return X, float(node._saved_alpha), float(node._saved_beta)  # type: ignore[attr-defined]
+    if node.name() == "MmBackward0":
+        return _unhooked(node, "self"), 1.0, 1.0
+    raise ValueError(f"not a matrix-product node: {node.name()}")
+
+
+def _unhooked(node: Node, name: str) -> Tensor | None:
+    """Saved tensor ``name`` of ``node`` if it was saved without a saved-tensor hook, else None."""
+    raw = getattr(node, "_raw_saved_" + name)
+    if raw is None or raw.unpack_hook is not None:
+        return None
+    return getattr(node, "_saved_" + name)
+
+
+def _plain(raw: Any) -> bool:
+    """Whether saved tensor(s) ``raw`` were saved without a saved-tensor hook."""
+    items = raw if isinstance(raw, (list, tuple)) else [raw]
+    return all(r is not None and r.unpack_hook is None for r in items)
+
+
+def saved_tensors(node: Node, only: str | None = None) -> Iterator[tuple[str, Tensor]]:
+    """``(attribute, tensor)`` for the tensors ``node`` saved for its backward without a saved-tensor hook (an input
+    it saved is the very tensor object it read; a hooked one, under checkpointing, is not unpacked: that would
+    recompute it).  ``only``: that attribute alone (as the first call found it)."""
+    names = [only] if only is not None else [a[len("_raw_saved_"):] for a in dir(node) if a.startswith("_raw_saved_")]
+    for attr in names:
+        try:  # a Python Function's node lists _raw_saved_tensors but saves through ctx (not an input it read)
+            raw = getattr(node, "_raw_saved_" + attr)
+            value = getattr(node, "_saved_" + attr) if _plain(raw) else None
+        except (AttributeError, RuntimeError):  # no such attribute, or freed with the graph
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, Tensor):
+                yield attr, v
+
+
+@contextlib.contextmanager
+def quiet(tensors: Iterable[Tensor]) -> Iterator[None]:
+    """Switch off the tensor hooks of ``tensors`` (and keep the ``.grad`` of those that retain it) inside the block.
+
+    ``Tensor.register_hook`` stores the hooks in ``tensor._backward_hooks``, a dict that torch's C++ hook object
+    holds by reference and iterates at call time: emptying it in place silences the hooks, refilling it (same
+    order) restores them.  ``retain_grad`` writes ``.grad`` from C++; the value before is put back.
+    """
+    held: list[tuple[dict[Any, Any], list[tuple[Any, Any]]]] = []
+    grads: list[tuple[Tensor, Tensor | None]] = []
+    for t in tensors:
+        hooks = t._backward_hooks
+        if hooks:
+            held.append((hooks, list(hooks.items())))
+            hooks.clear()
+        if t.grad_fn is not None and t.retains_grad:
+            grads.append((t, t.grad))
+    try:
+        yield
+    finally:
+        for hooks, items in held:
+            hooks.clear()
+            hooks.update(items)
+        for t, g in grads:
+            t.grad = g
+
+
+def is_freed_graph(err: BaseException) -> bool:
+    """Whether ``err`` is autograd's "backward through the graph a second time" error."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("second time" in text or "have already been freed" in text)
+
+
+def foreach_norm(tensors: list[Tensor]) -> list[Tensor]:
+    """The 2-norm of each tensor, in one fused call."""
+    return list(torch._foreach_norm(tensors))
