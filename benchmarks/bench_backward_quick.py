@@ -1,7 +1,8 @@
 """Quick wall-time ratios of ``impartial.backward`` to ``sum(losses).backward()``, in one process.
 
 1. A multimodal VAE step (3 modality decoders, KL as ``also``), ``block="auto"`` (the block is ``z``).
-2. A ~1M-parameter shared encoder with k = 8 heads, ``block="params"``.
+2. An MLP: a ~1M-parameter shared encoder with k = 8 heads, ``block="auto"`` (the block is the encoder's output);
+3. the same with ``block="params"``.
 
 Each variant is timed many times, interleaved with the plain baseline (the machine may be shared and noisy);
 medians and ratios are printed for the backward call alone and for the whole step (forward + backward).
@@ -87,7 +88,7 @@ def compare(name: str, model: nn.Module, x: torch.Tensor, shared: list[torch.Ten
         return t2 - t1, t2 - t0
 
     variants = ["plain", "auto", "batched", "loop"]
-    if block == "params" and mtl_backward is not None:
+    if mtl_backward is not None and hasattr(model, "features"):
         variants.append("torchjd")
     times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     n = len(variants)
@@ -121,8 +122,9 @@ def main() -> None:
     compare("multimodal VAE (3 modalities, batch 128)", vae, torch.randn(128, sum(vae.dims), device=dev),
             list(vae.encoder.parameters()), "auto", args.repeats, sync, clock)
     enc = Shared().to(dev)
-    compare("shared encoder, k = 8 (batch 64)", enc, torch.randn(64, 512, device=dev),
-            list(enc.encoder.parameters()), "params", args.repeats, sync, clock)
+    for block in ("auto", "params"):
+        compare("shared encoder, k = 8 (batch 64)", enc, torch.randn(64, 512, device=dev),
+                list(enc.encoder.parameters()), block, args.repeats, sync, clock)
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, clock {args.clock}")
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
-from ._checks import Named, NonFinite, first_bad
+from ._checks import Check, NonFinite, first_bad
 from ._torch_compat import input_metadata, is_freed_graph
 from .graph._trace import Graph, remember
 
@@ -56,18 +56,20 @@ def zeros(x: Tensor | GradientEdge, n: int) -> Tensor:
     return torch.zeros((n, *shape), dtype=dtype, device=device)
 
 
-def rows(log: Log, outputs: list, inputs: list, seeds: list[Tensor], *, n: int, onehot: int, dense: int,
+def rows(log: Log, outputs: list, inputs: list, seeds: list[Tensor] | None, *, n: int, onehot: int, dense: int,
          needs: Sequence[Sequence[int]] | None, batched: bool, retain: bool = True,
          disjoint: bool = False) -> list[Rows]:
     """Per-row gradients of ``outputs`` seeded with row ``r`` of each seed (``[n, ...]``).
 
     The first ``onehot`` outputs are task losses seeded with the rows of the identity (row ``r`` seeds loss ``r``
-    only).  ``inputs[:dense]`` get ``[n, ...]`` tensors (zeros where unreached); the others, in the loop, only the
+    only; ``seeds=None`` when every output is one of them).  ``inputs[:dense]`` get ``[n, ...]`` tensors (zeros where unreached); the others, in the loop, only the
     rows in ``needs[r]`` ask for (a list per input).  Batched: one vmapped backward, or the loop if vmap cannot run
     an op (``log.fallback`` says why).  ``retain=False``: this is the last pass through what it runs, so it frees
     it: the loop frees on its last row, or on every row when the rows share no node (``disjoint``).
     """
     if batched:
+        if seeds is None:
+            seeds = onehot_seeds(outputs, n)
         try:
             res: list[Rows] = list(torch.autograd.grad(outputs, inputs, seeds, retain_graph=retain,
                                                        allow_unused=True, is_grads_batched=True))
@@ -87,14 +89,21 @@ def rows(log: Log, outputs: list, inputs: list, seeds: list[Tensor], *, n: int, 
     return _loop(outputs, inputs, seeds, n, onehot, dense, needs, retain, disjoint)
 
 
-def _loop(outputs: list, inputs: list, seeds: list[Tensor], n: int, onehot: int, dense: int,
+def onehot_seeds(outs: list[Tensor], n: int) -> list[Tensor]:
+    """One-hot seeds of a batched per-task pass: loss ``r`` gets row ``r`` of the identity ``[n, n]``."""
+    eye = torch.eye(n, dtype=outs[0].dtype, device=outs[0].device)
+    return [eye[:, r].to(o.dtype) for r, o in enumerate(outs)]
+
+
+def _loop(outputs: list, inputs: list, seeds: list[Tensor] | None, n: int, onehot: int, dense: int,
           needs: Sequence[Sequence[int]] | None, retain: bool, disjoint: bool) -> list[Rows]:
     """One backward per row, from that row's own loss (no ``0 × inf`` from the others' zero seeds)."""
     per: list[list[Tensor | None]] = [[None] * n for _ in inputs]
     for r in range(n):
         keep = [c for c in range(len(outputs)) if c >= onehot or c == r]
         want = list(range(dense)) + list(range(dense, len(inputs)) if needs is None else needs[r])
-        out = torch.autograd.grad([outputs[c] for c in keep], [inputs[j] for j in want], [seeds[c][r] for c in keep],
+        grads = None if seeds is None else [seeds[c][r] for c in keep]  # None: a lone loss, seeded with 1
+        out = torch.autograd.grad([outputs[c] for c in keep], [inputs[j] for j in want], grads,
                                   retain_graph=retain or (not disjoint and r < n - 1), allow_unused=True)
         for j, o in zip(want, out):
             per[j][r] = o
@@ -110,9 +119,9 @@ def _loop(outputs: list, inputs: list, seeds: list[Tensor], n: int, onehot: int,
     return res
 
 
-def checked(log: Log, compute: Callable[[bool], list[Rows]], named: Callable[[list[Rows]], Named], batched: bool,
-            group: Any = None) -> list[Rows]:
-    """Per-row gradients (``compute(batched)``), finite or :class:`NonFinite` naming the loss.
+def checked(log: Log, compute: Callable[[bool], list[Rows]], checks: Callable[[list[Rows]], list[Check]],
+            batched: bool, group: Any = None) -> list[Rows]:
+    """Per-row gradients (``compute(batched)``), finite by ``checks`` or :class:`NonFinite` naming the loss.
 
     A batched backward multiplies the zero seeds of the other tasks by every local derivative: one infinite
     derivative on task i's path (``sqrt`` at 0) puts ``0 × inf = NaN`` in every row.  So a non-finite batch is
@@ -120,12 +129,12 @@ def checked(log: Log, compute: Callable[[bool], list[Rows]], named: Callable[[li
     """
     n = len(log.passes)
     res = compute(batched)
-    bad = first_bad(named(res), group)
+    bad = first_bad(checks(res), group)
     if bad is not None and log.passes[n:] == ["batched"]:
         log.passes.pop()
         res = compute(False)
         log.fallback = "non-finite values in the batched backward (0 × inf); recomputed task by task"
-        bad = first_bad(named(res), group)
+        bad = first_bad(checks(res), group)
     if bad is not None:
         raise NonFinite(f"{bad[0]} is not finite; no gradient was written", bad[1])
     return res

@@ -117,9 +117,9 @@ def _run(call: Call, strict: bool) -> tuple[list[BlockReport], dict[Node, Tensor
     with guard(g, call.tasks, call.extra):
         if call.mode == "params" and g.k > 1:
             check_solvers(call, 1)
-            reports, parts = params_stage(call, g, log)
+            reports, parts, owner = params_stage(call, g, log)
             total = totals(parts)
-            check(call, g, (), total)
+            check(call, g, (), total, owner)
             return reports, total, g, log, []
         _find(g, call.tasks, explicit=None if call.mode == "auto" else call.marked if g.k > 1 else [])
         check_solvers(call, len(g.blocks))
@@ -135,7 +135,9 @@ def _run(call: Call, strict: bool) -> tuple[list[BlockReport], dict[Node, Tensor
             parts += block_parts
         parts += final_pass(call, p, sigma).items()
         total = totals(parts)
-        check(call, g, p.layout.seeded, total)
+        seeds = {n for n in p.finals}  # leaves the final pass reaches: not a head's alone
+        owner = {n: p.layout.rows[c] for n, c in zip(p.heads, p.layout.owner) if n not in seeds}
+        check(call, g, p.layout.seeded, total, owner)
     return reports, total, g, log, notes
 
 

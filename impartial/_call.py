@@ -102,9 +102,3 @@ def check_solvers(call: Call, n_blocks: int) -> None:
     if len(call.solvers) > 1 and len(call.solvers) != n_blocks:
         raise ValueError(f"{len(call.solvers)} solvers were given, one per block, but there are {n_blocks} blocks "
                          "(see impartial.graph.find_blocks)")
-
-
-def seeds(outs: list[Tensor], n: int) -> list[Tensor]:
-    """One-hot seeds of a per-task pass: loss ``r`` gets row ``r`` of the identity ``[n, n]``."""
-    eye = torch.eye(n, dtype=torch.float64)
-    return [eye[:, r].to(device=o.device, dtype=o.dtype) for r, o in enumerate(outs)]

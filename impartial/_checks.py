@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -17,13 +19,7 @@ from . import _distributed as _dist
 from ._torch_compat import foreach_norm, is_freed_graph
 from .graph._trace import Graph, _Losses
 
-__all__ = ["NonFinite", "Named", "first_bad", "freed", "guard"]
-
-#: ``(names, values)``: one ``(message, task index)`` per row (None: not checked) and the rows (a tensor
-#: ``[rows, ...]`` or a list of tensors / None), finiteness flags already computed (a bool tensor ``[rows]``),
-#: or a tuple of tensors checked as one row (then the message is a list, one per tensor)
-Named = list[tuple[list, Union[Tensor, list[Union[Tensor, None]], tuple[Tensor, ...]]]]
-
+__all__ = ["NonFinite", "Blame", "Check", "rows_check", "first_bad", "freed", "guard"]
 
 class NonFinite(FloatingPointError):
     """A gradient is not finite; ``task`` is the index of the loss to blame (a task, or ``k + j`` for the ``j``-th
@@ -34,56 +30,59 @@ class NonFinite(FloatingPointError):
         self.task = task
 
 
-def _flags(t: Tensor | list[Tensor | None] | tuple[Tensor, ...]) -> Tensor:
-    """``[rows]`` finiteness flags, cheaply: a row's sum is finite iff its entries are (NaN and ±inf propagate),
-    up to overflow of the sum, which the exact check rules out before anything is reported."""
-    if isinstance(t, list):
-        dev = next((r.device for r in t if r is not None), torch.device("cpu"))
-        return torch.stack([torch.ones((), dtype=torch.bool, device=dev) if r is None else r.sum().isfinite()
-                            for r in t])
-    if isinstance(t, tuple):  # one row made of several tensors: one fused norm each
-        return torch.stack(foreach_norm(list(t))).sum().isfinite().reshape(1)
-    if t.dtype == torch.bool:
-        return t
-    if t.ndim == 0 or t[0].numel() == 0:
-        return torch.ones(t.shape[:1], dtype=torch.bool, device=t.device)
-    return t.reshape(t.shape[0], -1).sum(1).isfinite()
+#: who to blame for a row: the loss index (or None) and the message, built only on the error path
+Blame = tuple[Optional[int], Callable[[], str]]
 
 
-def _exact_bad(t: Tensor | list[Tensor | None] | tuple[Tensor, ...], row: int) -> int | None:
-    """None if row ``row`` is finite, element by element (the error path only); else the index of the first
-    non-finite tensor of a group (0 for a row)."""
-    if isinstance(t, tuple):
-        return next((m for m, r in enumerate(t) if not bool(r.isfinite().all())), None)
-    r = t[row]
-    return None if r is None or bool(r.isfinite().all()) else 0
+@dataclass
+class Check:
+    """Finiteness flags of some rows, ``[n]`` bool (True: finite), computed cheaply (a sum or a norm per row is
+    finite iff its entries are, unless it overflows), with who to blame for each row (None: not checked) and, for
+    the error path, an exact test of row ``i`` element by element (None: the flags are exact)."""
+
+    flags: Tensor
+    blame: Sequence[Blame | None]
+    exact: Callable[[int], bool] | None = None
 
 
-def first_bad(named: Named, group: Any = None) -> tuple[str, int | None] | None:
-    """The first named row that is not finite, as ``(message, loss index)``, or None."""
-    if not named:
+def rows_check(rows: Tensor | list[Tensor | None], blame: Sequence[Blame | None]) -> Check:
+    """The check of ``[n, ...]`` rows (or a list of rows, None for none)."""
+    if isinstance(rows, list):
+        present = [r for r in rows if r is not None]
+        norms = iter(foreach_norm(present)) if present else iter(())
+        dev = present[0].device if present else torch.device("cpu")
+        one = torch.ones((), device=dev)
+        flags = torch.stack([one if r is None else next(norms) for r in rows]).isfinite()
+    else:
+        flags = rows.reshape(rows.shape[0], -1).sum(1).isfinite() if rows.numel() else torch.ones(
+            rows.shape[:1], dtype=torch.bool, device=rows.device)
+    return Check(flags, blame, lambda i: rows[i] is None or bool(rows[i].isfinite().all()))  # type: ignore[union-attr]
+
+
+def first_bad(checks: list[Check], group: Any = None) -> tuple[str, int | None] | None:
+    """The first checked row that is not finite, as ``(message, loss index)``, or None.  One device sync for all
+    checks; the same verdict on every rank of a process group."""
+    if not checks:
         return None
-    flags = [_flags(t).reshape(-1) for _, t in named]
-    dev = flags[0].device
-    ok_t = torch.cat([f.to(dev) for f in flags])
+    dev = checks[0].flags.device
+    ok_t = torch.cat([c.flags.reshape(-1).to(dev) for c in checks])
     if group is not None:  # every rank takes the same branch
         ok_t = _dist.all_true(ok_t, group)
     ok = ok_t.to("cpu").tolist()
-    suspects = []  # (name, index of the bad member of a group, or 0; None if the row is finite here)
+    suspects: list[tuple[Blame, bool]] = []  # (blame, finite here)
     i = 0
-    for names, t in named:
-        for r, name in enumerate(names):
-            if name is not None and not ok[i + r]:
-                flags_only = isinstance(t, Tensor) and t.dtype == torch.bool
-                suspects.append((name, 0 if flags_only else _exact_bad(t, r)))
-        i += len(names)
-    if group is not None and suspects:
-        here = torch.tensor([m is None for _, m in suspects], device=dev)
+    for c in checks:
+        for r, who in enumerate(c.blame):
+            if who is not None and not ok[i + r]:
+                suspects.append((who, c.exact is not None and c.exact(r)))
+        i += len(c.blame)
+    if group is not None and suspects:  # a row flagged by an overflowing sum on one rank only is finite
+        here = torch.tensor([f for _, f in suspects], device=dev)
         fine = _dist.all_true(here, group).to("cpu").tolist()
-        suspects = [(name, 0 if m is None else m) for (name, m), f in zip(suspects, fine) if not f]
-    for name, m in suspects:
-        if m is not None:  # a group names each member: (messages, task)
-            return (name[0][m], name[1]) if isinstance(name[0], list) else name
+        suspects = [(who, f) for (who, _), f in zip(suspects, fine)]
+    for (task, message), finite in suspects:
+        if not finite:
+            return message(), task
     return None
 
 

@@ -21,9 +21,9 @@ from torch import Tensor
 from torch.autograd.graph import Node
 
 from ._call import Call
-from ._checks import NonFinite, first_bad
+from ._checks import Blame, Check, NonFinite, first_bad
 from ._plan import Plan
-from ._torch_compat import quiet
+from ._torch_compat import foreach_norm, quiet
 from .graph._trace import Graph
 
 __all__ = ["final_pass", "totals", "write"]
@@ -55,31 +55,40 @@ def totals(parts: list[tuple[Node, Tensor]]) -> dict[Node, Tensor]:
     return out
 
 
-def check(call: Call, g: Graph, tasks: tuple[int, ...], total: dict[Node, Tensor]) -> None:
-    """:class:`NonFinite` if a leaf's total is not finite.  The per-task rows were checked already, so the cause is
-    below the blocks or in a loss seeded in the final pass (``tasks`` and the ``also`` terms): it is named when
-    only one loss is seeded there."""
-    seeded = [call.tasks.names[i] for i in tasks] + call.extra.names
-    ids = list(tasks) + [g.k + j for j in range(len(call.extra.outs))]
+def check(call: Call, g: Graph, seeded: tuple[int, ...], total: dict[Node, Tensor], owner: dict[Node, int]) -> None:
+    """:class:`NonFinite` if a leaf's total is not finite, in one fused check of every leaf.
+
+    A head (a leaf only task ``owner[n]`` reaches) blames that task.  Elsewhere the per-task rows were checked
+    already, so the cause is below the blocks or in a loss seeded in the final pass (the ``seeded`` tasks and the
+    ``also`` terms): it is named when only one loss is seeded there, or found by asking each of them when the
+    graph is kept (the error path only).
+    """
+    if not total:
+        return
+    names = call.tasks.names + call.extra.names
+    ids = list(seeded) + [g.k + j for j in range(len(call.extra.outs))]
     blame = ids[0] if len(ids) == 1 else None
-    if len(seeded) == 1:
-        where = f" (from {seeded[0]!r})"
-    elif seeded:
-        where = f" (from one of {', '.join(map(repr, seeded))}, or the resolved directions below the blocks)"
+    if len(ids) == 1:
+        where = f" (from {names[ids[0]]!r})"
+    elif ids:
+        where = f" (from one of {', '.join(repr(names[i]) for i in ids)}, or the resolved directions below the blocks)"
     else:
         where = " (from the resolved directions, in the graph below the blocks)"
-    nodes = list(total)
-    named = [([(f"the gradient w.r.t. {g.name(n)!r}{where}", i)], (t,)) for i, (n, t) in enumerate(total.items())]
-    bad = first_bad(named, call.group)  # type: ignore[arg-type]
+    nodes, values = list(total), list(total.values())
+    who: list[Blame | None] = [
+        (owner[n], lambda n=n: f"the gradient of {names[owner[n]]!r} w.r.t. {g.name(n)!r}") if n in owner else
+        (blame, lambda n=n: f"the gradient w.r.t. {g.name(n)!r}{where}") for n in nodes]
+    flags = torch.stack([v.to(values[0].device) for v in foreach_norm(values)]).isfinite()
+    bad = first_bad([Check(flags, who, lambda i: bool(values[i].isfinite().all()))], call.group)
     if bad is None:
         return
-    if blame is None and call.keep and len(ids) > 1:  # the graph is kept: ask each seeded loss (error path only)
-        blame = _blame(call, g, ids, nodes[bad[1]])  # type: ignore[index]
-        if blame is not None:
-            name = (call.tasks.names + call.extra.names)[blame]
-            raise NonFinite(f"the gradient of {name!r} w.r.t. {g.name(nodes[bad[1]])!r} is not finite; no gradient "  # type: ignore[index]
-                            "was written", blame)
-    raise NonFinite(f"{bad[0]} is not finite; no gradient was written", blame)
+    message, task = bad
+    if task is None and call.keep and len(ids) > 1:  # the graph is kept: ask each seeded loss (error path only)
+        i = next(i for i, v in enumerate(values) if not bool(v.isfinite().all()))
+        task = _blame(call, g, ids, nodes[i])
+        if task is not None:
+            message = f"the gradient of {names[task]!r} w.r.t. {g.name(nodes[i])!r}"
+    raise NonFinite(f"{message} is not finite; no gradient was written", task)
 
 
 def _blame(call: Call, g: Graph, ids: list[int], node: Node) -> int | None:
@@ -95,9 +104,22 @@ def _blame(call: Call, g: Graph, ids: list[int], node: Node) -> int | None:
 
 
 def write(g: Graph, total: dict[Node, Tensor]) -> None:
-    """Accumulate each total into its leaf's ``.grad`` through its ``AccumulateGrad`` node (see the module doc)."""
+    """Accumulate each total into its leaf's ``.grad`` through its ``AccumulateGrad`` node (see the module doc).
+
+    Each leaf is seeded through a fresh view of itself (``p.view_as(p)``): ``AccumulateGrad`` then receives a tensor
+    nothing else refers to and takes it as ``.grad`` without a copy, as in a plain backward (seeded directly, it
+    would copy every gradient into newly allocated memory).  A total that is a row of a larger batched result is
+    copied first, not to keep every row alive.
+    """
     if not total:
         return
     leaves = [g.leaves[n] for n in total]
-    grads = [t.to(p.dtype) for p, t in zip(leaves, total.values())]
-    torch.autograd.backward(leaves, grads)
+    grads = []
+    for p, t in zip(leaves, total.values()):
+        t = t.to(p.dtype)
+        if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            t = t.clone()
+        grads.append(t)
+    with torch.enable_grad():
+        roots = [p.view_as(p) for p in leaves]
+    torch.autograd.backward(roots, grads)

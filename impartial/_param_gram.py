@@ -23,7 +23,7 @@ from torch.autograd.graph import GradientEdge, Node
 from . import _autograd
 from ._autograd import Log, Rows, checked, choose, rows
 from ._call import Call
-from ._checks import Named
+from ._checks import Check
 from ._report import BlockReport
 from ._solve import rescale
 from ._torch_compat import linear_saved
@@ -137,18 +137,16 @@ def params_gram(call: Call, g: Graph, log: Log, blocks: list, heads: list[Node],
         log.passes.pop()  # the report names the per-task pass (the one above)
         return deltas + res[len(blocks):]
 
-    def named(res: list[Rows]) -> Named:
+    def checks(res: list[Rows]) -> list[Check]:
         parts = [layer_gram(D, X, w is not None, b is not None)  # type: ignore[arg-type]
                  for D, (_, X, w, b, _) in zip(res[:len(layers)], layers)]
         Gs[:] = [sum(p[0] for p in parts), sum(p[1] for p in parts)]  # type: ignore[list-item]
-        out: Named = [([(f"the gradient of {call.tasks.names[i]!r} w.r.t. the shared parameters", i)
-                        for i in range(k)], Gs[0].diagonal().isfinite())]
-        got = dict(zip(heads, res[len(layers):]))
-        return out + [([(f"the gradient of {call.tasks.names[i]!r} w.r.t. {g.name(n)!r}", i)
-                        if i in g.tasks(n) else None for i in range(k)], got[n])  # type: ignore[misc]
-                      for n in others if got.get(n) is not None]
+        names = call.tasks.names
+        return [Check(Gs[0].diagonal().isfinite(), [
+            (i, lambda i=i: f"the gradient of {names[i]!r} w.r.t. the shared parameters") for i in range(k)])]
+        # the heads' gradients are checked with every leaf's total (impartial._final.check)
 
-    res = checked(log, compute, named, choose(call.task_grads, g, None, g.task_bits, disjoint=True), call.group)
+    res = checked(log, compute, checks, choose(call.task_grads, g, None, g.task_bits, disjoint=True), call.group)
     parts: list[tuple[Node, Tensor]] = []
     for n, r in zip(heads, res[len(layers):]):
         parts += [(n, p) for p in r or () if p is not None]  # type: ignore[union-attr]

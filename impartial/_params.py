@@ -26,9 +26,10 @@ from torch.autograd.graph import Node
 from . import _distributed as _dist
 from . import _autograd
 from ._autograd import Log, Rows, checked, choose, rows, zeros
-from ._call import Call, seeds
-from ._checks import Named
+from ._call import Call
+from ._checks import Check, rows_check
 from ._param_gram import linear_layers, params_gram
+from ._plan import plan
 from ._report import BlockReport
 from ._solve import solve_pieces
 from ._torch_compat import quiet
@@ -48,8 +49,10 @@ class Cut:
     heads: list[Node]
 
 
-def params_stage(call: Call, g: Graph, log: Log) -> tuple[list[BlockReport], list[tuple[Node, Tensor]]]:
-    """The block report and every leaf's gradient parts."""
+def params_stage(call: Call, g: Graph,
+                 log: Log) -> tuple[list[BlockReport], list[tuple[Node, Tensor]], dict[Node, int]]:
+    """The block report, every leaf's gradient parts, and the task that alone reaches each head leaf whose
+    gradient is checked only with the totals."""
     shared = [n for n in g.nodes if n in g.shared]
     others = [n for n in g.nodes if n in g.leaves and n not in g.shared and g.mask(n) & g.task_bits]
     leaf_tensors = [g.leaves[n] for n in g.nodes if n in g.leaves]
@@ -60,9 +63,11 @@ def params_stage(call: Call, g: Graph, log: Log) -> tuple[list[BlockReport], lis
         if layers is not None:
             assert cut is not None
             rep, got = params_gram(call, g, log, cut.blocks, cut.heads, layers, shared, others)
-            return [rep], parts + got
+            also = {n for n, _ in parts}
+            owner = {n: _bits(g.raw[n])[0] for n in cut.heads if n not in also}
+            return [rep], parts + got, owner
         rep, got = _j_path(call, g, log, cut, shared, others)
-    return [rep], parts + got
+    return [rep], parts + got, {}
 
 
 def _also(call: Call, g: Graph) -> list[tuple[Node, Tensor]]:
@@ -89,7 +94,7 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
     def compute(batched: bool) -> list[Rows]:
         if cut is None:  # the loop asks row i only for the other leaves task i reaches
             needs = [[len(shared) + j for j, n in enumerate(others) if g.mask(n) >> i & 1] for i in range(k)]
-            res = rows(log, call.tasks.outs, inputs, seeds(call.tasks.outs, k), n=k, onehot=k, dense=len(shared),
+            res = rows(log, call.tasks.outs, inputs, None, n=k, onehot=k, dense=len(shared),
                        needs=needs, batched=batched, retain=call.keep)
         else:
             res = _through_blocks(call, g, log, cut, shared, others, batched)
@@ -97,16 +102,18 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
             res[:len(shared)] = [_dist.all_mean(r, call.group) for r in res[:len(shared)]]  # type: ignore[arg-type]
         return res
 
-    def named(res: list[Rows]) -> Named:
+    def checks(res: list[Rows]) -> list[Check]:
         G = sum(gram(r[sel].reshape(len(ts), -1)) for r in res[:len(shared)])  # type: ignore[index]
-        holder[:] = [G]
-        out: Named = [([(f"the gradient of {call.tasks.names[i]!r} w.r.t. the shared parameters", i) for i in ts],
-                       G.diagonal().isfinite())]  # type: ignore[union-attr]
-        return out + [([(f"the gradient of {call.tasks.names[i]!r} w.r.t. {g.name(n)!r}", i) if i in g.tasks(n)
-                        else None for i in range(k)], r) for n, r in zip(others, res[len(shared):]) if r is not None]
+        holder[:] = [G]  # type: ignore[list-item]
+        names = call.tasks.names
+        out = [Check(G.diagonal().isfinite(), [  # type: ignore[union-attr]
+            (i, lambda i=i: f"the gradient of {names[i]!r} w.r.t. the shared parameters") for i in ts])]
+        return out + [rows_check(r, [(i, lambda i=i, n=n: f"the gradient of {names[i]!r} w.r.t. {g.name(n)!r}")  # type: ignore
+                                     if i in g.tasks(n) else None for i in range(k)])
+                      for n, r in zip(others, res[len(shared):]) if r is not None]
 
     # through the blocks, the per-task pass runs over the heads only: disjoint, so the loop
-    res = checked(log, compute, named, choose(call.task_grads, g, None, g.task_bits, disjoint=cut is not None),
+    res = checked(log, compute, checks, choose(call.task_grads, g, None, g.task_bits, disjoint=cut is not None),
                   call.group)
     parts: list[tuple[Node, Tensor]] = []
     for n, r in zip(others, res[len(shared):]):
@@ -156,10 +163,12 @@ def heads_pass(call: Call, g: Graph, log: Log, cut: Cut, inputs: list, batched: 
     k, nb = g.k, len(inputs)
     owner = [_bits(g.raw[n])[0] for n in cut.heads]
     needs = [[nb + h for h, c in enumerate(owner) if c == r] for r in range(k)]
-    # the last pass through the heads: the trunk pass below starts at the blocks (the also terms ran before)
-    res = rows(log, call.tasks.outs, inputs + [g.leaves[n] for n in cut.heads], seeds(call.tasks.outs, k), n=k,
-               onehot=k, dense=nb, needs=needs, batched=batched, retain=call.keep,
-               disjoint=not call.tasks.stacked)
+    # the last pass through the heads: the trunk pass below starts at the blocks (the also terms ran before); the
+    # block tensors' hooks fire in the trunk pass that starts there, not here too
+    with quiet(plan(g, marked=False).block_tensors):
+        res = rows(log, call.tasks.outs, inputs + [g.leaves[n] for n in cut.heads], None,
+                   n=k, onehot=k, dense=nb, needs=needs, batched=batched, retain=call.keep,
+                   disjoint=not call.tasks.stacked)
     for h, (c, r) in enumerate(zip(owner, res[nb:])):  # only its task's row (the others are zeros or absent)
         res[nb + h] = None if r is None else [r[c] if i == c else None for i in range(k)]
     return res

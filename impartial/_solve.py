@@ -24,13 +24,13 @@ from torch import Tensor
 
 from . import _distributed as _dist
 from ._call import Call
-from ._checks import Named
+from ._checks import Check
 from ._plan import Plan
 from .graph._blocks import Block
 from .solvers import Solver, Status, combine, gram
 from .solvers._base import _LOW, mix
 
-__all__ = ["Solved", "named_gram", "solve_level", "solve_pieces", "rescale"]
+__all__ = ["Solved", "block_gram", "solve_level", "solve_pieces", "rescale"]
 
 
 @dataclass
@@ -67,17 +67,18 @@ def block_J(call: Call, b: Block, rows: Tensor) -> tuple[Tensor, dict[str, Tenso
     return rows.reshape(kb, -1), ctx
 
 
-def named_gram(call: Call, plan: Plan, j: int, rows: Tensor) -> tuple[Tensor, tuple[list, Tensor]]:
-    """Block ``j``'s Gram (kept for the solve) and its rows' finiteness, named: the diagonal of ``G`` is finite iff
-    the rows are (the solve needs ``G`` anyway)."""
+def block_gram(call: Call, plan: Plan, j: int, rows: Tensor) -> tuple[Tensor, Check]:
+    """Block ``j``'s Gram (kept for the solve) and the check of its rows: the diagonal of ``G`` is finite iff the rows
+    are (the solve needs ``G`` anyway)."""
     b = plan.blocks[j]
     J, _ = block_J(call, b, rows)
     G = gram(J)
     if _local(call, b):  # the rows are this rank's coordinates: the full-batch Gram is Σ_r G_r / W²
         G = _dist.all_sum(G, call.group) / _dist.world(call.group) ** 2
-    kb = len(b.tasks)
-    names = [(f"the gradient of {call.tasks.names[i]!r} at block {b.name!r}", i) for i in b.tasks]
-    return G, (names, G.diagonal(dim1=-2, dim2=-1).isfinite().reshape(-1, kb).all(0))
+    names = call.tasks.names
+    blame = [(i, lambda i=i: f"the gradient of {names[i]!r} at block {b.name!r}") for i in b.tasks]
+    return G, Check(G.diagonal(dim1=-2, dim2=-1).isfinite().reshape(-1, len(b.tasks)).all(0), blame,
+                    lambda r: bool(rows[r].isfinite().all()))
 
 
 def solve_level(call: Call, plan: Plan, lvl: list[int], rows: dict[int, Tensor],

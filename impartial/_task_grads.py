@@ -28,10 +28,10 @@ from torch.autograd.graph import Node
 from . import _autograd
 from . import _distributed as _dist
 from ._autograd import Log, Rows, checked, choose, rows
-from ._call import Call, seeds
-from ._checks import Named
+from ._call import Call
+from ._checks import Check, rows_check
 from ._plan import Plan
-from ._solve import named_gram
+from ._solve import block_gram
 from ._torch_compat import quiet
 
 __all__ = ["First", "first_pass", "pull"]
@@ -57,38 +57,33 @@ def first_pass(call: Call, plan: Plan, log: Log) -> First:
     grams: dict[int, Tensor] = {}
 
     def compute(batched: bool) -> list[Rows]:
-        res = rows(log, outs, inputs, seeds(outs, K), n=K, onehot=K, dense=nb, needs=needs, batched=batched,
+        res = rows(log, outs, inputs, None, n=K, onehot=K, dense=nb, needs=needs, batched=batched,
                    retain=not free, disjoint=True)
         for j, b in enumerate(blocks):
             if call.group is not None and b.leaf is not None:  # a parameter: the mean over the ranks
                 res[j] = _dist.all_mean(res[j], call.group)
         return res
 
-    def named(res: list[Rows]) -> Named:
-        out: Named = []
+    def checks(res: list[Rows]) -> list[Check]:
+        out = []
         for j in plan.levels[0]:
-            G, flags = named_gram(call, plan, j, res[j][plan.sel[j]])  # type: ignore[index]
-            grams[j] = G
-            out.append(flags)
+            grams[j], c = block_gram(call, plan, j, res[j][plan.sel[j]])  # type: ignore[index]
+            out.append(c)
         if log.passes[-1] == "batched":  # another task's 0 × inf shows in a lower block's raw rows too
             for j in range(nb):
                 if plan.layout.level[j]:
                     b = blocks[j]
-                    out.append(([(f"the gradient of {call.tasks.names[i]!r} at block {b.name!r}", i)
-                                 for i in b.tasks], res[j][plan.sel[j]]))  # type: ignore[index]
-        own: dict[int, list] = {}  # each task's own leaves: one fused finiteness check per task
-        for n, c, r in _heads(plan, res):
-            own.setdefault(c, []).append((f"the gradient of {call.tasks.names[T[c]]!r} w.r.t. {g.name(n)!r}", r))
-        for c, items in own.items():
-            out.append(([([m for m, _ in items], T[c])], tuple(r for _, r in items)))
-        return out
+                    out.append(rows_check(res[j][plan.sel[j]], [  # type: ignore[index]
+                        (i, lambda i=i, b=b: f"the gradient of {call.tasks.names[i]!r} at block {b.name!r}")
+                        for i in b.tasks]))
+        return out  # the heads' gradients are checked with every leaf's total (impartial._final.check)
 
     # above automatic top-level blocks no node is reached by two tasks (a block is where they first meet): the
     # loop does 1/k of the batched pass's work, no need to measure
     batched = choose(call.task_grads, g, [b.edge.node for b in blocks], sum(1 << i for i in T),
                      disjoint=call.mode == "auto" and len(plan.levels) == 1)
     with quiet(plan.quiet):
-        res = checked(log, compute, named, batched, call.group)
+        res = checked(log, compute, checks, batched, call.group)
     return First([r for r in res[:nb]], [(n, r) for n, _, r in _heads(plan, res)], grams)  # type: ignore[misc]
 
 
@@ -124,16 +119,16 @@ def pull(call: Call, plan: Plan, log: Log, lvl: list[int], raw: list[Tensor], co
             out.append(full)
         return out
 
-    def named(res: list[Rows]) -> Named:
-        out: Named = []
+    def checks(res: list[Rows]) -> list[Check]:
+        out = []
         for j, full in zip(lvl, res):
-            grams[j], flags = named_gram(call, plan, j, full[:K][plan.sel[j]])  # type: ignore[index]
-            out.append(flags)
+            grams[j], c = block_gram(call, plan, j, full[:K][plan.sel[j]])  # type: ignore[index]
+            out.append(c)
         return out
 
     # every row seeds every block above: the nodes between are shared by all rows, so batch them
     with quiet(plan.quiet):
-        res = checked(log, compute, named, (_autograd.FORCE or call.task_grads) != "loop", call.group)
+        res = checked(log, compute, checks, (_autograd.FORCE or call.task_grads) != "loop", call.group)
     got: dict[int, Tensor] = {}
     arrival: dict[int, Tensor] = {}
     for j, full in zip(lvl, res):
