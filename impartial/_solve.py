@@ -7,11 +7,12 @@ MVAE's experts: every ``mu`` and ``logvar``) are solved as one batched problem `
 is :attr:`~impartial.solvers.Solver.batchable` (stateless and deterministic): one solver call instead of one per
 block, the same numbers up to round-off.
 
-**Pareto-stationary blocks.**  A direction shorter than ``τ · Σ_i |w_i| ‖g_i‖`` (``τ = 64 k ε + 10⁻⁹``, ``ε`` the
-machine epsilon of the dtype ``wᵀJ`` is summed in: ``J``'s, float32 for half precision) is rounding noise of its own terms: the exact direction is 0 (MGDA with a zero task,
-UPGrad with exactly opposed tasks).  Such a block, or one whose solver says :attr:`Status.STATIONARY`, has status
-STATIONARY in the report, and with ``keep_norm`` it passes 0 (rescaling noise to the plain sum's norm would point
-anywhere).  The rule is scale-invariant, so float32 and float64 runs agree.
+**Pareto-stationary blocks.**  A direction shorter than ``τ · Σ_i |w_i| · max_j ‖g_j‖`` (``τ = 64 k ε + 10⁻⁹``,
+``ε`` the machine epsilon of the dtype ``wᵀJ`` is summed in: ``J``'s, float32 for half precision) is noise of the
+solve at the problem's scale: the exact direction is 0 (MGDA with a zero task, UPGrad with exactly opposed tasks).
+Such a block, or one whose solver says :attr:`Status.STATIONARY`, has status STATIONARY in the report, and with
+``keep_norm`` it passes 0 (rescaling noise to the plain sum's norm would point anywhere).  The rule is
+scale-invariant, so float32 and float64 runs agree.
 """
 
 from __future__ import annotations
@@ -159,9 +160,9 @@ def rescale(call: Call, ds: list[Tensor], R: Tensor | None, G: Tensor, w: Tensor
     (fresh products when ``w`` is given: scaled in place) and the resolved rows ``R``.  ``plain_sq(c)``: the
     squared norm of ``c`` times the plain sum of the task gradients."""
     norms = G.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()  # ‖g_i‖
-    terms = ((norms * w.abs()) if w is not None else norms).sum(-1)
-    # norms in a safe range: every piece times c ≈ 1/max‖g_i‖ (a power of two; the ratio below cancels it)
     top = norms.amax(-1)
+    terms = (w.abs().sum(-1) if w is not None else G.shape[-1]) * top  # the problem's scale: Σ|w_i| max‖g_j‖
+    # norms in a safe range: every piece times c ≈ 1/max‖g_i‖ (a power of two; the ratio below cancels it)
     c = torch.where(top > 0, torch.exp2(-torch.floor(torch.log2(torch.where(top > 0, top, 1.0)))), 1.0)
     both = torch.stack([_sq_norm(ds, c)] + ([plain_sq(c)] if call.keep_norm else []))
     if local:  # sums over coordinates: add the ranks' (the 1/W² of every term cancels in the ratio)

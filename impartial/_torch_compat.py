@@ -34,7 +34,7 @@ __all__ = ["input_metadata", "linear_saved", "saved_tensors", "quiet", "is_freed
 def input_metadata(node: Node, nr: int) -> tuple[torch.Size, torch.dtype, torch.device]:
     """Shape, dtype and device of the gradient ``node`` receives at input ``nr`` (its forward output ``nr``)."""
     m = node._input_metadata[nr]  # type: ignore[attr-defined]
-    return m.shape, m.dtype, m.device
+    return torch.Size(m.shape), m.dtype, m.device
 
 
 def linear_saved(node: Node) -> tuple[Tensor | None, float, float]:

@@ -1,0 +1,92 @@
+"""Every torch internal in ``impartial._torch_compat`` does what impartial relies on.
+
+A torch release that changes one of them fails here, by name, instead of silently changing a result or losing
+speed elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd.graph import get_gradient_edge
+from torch.utils.checkpoint import checkpoint
+
+from impartial import _torch_compat as C
+
+
+def test_input_metadata_gives_the_shape_dtype_and_device_of_a_nodes_input() -> None:
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = (x * 2).tanh()
+    e = get_gradient_edge(y)
+    assert C.input_metadata(e.node, e.output_nr) == (torch.Size([4, 3]), torch.float64, torch.device("cpu"))
+
+
+def test_linear_saved_reads_the_input_and_scalars_of_a_matrix_product() -> None:
+    x = torch.randn(5, 3, requires_grad=True)
+    lin = torch.nn.Linear(3, 2)
+    h = x.tanh()
+    X, alpha, beta = C.linear_saved(lin(h).grad_fn)
+    assert X is h and (alpha, beta) == (1.0, 1.0)
+    X, alpha, beta = C.linear_saved(torch.addmm(lin.bias, h, lin.weight.t(), alpha=2.0, beta=0.5).grad_fn)
+    assert X is h and (alpha, beta) == (2.0, 0.5)
+    X, _, _ = C.linear_saved((h @ lin.weight.t()).grad_fn)
+    assert X is h
+    with pytest.raises(ValueError, match="not a matrix-product node"):
+        C.linear_saved(h.grad_fn)
+
+
+def test_saved_tensors_finds_an_input_a_node_saved_and_never_unpacks_a_hooked_one() -> None:
+    x = torch.randn(4, 3, requires_grad=True)
+    lin = torch.nn.Linear(3, 2)
+    z = x.tanh()
+    found = dict(C.saved_tensors(lin(z).grad_fn))
+    assert any(t is z for t in found.values())
+    attr = next(a for a, t in found.items() if t is z)
+    assert [t for _, t in C.saved_tensors(lin(z).grad_fn, only=attr)][0] is z
+    runs = []
+
+    def region(a: torch.Tensor) -> torch.Tensor:
+        runs.append(1)
+        return lin(a.tanh())
+
+    y = checkpoint(region, x, use_reentrant=False)
+    assert list(C.saved_tensors(y.grad_fn)) == [] and len(runs) == 1  # reading it would have recomputed it
+    assert C.linear_saved(y.grad_fn)[0] is None and len(runs) == 1
+
+
+def test_quiet_silences_tensor_hooks_and_keeps_retained_grads() -> None:
+    x = torch.randn(3, requires_grad=True)
+    z = x * 2
+    calls: list[str] = []
+    z.register_hook(lambda g: calls.append("z") or g * 3)
+    x.register_hook(lambda g: calls.append("x"))
+    z.retain_grad()
+    with C.quiet([z, x]):
+        (g,) = torch.autograd.grad(z.sum(), [x], retain_graph=True)
+    assert calls == [] and z.grad is None and torch.equal(g, torch.full((3,), 2.0))
+    z.sum().backward()  # restored, in order
+    assert calls == ["z", "x"] and torch.equal(x.grad, torch.full((3,), 6.0))
+
+
+def test_is_freed_graph_recognises_autograds_error() -> None:
+    x = torch.randn(3, requires_grad=True)
+    y = x.exp().sum()
+    y.backward()
+    with pytest.raises(RuntimeError) as err:
+        y.backward()
+    assert C.is_freed_graph(err.value)
+    assert not C.is_freed_graph(RuntimeError("something else"))
+
+
+def test_foreach_norm_is_one_norm_per_tensor() -> None:
+    ts = [torch.tensor([3.0, 4.0]), torch.tensor([[1.0, 0.0], [0.0, 0.0]])]
+    assert [float(n) for n in C.foreach_norm(ts)] == [5.0, 1.0]
+
+
+def test_accumulate_grad_takes_a_fresh_view_without_a_copy() -> None:
+    """``impartial._final.write`` relies on it: ``AccumulateGrad`` keeps the tensor it receives when nothing else
+    refers to it, so a leaf seeded through ``p.view_as(p)`` gets its gradient without a copy."""
+    p = torch.zeros(1000, requires_grad=True)
+    g = torch.randn(1000)
+    torch.autograd.backward([p.view_as(p)], [g])
+    assert p.grad.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()
