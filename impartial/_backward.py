@@ -37,7 +37,8 @@ from ._report import BlockReport, Report
 from ._resolve import resolve
 from ._task_grads import first_pass
 from .graph._blocks import _find
-from .graph._trace import Graph, Losses, Params, _build, _Losses
+from .graph._inputs import Losses, Params, _Losses
+from .graph._trace import Graph, _build
 from .solvers import Solver
 
 __all__ = ["backward", "Report"]

@@ -6,13 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from . import _distributed as _dist
 from . import solvers as _solvers
 from ._autograd import TASK_GRADS
-from .graph._trace import Losses, Params, _as_losses, _as_params, _Losses
+from .graph._inputs import Losses, Params, _as_losses, _as_params, _Losses
 from .solvers import Solver
 
 __all__ = ["Call", "parse"]

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from . import _distributed as _dist
 from ._torch_compat import foreach_norm, is_freed_graph
-from .graph._trace import Graph, _Losses
+from .graph._inputs import _Losses
+from .graph._trace import Graph
 
 __all__ = ["NonFinite", "Blame", "Check", "rows_check", "first_bad", "freed", "guard"]
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from torch import Tensor
 from torch.autograd.graph import Node
 
-from ._trace import Graph, Losses, Params, trace
+from ._inputs import Losses, Params
+from ._trace import Graph, trace
 
 __all__ = ["draw", "to_dot"]
 
@@ -91,8 +92,11 @@ def _layers(g: Graph) -> dict[Node, int]:
 
 
 def _matplotlib(g: Graph, path: Path) -> None:
-    # Figure without pyplot: no GUI backend, no global figure registry.
-    from matplotlib.figure import Figure
+    try:  # Figure without pyplot: no GUI backend, no global figure registry.
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("impartial.graph.draw needs matplotlib (or graphviz with its dot binary): "
+                                  "pip install 'impartial[graph]'") from None
     from matplotlib.lines import Line2D
     from matplotlib.patches import FancyBboxPatch
 
