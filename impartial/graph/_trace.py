@@ -186,6 +186,7 @@ def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | No
 def trace(losses: Losses, shared_params: Params = None, *, also: Sequence[Tensor] = ()) -> Graph:
     """Trace the autograd graph of ``losses`` (and ``also`` terms); its ``blocks`` are the automatic blocks.
 
+    >>> import torch
     >>> x = torch.randn(4, 3)
     >>> lin = torch.nn.Linear(3, 2)
     >>> z = lin(x)
