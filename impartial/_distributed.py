@@ -18,9 +18,8 @@ ranks of equal batch size the full-batch loss is the mean of the local ones, so:
   (GradDrop, grouped GradVac) run on each rank's own rows (GradDrop's per-coordinate choice is then exactly
   the full-batch one, but its random draws differ per rank unless the generators are seeded alike).
 
-``.grad`` is then written through autograd (``torch.autograd.backward`` on the leaves, with the collected
-gradients): ``AccumulateGrad`` runs once per parameter, so DDP's reducer hooks fire exactly once per parameter
-(and ``no_sync()`` accumulation works as with ``loss.backward()``).
+``.grad`` is written through autograd's ``AccumulateGrad`` (:mod:`impartial._final`), once per parameter, so DDP's
+reducer hooks fire exactly once per parameter (and ``no_sync()`` accumulation works as with ``loss.backward()``).
 """
 
 from __future__ import annotations
@@ -64,10 +63,3 @@ def all_true(flags: Tensor, group: Any) -> Tensor:
     out = flags.to(torch.int32).contiguous()
     torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MIN, group=group)
     return out.bool()
-
-
-def write_through_autograd(leaves: list[Tensor], grads: list[Tensor]) -> None:
-    """Accumulate ``grads`` into the leaves' ``.grad`` by running their ``AccumulateGrad`` nodes (one backward
-    seeded at the leaves themselves): the hooks DDP's reducer registered there fire once per parameter."""
-    if leaves:
-        torch.autograd.backward(leaves, grads)

@@ -117,3 +117,25 @@ def test_the_report_lists_blocks_in_the_order_one_solver_per_block_is_given() ->
     enc, losses = _nested()
     report = impartial.backward(losses, enc, solver=[Sum(), Sum()], keep_norm=False)
     assert [b.above for b in report.blocks] == [(), (0,)]
+
+
+def test_the_whole_model_as_shared_params_names_head_parameters_and_keeps_heads_their_own() -> None:
+    """In auto mode a parameter one task alone reaches is a head whatever ``shared_params`` lists, so passing the
+    whole model only adds names: errors then name a head parameter by its module path."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"trunk": nn.Linear(3, 4), "a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+    x = torch.randn(5, 3)
+
+    def losses() -> list[Tensor]:
+        z = model["trunk"](x)
+        return [model["a"](z).pow(2).mean(), model["b"](z).sum()]
+
+    impartial.backward(losses(), model, solver=IMTLG())
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    impartial.backward(losses(), model["trunk"], solver=IMTLG())
+    assert all(torch.equal(a, b.grad) for a, b in zip(got, model.parameters()))
+    bad = losses()
+    bad[1] = bad[1] + model["b"].weight.sum() * float("inf")
+    with pytest.raises(FloatingPointError, match=r"'b\.weight \[1, 4\]'"):
+        impartial.backward(bad, model, solver=IMTLG())
