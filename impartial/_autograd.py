@@ -97,8 +97,14 @@ def onehot_seeds(outs: list[Tensor], n: int) -> list[Tensor]:
 
 def _loop(outputs: list, inputs: list, seeds: list[Tensor] | None, n: int, onehot: int, dense: int,
           needs: Sequence[Sequence[int]] | None, retain: bool, disjoint: bool) -> list[Rows]:
-    """One backward per row, from that row's own loss (no ``0 × inf`` from the others' zero seeds)."""
-    per: list[list[Tensor | None]] = [[None] * n for _ in inputs]
+    """One backward per row, from that row's own loss (no ``0 × inf`` from the others' zero seeds).
+
+    A dense input's rows are copied into one ``[n, ...]`` tensor as they come: each row's own result is freed
+    before the next row is computed, so its memory is reused (stacking them at the end would hold ``2n`` rows).
+    """
+    dense_out: list[Tensor | None] = [None] * dense
+    reached = [[False] * n for _ in range(dense)]
+    sparse: list[list[Tensor | None]] = [[None] * n for _ in range(len(inputs) - dense)]
     for r in range(n):
         keep = [c for c in range(len(outputs)) if c >= onehot or c == r]
         want = list(range(dense)) + list(range(dense, len(inputs)) if needs is None else needs[r])
@@ -106,17 +112,25 @@ def _loop(outputs: list, inputs: list, seeds: list[Tensor] | None, n: int, oneho
         out = torch.autograd.grad([outputs[c] for c in keep], [inputs[j] for j in want], grads,
                                   retain_graph=retain or (not disjoint and r < n - 1), allow_unused=True)
         for j, o in zip(want, out):
-            per[j][r] = o
+            if j >= dense:
+                sparse[j - dense][r] = o
+            elif o is not None:
+                if dense_out[j] is None:
+                    dense_out[j] = torch.empty((n, *o.shape), dtype=o.dtype, device=o.device)
+                dense_out[j][r].copy_(o)  # type: ignore[index]
+                reached[j][r] = True
+        del out
     res: list[Rows] = []
-    for j, col in enumerate(per):
-        if j >= dense:
-            res.append(col)
-        elif all(o is None for o in col):
+    for j in range(dense):
+        t = dense_out[j]
+        if t is None:
             res.append(zeros(inputs[j], n))
-        else:
-            zero = torch.zeros_like(next(o for o in col if o is not None))
-            res.append(torch.stack([zero if o is None else o for o in col]))
-    return res
+            continue
+        for r in range(n):
+            if not reached[j][r]:
+                t[r].zero_()
+        res.append(t)
+    return res + sparse  # type: ignore[operator]
 
 
 def checked(log: Log, compute: Callable[[bool], list[Rows]], checks: Callable[[list[Rows]], list[Check]],
