@@ -48,7 +48,7 @@ def backward(losses: Losses, shared_params: Params = None, *,
              solver: Solver | str | Sequence[Solver | str] | None = None,
              block: str | Tensor | Sequence[Tensor] = "auto", also: Sequence[Tensor | float] = (),
              per_sample: bool = False, keep_norm: bool = True, retain_graph: bool = False, task_grads: str = "auto",
-             nonfinite: str = "raise", process_group: Any = None) -> Report:
+             nonfinite: str = "raise", process_group: Any = None, nested: str = "resolved") -> Report:
     """Backpropagate ``losses`` (one scalar per task), resolving their conflicts where their gradients meet.
 
     - ``losses``: one-element tensors (a list, a dict name → loss, or a 1-D tensor), one per task.
@@ -75,6 +75,9 @@ def backward(losses: Losses, shared_params: Params = None, *,
       the graph is retained as with ``retain_graph=True``.
     - ``process_group``: under ``torch.distributed`` the default group when initialised; ranks exchange the block
       Gram matrices (activation blocks) or the per-task gradients (parameter blocks), see docs/distributed.md.
+    - ``nested``: what a block below others solves on: ``"resolved"`` (each task's gradient after the blocks above
+      resolved it) or ``"direct"`` (only what reaches it on paths through no block above; what the blocks above
+      send passes it unchanged: the paper's reference hooks).  Only nested blocks differ (docs/backward.md).
 
     Gradients accumulate into ``.grad`` through autograd's own ``AccumulateGrad``: every parameter's tensor hooks
     fire once with its whole gradient, then its post-accumulate-grad hooks, once (DDP's reducer included).  Every
@@ -90,7 +93,7 @@ def backward(losses: Losses, shared_params: Params = None, *,
     ('AddmmBackward0 [8, 4]', torch.Size([4, 3]))
     """
     call = parse(losses, shared_params, solver, block, also, per_sample, keep_norm, retain_graph, task_grads,
-                 nonfinite, process_group)
+                 nonfinite, process_group, nested)
     full = call
     states = [copy.deepcopy(s.state_dict()) for s in call.solvers] if nonfinite == "skip" else []
     dropped: list[int] = []  # task indices, then k + j for the j-th also term

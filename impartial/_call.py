@@ -33,6 +33,8 @@ class Call:
     task_grads: str
     nonfinite: str
     group: Any
+    #: how a block below others sees them: "resolved" (each task's resolved rows from above) or "direct"
+    nested: str = "resolved"
 
     @property
     def solver_name(self) -> str:
@@ -47,7 +49,7 @@ class Call:
 
 def parse(losses: Losses, shared_params: Params, solver: Solver | str | Sequence[Solver | str] | None,
           block: str | Tensor | Sequence[Tensor], also: Sequence[Tensor | float], per_sample: bool, keep_norm: bool,
-          retain_graph: bool, task_grads: str, nonfinite: str, process_group: Any) -> Call:
+          retain_graph: bool, task_grads: str, nonfinite: str, process_group: Any, nested: str = "resolved") -> Call:
     """The validated call; every error names the offending argument, loss or parameter."""
     tasks = _as_losses(losses, "losses")
     extra = _as_losses(also, "also", offset=len(tasks.outs), allow_empty=True)
@@ -68,8 +70,10 @@ def parse(losses: Losses, shared_params: Params, solver: Solver | str | Sequence
         raise ValueError(f"task_grads must be one of {TASK_GRADS}, got {task_grads!r}")
     if nonfinite not in ("raise", "skip"):
         raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+    if nested not in ("resolved", "direct"):
+        raise ValueError(f"nested must be 'resolved' or 'direct', got {nested!r}")
     return Call(tasks, extra, params, _as_solvers(solver), mode, marked, per_sample, keep_norm, retain_graph,
-                task_grads, nonfinite, _dist.resolve_group(process_group))
+                task_grads, nonfinite, _dist.resolve_group(process_group), nested)
 
 
 def _as_solvers(solver: Solver | str | Sequence[Solver | str] | None) -> list[Solver]:

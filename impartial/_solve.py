@@ -82,6 +82,11 @@ def block_gram(call: Call, plan: Plan, j: int, rows: Tensor) -> tuple[Tensor, Ch
                     lambda r: bool(rows[r].isfinite().all()))
 
 
+def _rows(call: Call, plan: Plan, j: int) -> bool:
+    """Whether block ``j``'s resolved rows are needed: a block below it sees them (``nested="resolved"``)."""
+    return call.nested == "resolved" and j in plan.has_below
+
+
 def solve_level(call: Call, plan: Plan, lvl: list[int], rows: dict[int, Tensor],
                 grams: dict[int, Tensor]) -> dict[int, Solved]:
     """The solves of the blocks of one level; sibling blocks with the same tasks and size share one solver call
@@ -91,7 +96,7 @@ def solve_level(call: Call, plan: Plan, lvl: list[int], rows: dict[int, Tensor],
     for j in lvl:
         b, r = blocks[j], rows[j]
         batch = len(call.solvers) == 1 and one.batchable and not call.per_sample
-        key = (b.tasks, r[0].numel(), r.dtype, _local(call, b), j in plan.has_below) if batch else (j,)
+        key = (b.tasks, r[0].numel(), r.dtype, _local(call, b), _rows(call, plan, j)) if batch else (j,)
         groups.setdefault(key, []).append(j)
     out: dict[int, Solved] = {}
     for js in groups.values():
@@ -100,14 +105,14 @@ def solve_level(call: Call, plan: Plan, lvl: list[int], rows: dict[int, Tensor],
             b, r = blocks[j], rows[j]
             J, ctx = block_J(call, b, r)
             solver = (one if len(call.solvers) == 1 else call.solvers[j]).for_block(j)
-            (d,), R, s = solve_pieces(call, solver, [J], b.tasks, ctx, j in plan.has_below, grams[j], _local(call, b))
+            (d,), R, s = solve_pieces(call, solver, [J], b.tasks, ctx, _rows(call, plan, j), grams[j], _local(call, b))
             if R is not None:
                 R = (R.transpose(0, 1) if J.ndim == 3 else R).reshape(r.shape)
             out[j] = Solved(d.reshape(r.shape[1:]), R, s.G.sum(0) if s.G.ndim == 3 else s.G, s.w, s.scale, s.status)
             continue
         J = torch.stack([rows[j].reshape(rows[j].shape[0], -1) for j in js])  # [n_blocks, k_b, numel]
         b0 = blocks[js[0]]
-        (d,), R, s = solve_pieces(call, one, [J], b0.tasks, None, js[0] in plan.has_below,
+        (d,), R, s = solve_pieces(call, one, [J], b0.tasks, None, _rows(call, plan, js[0]),
                                   torch.stack([grams[j] for j in js]), _local(call, b0))
         for m, j in enumerate(js):
             shape = rows[j].shape

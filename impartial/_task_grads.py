@@ -101,7 +101,8 @@ def pull(call: Call, plan: Plan, log: Log, lvl: list[int], raw: list[Tensor], co
          sigma: dict[int, Tensor]) -> tuple[dict[int, Tensor], dict[int, Tensor], dict[int, Tensor]]:
     """``(rows, arrivals, grams)`` of the blocks ``lvl`` (one level below the top): their raw rows plus one pass
     from the blocks above, seeded with the corrections (and ``σ`` on an extra row, the arrival, unless plain)."""
-    blocks, K, plain = plan.blocks, plan.K, plan.layout.plain
+    blocks, K = plan.blocks, plan.K
+    plain = plan.layout.plain or call.nested == "direct"  # no arrival row: σ does not depend on it
     srcs = sorted({a for j in lvl for a in blocks[j].above if blocks[a].leaf is None})
     outs = [blocks[a].edge for a in srcs]
     seeds_ = [corr[a] if plain else torch.cat([corr[a], sigma[a][None]]) for a in srcs]

@@ -59,3 +59,32 @@ def backward_ref(tasks: Sequence[Tensor], blocks: Sequence[Tensor], params: Sequ
                                                       materialize_grads=True)):
             acc += g
     return total
+
+
+def backward_ref_direct(tasks: Sequence[Tensor], blocks: Sequence[Tensor], params: Sequence[Tensor], solver: Solver,
+                        also: Sequence[Tensor] = (), keep_norm: bool = True) -> list[Tensor]:
+    """``nested="direct"``, the paper's reference hooks: a block solves only the task gradients that reach it on
+    paths through no block above (those blocks' gradients cut to zero), and what arrives through the blocks above
+    passes it unchanged.  The parameters' gradients: one backward of the summed losses in which each block's
+    incoming gradient ``g`` becomes ``g − Σ_i direct_i + d`` (its direct part replaced by its direction)."""
+    directions: list[Tensor] = []
+    direct_sums: list[Tensor] = []
+    for j, b in enumerate(blocks):
+        ts = [i for i, t in enumerate(tasks) if _reachable(t, b)]
+        cut = {id(blocks[a]): (blocks[a], torch.zeros_like(blocks[a])) for a in range(j)}
+        rows = [_grad_with(tasks[i], [b], cut)[0] for i in ts]
+        J = torch.stack(rows).reshape(len(ts), -1)
+        d = solver(J)
+        if keep_norm:
+            n = d.norm()
+            d = d * (J.sum(0).norm() / n if n > 0 else 0.0)
+        directions.append(d.reshape(b.shape))
+        direct_sums.append(J.sum(0).reshape(b.shape))
+    handles = [b.register_hook(lambda g, s=s, d=d: g - s + d) for b, s, d in zip(blocks, direct_sums, directions)]
+    try:
+        out = torch.autograd.grad(sum(tasks) + sum(also, torch.zeros(())), list(params), retain_graph=True,
+                                  allow_unused=True, materialize_grads=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(out)
