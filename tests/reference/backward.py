@@ -33,9 +33,21 @@ def _grad_with(loss: Tensor, inputs: Sequence[Tensor], replace: dict[int, tuple[
     return list(out)
 
 
-def backward_ref(tasks: Sequence[Tensor], blocks: Sequence[Tensor], params: Sequence[Tensor], solver: Solver,
-                 also: Sequence[Tensor] = (), keep_norm: bool = True) -> list[Tensor]:
-    """The gradients of ``params`` that ``impartial.backward(tasks, block=blocks, …)`` writes."""
+def backward_ref(
+    tasks: Sequence[Tensor],
+    blocks: Sequence[Tensor],
+    params: Sequence[Tensor],
+    solver: Solver | Sequence[Solver],
+    also: Sequence[Tensor] = (),
+    keep_norm: bool = True,
+) -> list[Tensor]:
+    """The gradients of ``params`` that ``impartial.backward(tasks, block=blocks, …)`` writes.
+
+    ``solver``: one for every block, or one per block (in the order of ``blocks``).  Each solver is called
+    once, with ``losses=`` the detached losses of its block's tasks.  ``params`` may hold activations too:
+    their gradient is the one this call passes through them.
+    """
+    solvers = list(solver) if isinstance(solver, Sequence) else [solver] * len(blocks)
     resolved: list[dict[int, Tensor]] = []  # per block: task -> resolved row
     for j, b in enumerate(blocks):
         ts = [i for i, t in enumerate(tasks) if _reachable(t, b)]
@@ -44,7 +56,7 @@ def backward_ref(tasks: Sequence[Tensor], blocks: Sequence[Tensor], params: Sequ
             replace = {id(blocks[a]): (blocks[a], resolved[a][i]) for a in range(j) if i in resolved[a]}
             rows.append(_grad_with(tasks[i], [b], replace)[0])
         J = torch.stack(rows).reshape(len(ts), -1)
-        R = solver.apply(J)
+        R = solvers[j].apply(J, losses=torch.stack([tasks[i] for i in ts]).detach())
         if keep_norm:
             n = R.sum(0).norm()
             R = R * (J.sum(0).norm() / n if n > 0 else 0.0)
@@ -55,8 +67,43 @@ def backward_ref(tasks: Sequence[Tensor], blocks: Sequence[Tensor], params: Sequ
         for acc, g in zip(total, _grad_with(t, params, replace)):
             acc += g
     for a in also:
-        for acc, g in zip(total, torch.autograd.grad(a, list(params), retain_graph=True, allow_unused=True,
-                                                      materialize_grads=True)):
+        for acc, g in zip(
+            total, torch.autograd.grad(a, list(params), retain_graph=True, allow_unused=True, materialize_grads=True)
+        ):
+            acc += g
+    return total
+
+
+def params_ref(
+    tasks: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    params: Sequence[Tensor],
+    solver: Solver,
+    also: Sequence[Tensor] = (),
+    keep_norm: bool = True,
+) -> list[Tensor]:
+    """The gradients of ``params`` that ``impartial.backward(tasks, shared, block="params", …)`` writes: the
+    solver's direction on ``J`` (row ``i``: task ``i``'s gradient of all ``shared``, flattened) for the shared
+    parameters, the plain gradient of the tasks for every other tensor in ``params``; plus the ``also`` terms."""
+
+    def grads(loss: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
+        return list(
+            torch.autograd.grad(loss, list(inputs), retain_graph=True, allow_unused=True, materialize_grads=True)
+        )
+
+    J = torch.stack([torch.cat([g.reshape(-1) for g in grads(t, shared)]) for t in tasks])
+    d = solver(J, losses=torch.stack(list(tasks)).detach())
+    if keep_norm:
+        n = d.norm()
+        d = d * (J.sum(0).norm() / n if n > 0 else 0.0)
+    by_id = {id(p): piece.reshape(p.shape) for p, piece in zip(shared, d.split([p.numel() for p in shared]))}
+    total = [by_id[id(p)].clone() if id(p) in by_id else torch.zeros_like(p) for p in params]
+    for t in tasks:
+        for acc, p, g in zip(total, params, grads(t, params)):
+            if id(p) not in by_id:
+                acc += g
+    for a in also:
+        for acc, g in zip(total, grads(a, params)):
             acc += g
     return total
 
