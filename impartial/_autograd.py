@@ -38,6 +38,14 @@ TASK_GRADS = ("auto", "batched", "loop")
 FORCE: str | None = None
 
 
+class SparseGradient(ValueError):
+    """A dense per-row input got a sparse gradient (``nn.Embedding(sparse=True)``); ``input`` is its index."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"input {index} has a sparse gradient")
+        self.input = index
+
+
 @dataclass
 class Log:
     """What the passes of one call did, for the report."""
@@ -46,6 +54,13 @@ class Log:
     passes: list[str] = field(default_factory=list)
     #: why a batched pass was replaced by the loop (vmap could not run an op, or ``0 × inf``), else None
     fallback: str | None = None
+    #: a batched pass freed what it ran (so it cannot be recomputed by the loop)
+    freed: bool = False
+
+
+#: graph structures (``(Graph.key, which pass)``) whose batched pass vmap is known to run: only those free the
+#: graph in a batched pass (a vmap failure midway would leave the loop a half-freed graph).  The few most recent.
+_VMAP_OK: dict[tuple, bool] = {}
 
 
 def zeros(x: Tensor | GradientEdge, n: int) -> Tensor:
@@ -58,20 +73,22 @@ def zeros(x: Tensor | GradientEdge, n: int) -> Tensor:
 
 def rows(log: Log, outputs: list, inputs: list, seeds: list[Tensor] | None, *, n: int, onehot: int, dense: int,
          needs: Sequence[Sequence[int]] | None, batched: bool, retain: bool = True,
-         disjoint: bool = False) -> list[Rows]:
+         disjoint: bool = False, structure: tuple | None = None) -> list[Rows]:
     """Per-row gradients of ``outputs`` seeded with row ``r`` of each seed (``[n, ...]``).
 
     The first ``onehot`` outputs are task losses seeded with the rows of the identity (row ``r`` seeds loss ``r``
     only; ``seeds=None`` when every output is one of them).  ``inputs[:dense]`` get ``[n, ...]`` tensors (zeros where unreached); the others, in the loop, only the
     rows in ``needs[r]`` ask for (a list per input).  Batched: one vmapped backward, or the loop if vmap cannot run
     an op (``log.fallback`` says why).  ``retain=False``: this is the last pass through what it runs, so it frees
-    it: the loop frees on its last row, or on every row when the rows share no node (``disjoint``).
+    it: the loop frees on its last row, or on every row when the rows share no node (``disjoint``); a batched pass
+    only where vmap ran this graph ``structure`` before (else it keeps the graph, for the loop to fall back on).
     """
     if batched:
         if seeds is None:
             seeds = onehot_seeds(outputs, n)
+        free = not retain and structure is not None and structure in _VMAP_OK
         try:
-            res: list[Rows] = list(torch.autograd.grad(outputs, inputs, seeds, retain_graph=retain,
+            res: list[Rows] = list(torch.autograd.grad(outputs, inputs, seeds, retain_graph=not free,
                                                        allow_unused=True, is_grads_batched=True))
         except RuntimeError as err:
             if is_freed_graph(err):
@@ -84,6 +101,9 @@ def rows(log: Log, outputs: list, inputs: list, seeds: list[Tensor] | None, *, n
                 if res[j] is None:
                     res[j] = zeros(inputs[j], n)
             log.passes.append("batched")
+            log.freed |= free
+            if structure is not None:
+                remember(_VMAP_OK, structure, True, 16)
             return res
     log.passes.append("loop")
     return _loop(outputs, inputs, seeds, n, onehot, dense, needs, retain, disjoint)
@@ -115,6 +135,8 @@ def _loop(outputs: list, inputs: list, seeds: list[Tensor] | None, n: int, oneho
             if j >= dense:
                 sparse[j - dense][r] = o
             elif o is not None:
+                if o.is_sparse:
+                    raise SparseGradient(j)
                 if dense_out[j] is None:
                     dense_out[j] = torch.empty((n, *o.shape), dtype=o.dtype, device=o.device)
                 dense_out[j][r].copy_(o)  # type: ignore[index]
@@ -144,6 +166,9 @@ def checked(log: Log, compute: Callable[[bool], list[Rows]], checks: Callable[[l
     n = len(log.passes)
     res = compute(batched)
     bad = first_bad(checks(res), group)
+    if bad is not None and "batched" in log.passes[n:] and log.freed:  # no graph left to recompute from
+        raise NonFinite(f"{bad[0]} is not finite (in a batched backward, where another task's 0 × inf can also "
+                        "cause it: task_grads='loop' tells them apart); no gradient was written", bad[1])
     if bad is not None and log.passes[n:] == ["batched"]:
         log.passes.pop()
         res = compute(False)
@@ -216,8 +241,16 @@ def overlap(g: Graph, targets: list[Node] | None, mask: int) -> float:
 
 def choose(how: str, g: Graph, targets: list[Node] | None, mask: int, disjoint: bool = False) -> bool:
     """Batched (True) or loop (False) for the per-task pass of the tasks in ``mask`` above ``targets``
-    (``disjoint``: known to share no node there)."""
+    (``disjoint``: known to share no node there).
+
+    ``"auto"`` batches only where every node the pass runs is reached by two or more of the tasks (and a loop
+    would redo most of the work).  A task's loss always has a node of its own, so a pass from the losses loops:
+    a node one task alone reaches runs once, with that task's gradient, as in a plain backward, where under vmap
+    its hooks and ``retain_grad`` would see batched tensors.
+    """
     how = FORCE or how
     if how == "auto":
-        return not disjoint and overlap(g, targets, mask) >= BATCH_OVERLAP
+        if disjoint or any(t < 2 for _, t, _ in _runs(g, targets, mask)):
+            return False
+        return overlap(g, targets, mask) >= BATCH_OVERLAP
     return how == "batched"

@@ -140,7 +140,7 @@ def _run(call: Call, strict: bool) -> tuple[list[BlockReport], dict[Node, Tensor
         parts += final_pass(call, p, sigma).items()
         total = totals(parts)
         seeds = {n for n in p.finals}  # leaves the final pass reaches: not a head's alone
-        owner = {n: p.layout.rows[c] for n, c in zip(p.heads, p.layout.owner) if n not in seeds}
+        owner = {n: tuple(p.layout.rows[r] for r in rs) for n, rs in zip(p.heads, p.layout.owner) if n not in seeds}
         check(call, g, p.layout.seeded, total, owner)
     return reports, total, g, log, notes
 

@@ -55,10 +55,11 @@ def totals(parts: list[tuple[Node, Tensor]]) -> dict[Node, Tensor]:
     return out
 
 
-def check(call: Call, g: Graph, seeded: tuple[int, ...], total: dict[Node, Tensor], owner: dict[Node, int]) -> None:
+def check(call: Call, g: Graph, seeded: tuple[int, ...], total: dict[Node, Tensor],
+          owner: dict[Node, tuple[int, ...]]) -> None:
     """:class:`NonFinite` if a leaf's total is not finite, in one fused check of every leaf.
 
-    A head (a leaf only task ``owner[n]`` reaches) blames that task.  Elsewhere the per-task rows were checked
+    A head (a leaf only the tasks ``owner[n]`` reach) blames its task (or names its tasks).  Elsewhere the per-task rows were checked
     already, so the cause is below the blocks or in a loss seeded in the final pass (the ``seeded`` tasks and the
     ``also`` terms): it is named when only one loss is seeded there, or found by asking each of them when the
     graph is kept (the error path only).
@@ -74,10 +75,10 @@ def check(call: Call, g: Graph, seeded: tuple[int, ...], total: dict[Node, Tenso
         where = f" (from one of {', '.join(repr(names[i]) for i in ids)}, or the resolved directions below the blocks)"
     else:
         where = " (from the resolved directions, in the graph below the blocks)"
-    nodes, values = list(total), list(total.values())
-    who: list[Blame | None] = [
-        (owner[n], lambda n=n: f"the gradient of {names[owner[n]]!r} w.r.t. {g.name(n)!r}") if n in owner else
-        (blame, lambda n=n: f"the gradient w.r.t. {g.name(n)!r}{where}") for n in nodes]
+    nodes = list(total)
+    values = [t.coalesce().values() if t.is_sparse else t for t in total.values()]  # a sparse Embedding's gradient
+    who: list[Blame | None] = [_head_blame(names, g, n, owner[n]) if n in owner else
+                               (blame, lambda n=n: f"the gradient w.r.t. {g.name(n)!r}{where}") for n in nodes]
     flags = torch.stack([v.to(values[0].device) for v in foreach_norm(values)]).isfinite()
     bad = first_bad([Check(flags, who, lambda i: bool(values[i].isfinite().all()))], call.group)
     if bad is None:
@@ -89,6 +90,12 @@ def check(call: Call, g: Graph, seeded: tuple[int, ...], total: dict[Node, Tenso
         if task is not None:
             message = f"the gradient of {names[task]!r} w.r.t. {g.name(nodes[i])!r}"
     raise NonFinite(f"{message} is not finite; no gradient was written", task)
+
+
+def _head_blame(names: list[str], g: Graph, n: Node, tasks: tuple[int, ...]) -> Blame:
+    if len(tasks) == 1:
+        return tasks[0], lambda: f"the gradient of {names[tasks[0]]!r} w.r.t. {g.name(n)!r}"
+    return None, lambda: f"the gradient of one of {', '.join(repr(names[i]) for i in tasks)} w.r.t. {g.name(n)!r}"
 
 
 def _blame(call: Call, g: Graph, ids: list[int], node: Node) -> int | None:
@@ -117,9 +124,9 @@ def write(g: Graph, total: dict[Node, Tensor]) -> None:
     grads = []
     for p, t in zip(leaves, total.values()):
         t = t.to(p.dtype)
-        if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+        if not t.is_sparse and t.untyped_storage().nbytes() > t.numel() * t.element_size():
             t = t.clone()
         grads.append(t)
-    with torch.enable_grad():
-        roots = [p.view_as(p) for p in leaves]
+    with torch.enable_grad():  # (a sparse gradient, which a view cannot take, is seeded at the leaf itself)
+        roots = [p if t.is_sparse else p.view_as(p) for p, t in zip(leaves, grads)]
     torch.autograd.backward(roots, grads)

@@ -129,11 +129,11 @@ def params_gram(call: Call, g: Graph, log: Log, blocks: list, heads: list[Node],
     Gs: list[Tensor] = []  # the Gram matrix [k, k] and the plain sum's squared norm
 
     def compute(batched: bool) -> list[Rows]:
-        res = heads_pass(call, g, log, Cut(blocks, heads), [b.edge for b in blocks], batched)
+        res = heads_pass(call, g, log, Cut(blocks, heads), batched)
         # every row seeds every block (as through the blocks): batched unless the loop is asked for; the last pass
         deltas = rows(log, [b.edge for b in blocks], edges, res[:len(blocks)], n=k, onehot=0,  # type: ignore[arg-type]
                       dense=len(edges), needs=None, batched=(_autograd.FORCE or call.task_grads) != "loop",
-                      retain=call.keep)
+                      retain=call.keep, structure=(g.key, "deltas"))
         log.passes.pop()  # the report names the per-task pass (the one above)
         return deltas + res[len(blocks):]
 

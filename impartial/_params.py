@@ -25,7 +25,7 @@ from torch.autograd.graph import Node
 
 from . import _distributed as _dist
 from . import _autograd
-from ._autograd import Log, Rows, checked, choose, rows, zeros
+from ._autograd import Log, Rows, SparseGradient, checked, choose, rows, zeros
 from ._call import Call
 from ._checks import Check, rows_check
 from ._param_gram import linear_layers, params_gram
@@ -50,7 +50,7 @@ class Cut:
 
 
 def params_stage(call: Call, g: Graph,
-                 log: Log) -> tuple[list[BlockReport], list[tuple[Node, Tensor]], dict[Node, int]]:
+                 log: Log) -> tuple[list[BlockReport], list[tuple[Node, Tensor]], dict[Node, tuple[int, ...]]]:
     """The block report, every leaf's gradient parts, and the task that alone reaches each head leaf whose
     gradient is checked only with the totals."""
     shared = [n for n in g.nodes if n in g.shared]
@@ -64,7 +64,7 @@ def params_stage(call: Call, g: Graph,
             assert cut is not None
             rep, got = params_gram(call, g, log, cut.blocks, cut.heads, layers, shared, others)
             also = {n for n, _ in parts}
-            owner = {n: _bits(g.raw[n])[0] for n in cut.heads if n not in also}
+            owner = {n: _bits(g.raw[n]) for n in cut.heads if n not in also}
             return [rep], parts + got, owner
         rep, got = _j_path(call, g, log, cut, shared, others)
     return [rep], parts + got, {}
@@ -95,7 +95,7 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
         if cut is None:  # the loop asks row i only for the other leaves task i reaches
             needs = [[len(shared) + j for j, n in enumerate(others) if g.mask(n) >> i & 1] for i in range(k)]
             res = rows(log, call.tasks.outs, inputs, None, n=k, onehot=k, dense=len(shared),
-                       needs=needs, batched=batched, retain=call.keep)
+                       needs=needs, batched=batched, retain=call.keep, structure=(g.key, "params"))
         else:
             res = _through_blocks(call, g, log, cut, shared, others, batched)
         if call.group is not None:  # the full-batch task gradients: the mean over the ranks
@@ -113,8 +113,13 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
                       for n, r in zip(others, res[len(shared):]) if r is not None]
 
     # through the blocks, the per-task pass runs over the heads only: disjoint, so the loop
-    res = checked(log, compute, checks, choose(call.task_grads, g, None, g.task_bits, disjoint=cut is not None),
-                  call.group)
+    try:
+        res = checked(log, compute, checks, choose(call.task_grads, g, None, g.task_bits, disjoint=cut is not None),
+                      call.group)
+    except SparseGradient as err:
+        raise ValueError(f"{g.name(shared[err.input])!r} gets a sparse gradient (an nn.Embedding(sparse=True)): "
+                         "block='params' needs each task's gradient of the shared parameters as a dense row; use "
+                         "sparse=False there, or block='auto'") from None
     parts: list[tuple[Node, Tensor]] = []
     for n, r in zip(others, res[len(shared):]):
         if isinstance(r, Tensor):
@@ -157,20 +162,28 @@ def _cut(call: Call, g: Graph, shared: list[Node], others: list[Node]) -> Cut | 
     return Cut(blocks, heads)
 
 
-def heads_pass(call: Call, g: Graph, log: Log, cut: Cut, inputs: list, batched: bool) -> list[Rows]:
-    """The per-task pass over the heads: each task's gradient at ``inputs`` (the blocks' edges or parameters),
-    then at the heads (only its own)."""
-    k, nb = g.k, len(inputs)
+def heads_pass(call: Call, g: Graph, log: Log, cut: Cut, batched: bool) -> list[Rows]:
+    """The per-task pass over the heads: each task's gradient at every block (its edge or parameter), then at the
+    heads (only its own)."""
+    k = g.k
+    p = plan(g, marked=False)
+    captures = [c for caps in p.captures for c in caps]
+    nc = len(captures)
     owner = [_bits(g.raw[n])[0] for n in cut.heads]
-    needs = [[nb + h for h, c in enumerate(owner) if c == r] for r in range(k)]
+    needs = [[nc + h for h, c in enumerate(owner) if c == r] for r in range(k)]
     # the last pass through the heads: the trunk pass below starts at the blocks (the also terms ran before); the
     # block tensors' hooks fire in the trunk pass that starts there, not here too
-    with quiet(plan(g, marked=False).block_tensors):
-        res = rows(log, call.tasks.outs, inputs + [g.leaves[n] for n in cut.heads], None,
-                   n=k, onehot=k, dense=nb, needs=needs, batched=batched, retain=call.keep,
+    with quiet(p.block_tensors):
+        got = rows(log, call.tasks.outs, captures + [g.leaves[n] for n in cut.heads], None,
+                   n=k, onehot=k, dense=nc, needs=needs, batched=batched, retain=call.keep,
                    disjoint=not call.tasks.stacked)
-    for h, (c, r) in enumerate(zip(owner, res[nb:])):  # only its task's row (the others are zeros or absent)
-        res[nb + h] = None if r is None else [r[c] if i == c else None for i in range(k)]
+    res, i = [], 0
+    for caps, hop in zip(p.captures, p.hops):  # a block's rows: its capture, or its views' reshaped
+        part = got[i:i + len(caps)]
+        i += len(caps)
+        res.append(part[0] if hop is None else sum(t.reshape(k, *hop) for t in part))  # type: ignore[union-attr]
+    for c, r in zip(owner, got[nc:]):  # only its task's row (the others are zeros or absent)
+        res.append(None if r is None else [r[c] if i == c else None for i in range(k)])
     return res
 
 
@@ -179,7 +192,7 @@ def _through_blocks(call: Call, g: Graph, log: Log, cut: Cut, shared: list[Node]
     """The rows of ``shared + others`` from the losses' gradients at the blocks (one pass over the heads) and one
     backward from the blocks through the trunk."""
     k, blocks = g.k, cut.blocks
-    res = heads_pass(call, g, log, cut, [b.leaf if b.leaf is not None else b.edge for b in blocks], batched)
+    res = heads_pass(call, g, log, cut, batched)
     found: dict[Node, Rows] = {b.edge.node: res[j] for j, b in enumerate(blocks) if b.leaf is not None}
     found.update(zip(cut.heads, res[len(blocks):]))
     act = [j for j, b in enumerate(blocks) if b.leaf is None]
@@ -189,7 +202,7 @@ def _through_blocks(call: Call, g: Graph, log: Log, cut: Cut, shared: list[Node]
         # too, as the rows at the blocks are the task gradients themselves); the last pass through the trunk
         vjp = rows(log, [blocks[j].edge for j in act], [g.leaves[n] for n in below], [res[j] for j in act],  # type: ignore
                    n=k, onehot=0, dense=len(below), needs=None, batched=(_autograd.FORCE or call.task_grads) != "loop",
-                   retain=call.keep)
+                   retain=call.keep, structure=(g.key, "trunk"))
         log.passes.pop()  # the report names the per-task pass (the one above)
         found.update(zip(below, vjp))
     # a shared parameter no block reaches (only a leaf block does elsewhere): zero rows, as from the losses

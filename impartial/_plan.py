@@ -8,10 +8,8 @@ of tasks in no block (of every task when ``plain``: some task reaches a leaf bes
 terms, and captures every leaf that any of them reaches (``finals``).
 
 Everything here depends on the structure alone (:attr:`Graph.key`), so the positions are kept per structure and
-each call only places them on its own nodes.  Block tensors whose hooks must stay quiet while per-task gradients
-are computed (:attr:`Plan.quiet`) are the marked ones, and, at automatic blocks, the block's tensor where a
-consumer saved it for backward (a Linear, a matmul, a convolution reading it): torch gives no other handle on the
-tensor of a graph edge.
+each call only places them on its own nodes.  How the per-task pass reaches each block without running the hooks
+of its tensor is :mod:`._handles`.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from dataclasses import dataclass
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
-from ._torch_compat import saved_tensors
+from ._handles import Handle, find, place, users_of
 from .graph._blocks import Block
 from .graph._trace import Graph, _bits, remember
 
@@ -36,10 +34,11 @@ class Layout:
     level: tuple[int, ...]
     #: the task of each row of the per-task pass
     rows: tuple[int, ...]
-    #: positions of the head leaves, and the row that owns each
+    #: positions of the head leaves (reached on paths through no block only), and the rows that reach each
     heads: tuple[int, ...]
-    owner: tuple[int, ...]
-    #: some task reaches a leaf on a path through no block: the final pass seeds every task loss again
+    owner: tuple[tuple[int, ...], ...]
+    #: some task reaches a leaf both on a path through no block and through a block: the final pass seeds every task
+    #: loss again
     plain: bool
     #: tasks whose loss seeds the final pass
     seeded: tuple[int, ...]
@@ -47,8 +46,8 @@ class Layout:
     finals: tuple[int, ...]
     #: every node the per-task pass runs is run by no other pass (disjoint heads, one level, not plain)
     disjoint: bool
-    #: per block: (position of a consumer that saved the block's tensor, its saved-tensor attribute), or None
-    found: tuple[tuple[int, str] | None, ...]
+    #: per block: how the per-task pass gets its rows without running its tensor's hooks (:mod:`._handles`)
+    handles: tuple[Handle, ...]
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,10 @@ class Plan:
     levels: list[list[int]]
     #: what the per-task pass captures for each block: its parameter (leaf block) or its edge
     targets: list[Tensor | GradientEdge]
+    #: what the per-task pass captures for each block (its target, or the views of it the heads read) and, for
+    #: views, the block's shape their gradients are reshaped to and summed (:mod:`._handles`)
+    captures: list[list[Tensor | GradientEdge]]
+    hops: list[tuple | None]
     #: each block's rows among the per-task rows: a slice (no copy) when it has every task
     sel: list[slice | list[int]]
     heads: list[Node]
@@ -99,39 +102,15 @@ def plan(g: Graph, marked: bool) -> Plan:
     levels = [[j for j, lv in enumerate(layout.level) if lv == L] for L in range(max(layout.level, default=-1) + 1)]
     pos = {t: r for r, t in enumerate(layout.rows)}
     K = len(layout.rows)
-    tensors = [t for t in (b.tensor if b.tensor is not None else _located(g, b, f)
-                           for b, f in zip(blocks, layout.found)) if t is not None]
+    placed = [place(g, b, h) for b, h in zip(blocks, layout.handles)]
     finals = [nodes[i] for i in layout.finals]
     heads = [nodes[i] for i in layout.heads]
     leaves = {id(t): t for t in [g.leaves[n] for n in finals + heads] + [b.leaf for b in blocks if b.leaf is not None]}
     return Plan(g, layout, blocks, levels, [b.leaf if b.leaf is not None else b.edge for b in blocks],
+                [c for _, c, _ in placed], [h for _, _, h in placed],
                 [slice(None) if len(b.tasks) == K else [pos[i] for i in b.tasks] for b in blocks],
-                heads, finals, frozenset(a for b in blocks for a in b.above), tensors, list(leaves.values()))
-
-
-def _located(g: Graph, b: Block, found: tuple[int, str] | None) -> Tensor | None:
-    """The tensor at automatic block ``b``, where the layout found a consumer that saved it."""
-    if found is None:
-        return None
-    consumer, attr = g.nodes[found[0]], found[1]
-    for _, t in saved_tensors(consumer, only=attr):
-        if t.grad_fn is b.edge.node and t.output_nr == b.edge.output_nr:
-            return t
-    return None
-
-
-def _find_saved(g: Graph, b: Block) -> tuple[int, str] | None:
-    """A consumer of block ``b``'s edge that saved the block's tensor, and the attribute it is saved under."""
-    if b.leaf is not None:
-        return None
-    edge = (b.edge.node, b.edge.output_nr)
-    for i, node in enumerate(g.nodes):
-        if edge not in node.next_functions:
-            continue
-        for attr, t in saved_tensors(node):
-            if t.grad_fn is edge[0] and t.output_nr == edge[1]:
-                return i, attr
-    return None
+                heads, finals, frozenset(a for b in blocks for a in b.above),
+                [t for t, _, _ in placed if t is not None], list(leaves.values()))
 
 
 def _layout(g: Graph) -> Layout:
@@ -147,10 +126,10 @@ def _layout(g: Graph) -> Layout:
     for n in g.nodes:
         if n not in g.leaves or n in leaf_blocks:
             continue
-        t, raw = g.mask(n) & g.task_bits, g.raw.get(n, 0)
-        if raw and (g.above.get(n, 0) or t & (t - 1)):  # a raw path past or beside a block
+        raw = g.raw.get(n, 0)
+        if raw and g.above.get(n, 0):  # a raw path past a block to a leaf that blocks reach too
             plain = True
-        elif raw and t & in_block:
+        elif raw & in_block:  # a head: one task's own parameter, or a head shared by tasks (each row adds its part)
             heads.append(n)
     if plain:
         heads = []
@@ -166,8 +145,13 @@ def _layout(g: Graph) -> Layout:
     finals = tuple(g.index[n] for n in g.nodes if n in g.leaves and g.mask(n) and (
         n not in head_set or g.mask(n) & seeds))
     return Layout(tuple(level), T, tuple(g.index[n] for n in heads),
-                  tuple(pos[_bits(g.mask(n) & g.task_bits)[0]] for n in heads), plain, seeded, finals,
-                  _disjoint(g, in_block, plain, level), tuple(_find_saved(g, b) for b in blocks))
+                  tuple(tuple(pos[i] for i in _bits(g.raw[n] & in_block)) for n in heads), plain, seeded, finals,
+                  _disjoint(g, in_block, plain, level), _handles(g))
+
+
+def _handles(g: Graph) -> tuple[Handle, ...]:
+    users = users_of(g) if any(b.leaf is None and b.tensor is None for b in g.blocks) else {}
+    return tuple(None if b.leaf is not None or b.tensor is not None else find(g, b, users) for b in g.blocks)
 
 
 def _disjoint(g: Graph, in_block: int, plain: bool, level: list[int]) -> bool:

@@ -30,6 +30,7 @@ from . import _distributed as _dist
 from ._autograd import Log, Rows, checked, choose, rows
 from ._call import Call
 from ._checks import Check, rows_check
+from ._handles import root
 from ._plan import Plan
 from ._solve import block_gram
 from ._torch_compat import quiet
@@ -51,14 +52,22 @@ def first_pass(call: Call, plan: Plan, log: Log) -> First:
     g, blocks, K, nb = plan.g, plan.blocks, plan.K, len(plan.blocks)
     T, owner = plan.layout.rows, plan.layout.owner
     outs = [call.tasks.outs[i] for i in T]
-    inputs = plan.targets + [g.leaves[n] for n in plan.heads]
-    needs = [[nb + h for h, c in enumerate(owner) if c == r] for r in range(K)]  # row r: the blocks + its heads
+    captures = [c for caps in plan.captures for c in caps]
+    nc = len(captures)
+    inputs = captures + [g.leaves[n] for n in plan.heads]
+    needs = [[nc + h for h, rs in enumerate(owner) if r in rs] for r in range(K)]  # row r: the blocks + its heads
     free = plan.layout.disjoint and not call.keep and not call.tasks.stacked
     grams: dict[int, Tensor] = {}
 
     def compute(batched: bool) -> list[Rows]:
-        res = rows(log, outs, inputs, None, n=K, onehot=K, dense=nb, needs=needs, batched=batched,
-                   retain=not free, disjoint=True)
+        got = rows(log, outs, inputs, None, n=K, onehot=K, dense=nc, needs=needs, batched=batched,
+                   retain=not free, disjoint=True, structure=(g.key, "first"))
+        res, i = [], 0
+        for caps, hop in zip(plan.captures, plan.hops):  # a block's rows: its capture, or its views' reshaped
+            part = got[i:i + len(caps)]
+            i += len(caps)
+            res.append(part[0] if hop is None else sum(p.reshape(K, *hop) for p in part))  # type: ignore[union-attr]
+        res += got[nc:]
         for j, b in enumerate(blocks):
             if call.group is not None and b.leaf is not None:  # a parameter: the mean over the ranks
                 res[j] = _dist.all_mean(res[j], call.group)
@@ -84,16 +93,16 @@ def first_pass(call: Call, plan: Plan, log: Log) -> First:
                      disjoint=call.mode == "auto" and len(plan.levels) == 1)
     with quiet(plan.quiet):
         res = checked(log, compute, checks, batched, call.group)
-    return First([r for r in res[:nb]], [(n, r) for n, _, r in _heads(plan, res)], grams)  # type: ignore[misc]
+    return First([r for r in res[:nb]], _heads(plan, res), grams)
 
 
-def _heads(plan: Plan, res: list[Rows]) -> list[tuple[Node, int, Tensor]]:
-    """(leaf, its row, that row's gradient) of the heads (only its task's row: the others are zeros or absent)."""
+def _heads(plan: Plan, res: list[Rows]) -> list[tuple[Node, Tensor]]:
+    """Each head leaf and its part from each row that reaches it (the other rows are zeros or absent)."""
     found = []
-    for n, c, r in zip(plan.heads, plan.layout.owner, res[len(plan.blocks):]):
-        v = None if r is None else r[c]
-        if v is not None:
-            found.append((n, c, v))
+    for n, rs, r in zip(plan.heads, plan.layout.owner, res[len(plan.blocks):]):
+        if r is None:
+            continue
+        found += [(n, r[c]) for c in rs if r[c] is not None]
     return found
 
 
@@ -104,14 +113,19 @@ def pull(call: Call, plan: Plan, log: Log, lvl: list[int], raw: list[Tensor], co
     blocks, K = plan.blocks, plan.K
     plain = plan.layout.plain or call.nested == "direct"  # no arrival row: σ does not depend on it
     srcs = sorted({a for j in lvl for a in blocks[j].above if blocks[a].leaf is None})
-    outs = [blocks[a].edge for a in srcs]
-    seeds_ = [corr[a] if plain else torch.cat([corr[a], sigma[a][None]]) for a in srcs]
     n = K + (0 if plain else 1)
-    inputs = [plan.targets[j] for j in lvl]
+    starts = [root(blocks[a], corr[a] if plain else torch.cat([corr[a], sigma[a][None]]), n) for a in srcs]
+    outs, seeds_ = [e for e, _ in starts], [s for _, s in starts]
+    inputs = [c for j in lvl for c in plan.captures[j]]
     grams: dict[int, Tensor] = {}
 
     def compute(batched: bool) -> list[Rows]:
-        res = rows(log, outs, inputs, seeds_, n=n, onehot=0, dense=len(lvl), needs=None, batched=batched)
+        got = rows(log, outs, inputs, seeds_, n=n, onehot=0, dense=len(inputs), needs=None, batched=batched)
+        res, i = [], 0
+        for j in lvl:
+            part, hop = got[i:i + len(plan.captures[j])], plan.hops[j]
+            i += len(part)
+            res.append(part[0] if hop is None else sum(p.reshape(n, *hop) for p in part))  # type: ignore[union-attr]
         out: list[Rows] = []
         for j, p in zip(lvl, res):
             full = raw[j] + p if plain else torch.cat([raw[j] + p[:K], p[K:]])  # type: ignore[index,operator]

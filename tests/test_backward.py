@@ -329,15 +329,17 @@ def test_per_task_gradients_come_from_one_batched_backward_or_a_loop(monkeypatch
 
 
 @chooses
-def test_auto_batches_where_the_tasks_share_the_graph_above_the_block() -> None:
-    """Losses that are columns of one shared head, with the block marked below the head: a loop would traverse
-    the head k times, a batched pass once.  (Above an automatic top-level block the tasks never share a node:
-    the block is where they first meet.  They do above a marked block and in ``block="params"``.)"""
+def test_auto_loops_from_the_losses_and_batches_only_when_asked() -> None:
+    """Losses that are columns of one shared head, with the block marked below the head: a batched pass would run
+    the head once, but each loss has nodes of its own (its column, its square), whose hooks would see batched
+    tensors under vmap: ``"auto"`` loops; ``task_grads="batched"`` batches."""
     model, x = make("mlp")
     z = model.trunk(x)
     out = model.heads[0](z)  # one shared head, two columns
     tasks = [out[:, 0].pow(2).mean(), out[:, 1].pow(2).mean()]
     report = impartial.backward(tasks, model.trunk.parameters(), block=[z], retain_graph=True)
+    assert report.blocks[0].task_grads == "loop"
+    report = impartial.backward(tasks, model.trunk.parameters(), block=[z], retain_graph=True, task_grads="batched")
     assert report.blocks[0].task_grads == "batched"
     assert impartial.backward(tasks, model.trunk.parameters()).blocks[0].task_grads == "loop"
 

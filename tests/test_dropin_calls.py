@@ -21,10 +21,6 @@ from impartial.solvers import IMTLG, Sum
 ARCH = Arch(features=("linear",), groups=(1, 1, 1), also=("kl",))
 
 
-def _xfail(reason: str, raises: type[BaseException] | tuple = AssertionError) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, raises=raises, reason=reason)
-
-
 def _grads(net: Net) -> list[Tensor | None]:
     return [None if p.grad is None else p.grad.clone() for p in net.parameters()]
 
@@ -62,25 +58,13 @@ def _works_or_names(imp: Net, plain: Net, call, *patterns: str) -> None:
 # -- point 5: inputs plain backward accepts -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        pytest.param(
-            m,
-            marks=_xfail(
-                "issue 10 point 5: a frozen parameter in shared_params=trunk.parameters() raises ValueError", ValueError
-            ),
-        )
-        for m in MODES
-    ],
-)
+@pytest.mark.parametrize("mode", MODES)
 def test_frozen_parameters_among_the_shared_ones_are_skipped(mode: str) -> None:
     imp, plain = _seeded(Arch(features=("frozen", "linear"), groups=(1, 2), also=("kl",)))
     a, b = step(imp, "impartial", mode), step(plain, "plain", mode)
     assert_grads(imp, plain, a.x, b.x)
 
 
-@_xfail("issue 10 point 5: a loss of shape [1] raises 'every loss must be a scalar'", ValueError)
 @pytest.mark.parametrize("mode", MODES)
 def test_losses_of_shape_one_are_accepted(mode: str) -> None:
     imp, plain = _seeded()
@@ -91,7 +75,6 @@ def test_losses_of_shape_one_are_accepted(mode: str) -> None:
     assert_grads(imp, plain, a.x, b.x)
 
 
-@_xfail('issue 10 point 5: a constant also term raises "also[1]\' does not require grad"', ValueError)
 @pytest.mark.parametrize("mode", MODES)
 def test_a_constant_also_term_adds_nothing(mode: str) -> None:
     imp, plain = _seeded()
@@ -104,7 +87,6 @@ def test_a_constant_also_term_adds_nothing(mode: str) -> None:
     assert_grads(imp, plain, a.x, b.x)
 
 
-@_xfail("issue 10 point 5: block=z (a tensor) iterates z's rows: 'block[0] is not on the path of any loss'", ValueError)
 def test_a_single_block_tensor_is_one_marked_block() -> None:
     imp, plain = _seeded()
     b = step(plain, "plain", "auto")
@@ -113,20 +95,12 @@ def test_a_single_block_tensor_is_one_marked_block() -> None:
     assert_grads(imp, plain, a.x, b.x)
 
 
-@_xfail(
-    "issue 10 point 5: reentrant checkpoint hides the trunk's parameters: ValueError 'shared_params[i] is not "
-    "reached by any task loss', which does not name reentrant checkpointing"
-)
 @pytest.mark.parametrize("mode", MODES)
 def test_reentrant_checkpoint_works_or_is_named(mode: str) -> None:
     imp, plain = _seeded(Arch(features=("linear", "checkpoint_reentrant"), groups=(1, 2), also=("kl",)))
     _works_or_names(imp, plain, lambda net, run: backward(net, run, "impartial", mode), "reentrant")
 
 
-@_xfail(
-    "not in issue 10's list (the drop-in contract): a sparse Embedding gradient raises NotImplementedError "
-    "from torch internals ('Cannot access storage of SparseTensorImpl'), which names no parameter"
-)
 @pytest.mark.parametrize("mode", MODES)
 def test_sparse_gradients_work_or_are_named(mode: str) -> None:
     imp, plain = twins(Arch(features=("embedding_sparse",), groups=(1, 2), also=("kl",)))  # .grad None: sparse
@@ -135,10 +109,6 @@ def test_sparse_gradients_work_or_are_named(mode: str) -> None:
     )
 
 
-@_xfail(
-    "issue 10 point 5: on the meta device torch's NotImplementedError ('Cannot copy out of meta tensor') "
-    "escapes the finiteness check"
-)
 def test_the_meta_device_works_or_is_named() -> None:
     with torch.device("meta"):
         enc, heads = torch.nn.Linear(3, 4), [torch.nn.Linear(4, 1) for _ in range(2)]
@@ -169,14 +139,10 @@ def _raises_untouched(call, error: type[BaseException], pattern: str) -> None:
     _untouched(imp, before)
 
 
-@_xfail("issue 10 point 6: shared_params=[] silently runs a plain backward", pytest.fail.Exception)
 def test_empty_shared_params_raise() -> None:
     _raises_untouched(lambda net, a: impartial.backward(a.tasks, [], also=a.also), ValueError, "shared_params")
 
 
-@_xfail(
-    "issue 10 point 6: an exhausted generator as shared_params silently runs a plain backward", pytest.fail.Exception
-)
 def test_an_exhausted_generator_of_shared_params_raises() -> None:
     def call(net: Net, a) -> None:
         params = net.shared_generator = net.parameters()
@@ -186,17 +152,12 @@ def test_an_exhausted_generator_of_shared_params_raises() -> None:
     _raises_untouched(call, ValueError, "shared_params")
 
 
-@_xfail("issue 10 point 6: solver=[] raises ZeroDivisionError", ZeroDivisionError)
 def test_an_empty_solver_list_raises() -> None:
     _raises_untouched(
         lambda net, a: impartial.backward(a.tasks, net.shared(), solver=[], also=a.also), ValueError, "solver"
     )
 
 
-@_xfail(
-    "issue 10 point 6: list(vector of losses) takes the loss vector as the block: the solver sees one-hot "
-    "rows (IMTLG weights 1/3 each) and with keep_norm the call equals the plain sum"
-)
 def test_a_list_of_one_loss_vector_finds_the_real_block_or_raises() -> None:
     imp, ref = _seeded()
 
@@ -221,10 +182,6 @@ def test_a_list_of_one_loss_vector_finds_the_real_block_or_raises() -> None:
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
 
 
-@_xfail(
-    "issue 10 point 6: a whole-forward-compiled model makes every parameter its own block, silently",
-    pytest.fail.Exception,
-)
 def test_a_compiled_forward_that_makes_every_parameter_a_block_warns() -> None:
     net = Net(ARCH)
 
@@ -245,10 +202,6 @@ def _nan_grad(t: Tensor) -> Tensor:
     return (t.flatten()[0] * 0).abs().sqrt()
 
 
-@_xfail(
-    "issue 10 point 7: a NaN gradient of an also term is written to .grad under nonfinite='raise'",
-    pytest.fail.Exception,
-)
 @pytest.mark.parametrize("mode", MODES)
 def test_a_nonfinite_also_term_raises_and_leaves_grad_untouched(mode: str) -> None:
     def call(net: Net, a) -> None:
@@ -258,7 +211,6 @@ def test_a_nonfinite_also_term_raises_and_leaves_grad_untouched(mode: str) -> No
     _raises_untouched(call, FloatingPointError, "also")
 
 
-@_xfail("issue 10 point 7: a NaN gradient of an also term is written to .grad under nonfinite='skip'")
 @pytest.mark.parametrize("mode", MODES)
 def test_a_nonfinite_also_term_is_skipped_and_named(mode: str) -> None:
     """Skipped like a task: the result is plain backward without the term, and the report names it."""
@@ -284,13 +236,7 @@ def test_a_nonfinite_also_term_is_skipped_and_named(mode: str) -> None:
 @pytest.mark.parametrize(
     "nonfinite",
     [
-        pytest.param(
-            "raise",
-            marks=_xfail(
-                "issue 10 point 7: a lone task's NaN gradient is written to .grad under nonfinite='raise'",
-                pytest.fail.Exception,
-            ),
-        ),
+        "raise",
         "skip",
     ],
 )

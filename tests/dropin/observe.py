@@ -21,34 +21,58 @@ from dropin.arch import Arch, Net, Tap
 RTOL, ATOL = 1e-10, 1e-12
 
 
+def _around(arch: Arch, mode: str) -> bool:
+    """Whether a task reaches a shared parameter on a path through no block (docs/backward.md: the heads run again
+    in the final pass): with marked blocks, head 0 reading the tied input weight directly."""
+    return mode == "marked" and arch.tie
+
+
+def freed_heads(arch: Arch, mode: str) -> bool:
+    """Whether the per-task pass frees the heads it runs, as plain does: it runs nothing shared (no block nested
+    below another, no path around the marked blocks)."""
+    shared_head, latents = any(c > 1 for c in arch.groups), arch.latent_block
+    if mode == "marked":  # a head two tasks share runs in both tasks' passes
+        return not (arch.lower or arch.tie or shared_head)
+    top = shared_head or latents
+    nested = (shared_head and latents) or (arch.lower and top) or (arch.tied_block and top)
+    return not nested
+
+
 def once_tensor(arch: Arch, mode: str, name: str, role: str) -> bool:
     """Whether a tensor hook on activation ``name`` (of ``role``, see ``Net._losses``) must fire exactly once."""
-    if role in ("head1", "lower"):
-        return True
+    if role in ("head1", "lower"):  # once, unless a task reaches a shared parameter around every marked block (head
+        # 0 reading the tied weight): then the final pass starts at the losses again and the heads run twice
+        return not _around(arch, mode)
     if role == "head2" or mode == "params":
         return False
     if role == "input":
         return True
     if role == "out" and arch.lower:  # a block (marked, or automatic and read by the lower head's Linear)
-        return True
+        # automatic: read through views, silenced only while no block lies below it (the tied weight)
+        return mode == "marked" or not arch.tied_block
     if role in ("trunk", "out"):  # in auto, the leaf block inp.weight lies below every trunk activation
         return mode == "marked" or not arch.tied_block
     assert role == "latent", role
     if mode == "marked":
         return True
     if arch.latent_block:
-        return arch.saved(name)
+        # read through a Linear on [B, T, W]: the heads read views of it, whose gradients the per-task pass takes
+        # instead (impartial._handles); with a block below it (the lower loss's at hout, the tied weight), the
+        # per-task pass must run the latent's own node to reach that block, and no op saved the latent itself
+        return arch.saved(name) and not arch.lower and not arch.tied_block
     return not arch.lower  # below the shared heads' blocks; with a lower loss also above the block at hout
 
 
 def unhandled_block(arch: Arch, mode: str, name: str) -> bool:
     """Whether activation ``name`` is an automatic block that no op saves (a shared head's output read by
-    column slices; latents read by relu-first or cat heads): its hooks also see each task's gradient."""
-    if mode != "auto":
+    column slices; latents read by relu-first or cat heads): its hooks also see each task's gradient.  With
+    ``block="params"`` the automatic blocks split the heads' pass from the trunk's, so the same holds there."""
+    if mode not in ("auto", "params"):
         return False
     if name.startswith("y") and name != "ylow":
-        return arch.groups[int(name[1:])] > 1
-    return name in ("z", "s") and arch.latent_block and not arch.saved(name)
+        i = int(name[1:])
+        return i < len(arch.groups) and arch.groups[i] > 1
+    return name in ("z", "s") and arch.latent_block and not once_tensor(arch, mode, name, "latent")
 
 
 def once_param(arch: Arch, mode: str, role: str) -> bool:
@@ -64,9 +88,9 @@ def once_module(arch: Arch, mode: str, name: str) -> bool:
     """Whether the full backward (pre-)hooks of module ``name`` must fire exactly once: a module between
     two blocks (its output reached by two or more tasks, a block below its input) is not promised."""
     if name.startswith("heads."):
-        return arch.groups[int(name.split(".")[1])] == 1
+        return arch.groups[int(name.split(".")[1])] == 1 and not _around(arch, mode)
     if name == "lower":
-        return True
+        return not _around(arch, mode)
     if mode == "params" or (mode == "auto" and arch.tied_block):
         return False
     if name.startswith("lat."):
