@@ -79,7 +79,9 @@ def check(call: Call, g: Graph, seeded: tuple[int, ...], total: dict[Node, Tenso
     values = [t.coalesce().values() if t.is_sparse else t for t in total.values()]  # a sparse Embedding's gradient
     who: list[Blame | None] = [_head_blame(names, g, n, owner[n]) if n in owner else
                                (blame, lambda n=n: f"the gradient w.r.t. {g.name(n)!r}{where}") for n in nodes]
-    flags = torch.stack([v.to(values[0].device) for v in foreach_norm(values)]).isfinite()
+    norms = foreach_norm(values)
+    dev = norms[0].device
+    flags = torch.stack([v if v.device == dev else v.to(dev) for v in norms]).isfinite()
     bad = first_bad([Check(flags, who, lambda i: bool(values[i].isfinite().all()))], call.group)
     if bad is None:
         return
@@ -123,7 +125,8 @@ def write(g: Graph, total: dict[Node, Tensor]) -> None:
     leaves = [g.leaves[n] for n in total]
     grads = []
     for p, t in zip(leaves, total.values()):
-        t = t.to(p.dtype)
+        if t.dtype != p.dtype:
+            t = t.to(p.dtype)
         if not t.is_sparse and t.untyped_storage().nbytes() > t.numel() * t.element_size():
             t = t.clone()
         grads.append(t)

@@ -133,7 +133,7 @@ def solve_pieces(call: Call, solver: Solver, Js: list[Tensor], ts: Sequence[int]
                  need_rows: bool, G: Tensor, local: bool = False) -> tuple[list[Tensor], Tensor | None, _Solution]:
     """Directions of the pieces ``Js`` (``[..., k, d_p]`` each; ``J`` is their concatenation, ``G`` its Gram),
     the resolved rows (when ``need_rows``; one piece), and the Gram, weights, ``keep_norm`` scale and status."""
-    losses = torch.stack([call.tasks.outs[i].detach() for i in ts])
+    losses = torch.stack([call.tasks.outs[i] for i in ts]).detach()
     if call.group is not None:  # the full-batch losses: the mean of the ranks' means
         losses = _dist.all_mean(losses, call.group)
     losses = losses.expand(Js[0].shape[:-1])
