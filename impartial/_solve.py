@@ -143,7 +143,11 @@ def solve_pieces(call: Call, solver: Solver, Js: list[Tensor], ts: Sequence[int]
         w, status = sol.weights, sol.status.to(torch.int8)
         if need_rows:
             R = mix(sol.mixing, Js[0])
-        ds = [combine(w, J) for J in Js]
+        if call.keep_norm:  # the direction and the plain sum in one pass over J: weights [w; 1]
+            both = [combine2(w, J) for J in Js]
+            ds, sums = [b[..., 0, :] for b in both], [b[..., 1, :] for b in both]
+        else:
+            ds, sums = [combine(w, J) for J in Js], []
     else:
         J = Js[0] if len(Js) == 1 else torch.cat(Js, dim=-1)
         if need_rows:
@@ -152,9 +156,9 @@ def solve_pieces(call: Call, solver: Solver, Js: list[Tensor], ts: Sequence[int]
         else:
             d = solver(J, losses=losses, **(ctx or {}))
         ds = list(d.split([J.shape[-1] for J in Js], dim=-1))
+        sums = [J.sum(-2) for J in Js] if call.keep_norm else []
         status = torch.zeros(G.shape[:-2], dtype=torch.int8, device=G.device)
-    ds, R, scale, status = rescale(call, ds, R, G, w, status, local, Js[0].dtype,
-                                   lambda c: _sq_norm([J.sum(-2) for J in Js], c))
+    ds, R, scale, status = rescale(call, ds, R, G, w, status, local, Js[0].dtype, lambda c: _sq_norm(sums, c))
     return ds, R, _Solution(G, w, scale, status)
 
 
@@ -187,6 +191,14 @@ def rescale(call: Call, ds: list[Tensor], R: Tensor | None, G: Tensor, w: Tensor
     if R is not None:
         R = R * scale[..., None, None].to(R.dtype)
     return ds, R, scale, status
+
+
+def combine2(w: Tensor, J: Tensor) -> Tensor:
+    """``[..., 2, d]``: the direction ``wᵀJ`` and the plain sum ``1ᵀJ``, from one product (one pass over ``J``)."""
+    W = torch.stack([w, torch.ones_like(w)], dim=-2)  # [..., 2, k]
+    if J.dtype in _LOW:
+        return (W.float() @ J.float()).to(J.dtype)
+    return W.to(J.dtype) @ J
 
 
 def _sq_norm(pieces: list[Tensor], c: Tensor) -> Tensor:
