@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -28,9 +28,17 @@ from .graph._trace import Graph, remember
 
 __all__ = ["Log", "Rows", "rows", "checked", "zeros", "overlap", "BATCH_OVERLAP", "TASK_GRADS"]
 
-#: one input's per-row gradients: ``[rows, ...]`` (batched pass, or dense inputs of the loop), or one entry
-#: per row (the loop's sparse inputs; None where the row does not reach or need the input)
-Rows = Union[Tensor, list[Optional[Tensor]], None]
+T = TypeVar("T")
+
+
+@dataclass
+class Rows:
+    """Per-row gradients of the inputs of one pass: ``dense[j]`` ``[n, ...]`` for each of the first inputs (zeros where
+    a row does not reach it), ``sparse[j][r]`` for the others (None where row ``r`` does not reach or ask for it)."""
+
+    dense: list[Tensor]
+    sparse: list[list[Tensor | None]]
+
 #: the batched pass is chosen when a loop would redo at least this fraction of its work (see :func:`overlap`)
 BATCH_OVERLAP = 0.75
 TASK_GRADS = ("auto", "batched", "loop")
@@ -73,23 +81,24 @@ def zeros(x: Tensor | GradientEdge, n: int) -> Tensor:
 
 def rows(log: Log, outputs: list, inputs: list, seeds: list[Tensor] | None, *, n: int, onehot: int, dense: int,
          needs: Sequence[Sequence[int]] | None, batched: bool, retain: bool = True,
-         disjoint: bool = False, structure: tuple | None = None) -> list[Rows]:
+         disjoint: bool = False, structure: tuple | None = None) -> Rows:
     """Per-row gradients of ``outputs`` seeded with row ``r`` of each seed (``[n, ...]``).
 
     The first ``onehot`` outputs are task losses seeded with the rows of the identity (row ``r`` seeds loss ``r``
-    only; ``seeds=None`` when every output is one of them).  ``inputs[:dense]`` get ``[n, ...]`` tensors (zeros where unreached); the others, in the loop, only the
-    rows in ``needs[r]`` ask for (a list per input).  Batched: one vmapped backward, or the loop if vmap cannot run
-    an op (``log.fallback`` says why).  ``retain=False``: this is the last pass through what it runs, so it frees
-    it: the loop frees on its last row, or on every row when the rows share no node (``disjoint``); a batched pass
-    only where vmap ran this graph ``structure`` before (else it keeps the graph, for the loop to fall back on).
+    only; ``seeds=None`` when every output is one of them).  ``inputs[:dense]`` get ``[n, ...]`` tensors (zeros
+    where unreached); the others, in the loop, only the rows in ``needs[r]`` ask for (a list per input).
+    Batched: one vmapped backward, or the loop if vmap cannot run an op (``log.fallback`` says why).
+    ``retain=False``: this is the last pass through what it runs, so it frees it: the loop frees on its last row, or
+    on every row when the rows share no node (``disjoint``); a batched pass only where vmap ran this graph
+    ``structure`` before (else it keeps the graph, for the loop to fall back on).
     """
     if batched:
         if seeds is None:
             seeds = onehot_seeds(outputs, n)
         free = not retain and structure is not None and structure in _VMAP_OK
         try:
-            res: list[Rows] = list(torch.autograd.grad(outputs, inputs, seeds, retain_graph=not free,
-                                                       allow_unused=True, is_grads_batched=True))
+            res = torch.autograd.grad(outputs, inputs, seeds, retain_graph=not free, allow_unused=True,
+                                      is_grads_batched=True)
         except RuntimeError as err:
             if is_freed_graph(err):
                 raise
@@ -97,14 +106,12 @@ def rows(log: Log, outputs: list, inputs: list, seeds: list[Tensor] | None, *, n
             # there and is raised from it)
             log.fallback = str(err).strip().splitlines()[0][:200]
         else:
-            for j in range(dense):
-                if res[j] is None:
-                    res[j] = zeros(inputs[j], n)
             log.passes.append("batched")
             log.freed |= free
             if structure is not None:
                 remember(_VMAP_OK, structure, True, 16)
-            return res
+            return Rows([zeros(x, n) if r is None else r for x, r in zip(inputs[:dense], res[:dense])],
+                        [[None] * n if r is None else list(r.unbind(0)) for r in res[dense:]])
     log.passes.append("loop")
     return _loop(outputs, inputs, seeds, n, onehot, dense, needs, retain, disjoint)
 
@@ -116,7 +123,7 @@ def onehot_seeds(outs: list[Tensor], n: int) -> list[Tensor]:
 
 
 def _loop(outputs: list, inputs: list, seeds: list[Tensor] | None, n: int, onehot: int, dense: int,
-          needs: Sequence[Sequence[int]] | None, retain: bool, disjoint: bool) -> list[Rows]:
+          needs: Sequence[Sequence[int]] | None, retain: bool, disjoint: bool) -> Rows:
     """One backward per row, from that row's own loss (no ``0 × inf`` from the others' zero seeds).
 
     A dense input's rows are copied into one ``[n, ...]`` tensor as they come: each row's own result is freed
@@ -137,14 +144,14 @@ def _loop(outputs: list, inputs: list, seeds: list[Tensor] | None, n: int, oneho
             elif o is not None:
                 if o.is_sparse:
                     raise SparseGradient(j)
-                if dense_out[j] is None:
-                    dense_out[j] = torch.empty((n, *o.shape), dtype=o.dtype, device=o.device)
-                dense_out[j][r].copy_(o)  # type: ignore[index]
+                t = dense_out[j]
+                if t is None:
+                    t = dense_out[j] = torch.empty((n, *o.shape), dtype=o.dtype, device=o.device)
+                t[r].copy_(o)
                 reached[j][r] = True
         del out
-    res: list[Rows] = []
-    for j in range(dense):
-        t = dense_out[j]
+    res: list[Tensor] = []
+    for j, t in enumerate(dense_out):
         if t is None:
             res.append(zeros(inputs[j], n))
             continue
@@ -152,11 +159,11 @@ def _loop(outputs: list, inputs: list, seeds: list[Tensor] | None, n: int, oneho
             if not reached[j][r]:
                 t[r].zero_()
         res.append(t)
-    return res + sparse  # type: ignore[operator]
+    return Rows(res, sparse)
 
 
-def checked(log: Log, compute: Callable[[bool], list[Rows]], checks: Callable[[list[Rows]], list[Check]],
-            batched: bool, group: Any = None) -> list[Rows]:
+def checked(log: Log, compute: Callable[[bool], T], checks: Callable[[T], list[Check]], batched: bool,
+            group: Any = None) -> T:
     """Per-row gradients (``compute(batched)``), finite by ``checks`` or :class:`NonFinite` naming the loss.
 
     A batched backward multiplies the zero seeds of the other tasks by every local derivative: one infinite

@@ -121,10 +121,10 @@ def _run(call: Call, strict: bool) -> tuple[list[BlockReport], dict[Node, Tensor
     with guard(g, call.tasks, call.extra):
         if call.mode == "params" and g.k > 1:
             check_solvers(call, 1)
-            reports, parts, owner = params_stage(call, g, log)
-            total = totals(parts)
+            params_reports, params_parts, owner = params_stage(call, g, log)
+            total = totals(params_parts)
             check(call, g, (), total, owner)
-            return reports, total, g, log, []
+            return params_reports, total, g, log, []
         _find(g, call.tasks, explicit=None if call.mode == "auto" else call.marked if g.k > 1 else [])
         check_solvers(call, len(g.blocks))
         notes = _notes(call, g)

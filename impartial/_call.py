@@ -77,7 +77,7 @@ def parse(losses: Losses, shared_params: Params, solver: Solver | str | Sequence
 
 
 def _as_solvers(solver: Solver | str | Sequence[Solver | str] | None) -> list[Solver]:
-    if isinstance(solver, (list, tuple)):
+    if isinstance(solver, Sequence) and not isinstance(solver, str):
         if not solver:
             raise ValueError("solver is an empty list: give one solver, or one per block")
         return [_as_solver(s, f"solver[{i}]") for i, s in enumerate(solver)]

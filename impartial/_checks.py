@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,7 +21,7 @@ from ._torch_compat import foreach_norm, is_freed_graph
 from .graph._inputs import _Losses
 from .graph._trace import Graph
 
-__all__ = ["NonFinite", "Blame", "Check", "rows_check", "first_bad", "freed", "guard"]
+__all__ = ["NonFinite", "Blame", "Check", "rows_check", "first_bad", "freed", "guard", "said"]
 
 class NonFinite(FloatingPointError):
     """A gradient is not finite; ``task`` is the index of the loss to blame (a task, or ``k + j`` for the ``j``-th
@@ -32,7 +33,16 @@ class NonFinite(FloatingPointError):
 
 
 #: who to blame for a row: the loss index (or None) and the message, built only on the error path
-Blame = tuple[Optional[int], Callable[[], str]]
+Blame = tuple[int | None, Callable[[], str]]
+
+
+def said(template: str, *args: object) -> Callable[[], str]:
+    """A message built only when it is needed: ``template.format(*args)``, a callable arg called first."""
+    return partial(_format, template, args)
+
+
+def _format(template: str, args: tuple[object, ...]) -> str:
+    return template.format(*(a() if callable(a) else a for a in args))
 
 
 @dataclass

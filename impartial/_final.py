@@ -16,12 +16,14 @@ total is known to be finite.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
 from ._call import Call
-from ._checks import Blame, Check, NonFinite, first_bad
+from ._checks import Blame, Check, NonFinite, first_bad, said
 from ._plan import Plan
 from ._torch_compat import foreach_norm, quiet
 from .graph._trace import Graph
@@ -59,10 +61,10 @@ def check(call: Call, g: Graph, seeded: tuple[int, ...], total: dict[Node, Tenso
           owner: dict[Node, tuple[int, ...]]) -> None:
     """:class:`NonFinite` if a leaf's total is not finite, in one fused check of every leaf.
 
-    A head (a leaf only the tasks ``owner[n]`` reach) blames its task (or names its tasks).  Elsewhere the per-task rows were checked
-    already, so the cause is below the blocks or in a loss seeded in the final pass (the ``seeded`` tasks and the
-    ``also`` terms): it is named when only one loss is seeded there, or found by asking each of them when the
-    graph is kept (the error path only).
+    A head (a leaf only the tasks ``owner[n]`` reach) blames its task (or names its tasks).  Elsewhere the per-task
+    rows were checked already, so the cause is below the blocks or in a loss seeded in the final pass (the
+    ``seeded`` tasks and the ``also`` terms): it is named when only one loss is seeded there, or found by asking each
+    of them when the graph is kept (the error path only).
     """
     if not total:
         return
@@ -78,7 +80,7 @@ def check(call: Call, g: Graph, seeded: tuple[int, ...], total: dict[Node, Tenso
     nodes = list(total)
     values = [t.coalesce().values() if t.is_sparse else t for t in total.values()]  # a sparse Embedding's gradient
     who: list[Blame | None] = [_head_blame(names, g, n, owner[n]) if n in owner else
-                               (blame, lambda n=n: f"the gradient w.r.t. {g.name(n)!r}{where}") for n in nodes]
+                               (blame, said("the gradient w.r.t. {!r}" + where, partial(g.name, n))) for n in nodes]
     norms = foreach_norm(values)
     dev = norms[0].device
     flags = torch.stack([v if v.device == dev else v.to(dev) for v in norms]).isfinite()
@@ -96,8 +98,9 @@ def check(call: Call, g: Graph, seeded: tuple[int, ...], total: dict[Node, Tenso
 
 def _head_blame(names: list[str], g: Graph, n: Node, tasks: tuple[int, ...]) -> Blame:
     if len(tasks) == 1:
-        return tasks[0], lambda: f"the gradient of {names[tasks[0]]!r} w.r.t. {g.name(n)!r}"
-    return None, lambda: f"the gradient of one of {', '.join(repr(names[i]) for i in tasks)} w.r.t. {g.name(n)!r}"
+        return tasks[0], said("the gradient of {!r} w.r.t. {!r}", names[tasks[0]], partial(g.name, n))
+    which = ", ".join(repr(names[i]) for i in tasks)
+    return None, said("the gradient of one of {} w.r.t. {!r}", which, partial(g.name, n))
 
 
 def _blame(call: Call, g: Graph, ids: list[int], node: Node) -> int | None:

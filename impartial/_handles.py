@@ -22,8 +22,6 @@ Every choice depends on the structure alone and is kept with the plan's layout.
 
 from __future__ import annotations
 
-from typing import Union
-
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
@@ -34,7 +32,7 @@ from .graph._trace import Graph
 __all__ = ["Handle", "find", "place", "root", "users_of"]
 
 #: ("saved", node position, attribute) | ("views", consumer positions) | None
-Handle = Union[tuple[str, int, str], tuple[str, tuple[int, ...]], None]
+Handle = tuple[str, int, str] | tuple[str, tuple[int, ...]] | None
 
 #: ops that pass a tensor on as a view of itself: a node below one may have saved the view, whose base is the tensor
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0", "TBackward0",
@@ -103,8 +101,8 @@ def place(g: Graph, b: Block, handle: Handle) -> tuple[Tensor | None, list[Tenso
     if b.tensor is not None or handle is None:
         return b.tensor, own, None
     if handle[0] == "saved":
-        node = g.nodes[handle[1]]
-        for _, t in saved_tensors(node, only=handle[2]):  # type: ignore[misc]
+        _, pos, attr = handle  # type: ignore[misc]
+        for _, t in saved_tensors(g.nodes[pos], only=attr):
             hit = _match(t, b)
             if hit is not None:
                 return hit, own, None

@@ -23,12 +23,12 @@ from torch.autograd.graph import GradientEdge, Node
 from . import _autograd
 from ._autograd import Log, Rows, checked, choose, rows
 from ._call import Call
-from ._checks import Check
+from ._checks import Check, said
 from ._report import BlockReport
 from ._solve import rescale
 from ._torch_compat import linear_saved
 from .graph._trace import Graph
-from .solvers import solve_dtype
+from .solvers import GramSolver, solve_dtype
 
 __all__ = ["Layer", "linear_layers", "params_gram", "layer_gram"]
 
@@ -128,35 +128,35 @@ def params_gram(call: Call, g: Graph, log: Log, blocks: list, heads: list[Node],
     edges = [GradientEdge(node, 0) for node, *_ in layers]
     Gs: list[Tensor] = []  # the Gram matrix [k, k] and the plain sum's squared norm
 
-    def compute(batched: bool) -> list[Rows]:
+    def compute(batched: bool) -> Rows:
         res = heads_pass(call, g, log, Cut(blocks, heads), batched)
         # every row seeds every block (as through the blocks): batched unless the loop is asked for; the last pass
-        deltas = rows(log, [b.edge for b in blocks], edges, res[:len(blocks)], n=k, onehot=0,  # type: ignore[arg-type]
-                      dense=len(edges), needs=None, batched=(_autograd.FORCE or call.task_grads) != "loop",
-                      retain=call.keep, structure=(g.key, "deltas"))
+        deltas = rows(log, [b.edge for b in blocks], edges, res.dense, n=k, onehot=0, dense=len(edges), needs=None,
+                      batched=(_autograd.FORCE or call.task_grads) != "loop", retain=call.keep,
+                      structure=(g.key, "deltas"))
         log.passes.pop()  # the report names the per-task pass (the one above)
-        return deltas + res[len(blocks):]
+        return Rows(deltas.dense, res.sparse)
 
-    def checks(res: list[Rows]) -> list[Check]:
-        parts = [layer_gram(D, X, w is not None, b is not None)  # type: ignore[arg-type]
-                 for D, (_, X, w, b, _) in zip(res[:len(layers)], layers)]
-        Gs[:] = [sum(p[0] for p in parts), sum(p[1] for p in parts)]  # type: ignore[list-item]
+    def checks(res: Rows) -> list[Check]:
+        parts = [layer_gram(D, X, w is not None, b is not None) for D, (_, X, w, b, _) in zip(res.dense, layers)]
+        Gs[:] = [parts[0][0], parts[0][1]]
+        for G_l, plain_l in parts[1:]:
+            Gs[:] = [Gs[0] + G_l, Gs[1] + plain_l]
         names = call.tasks.names
         return [Check(Gs[0].diagonal().isfinite(), [
-            (i, lambda i=i: f"the gradient of {names[i]!r} w.r.t. the shared parameters") for i in range(k)])]
+            (i, said("the gradient of {!r} w.r.t. the shared parameters", names[i])) for i in range(k)])]
         # the heads' gradients are checked with every leaf's total (impartial._final.check)
 
     res = checked(log, compute, checks, choose(call.task_grads, g, None, g.task_bits, disjoint=True), call.group)
-    parts: list[tuple[Node, Tensor]] = []
-    for n, r in zip(heads, res[len(layers):]):
-        parts += [(n, p) for p in r or () if p is not None]  # type: ignore[union-attr]
+    parts = [(n, p) for n, r in zip(heads, res.sparse) for p in r if p is not None]
     G, plain = Gs
-    sol = call.solvers[0].for_block(0).solve(G, losses=torch.stack([o.detach() for o in call.tasks.outs]),  # type: ignore
-                                             precision=layers[0][1].dtype)
+    solver = call.solvers[0].for_block(0)
+    assert isinstance(solver, GramSolver)  # linear_layers takes this path for Gram-space solvers only
+    sol = solver.solve(G, losses=torch.stack(call.tasks.outs).detach(), precision=layers[0][1].dtype)
     w = sol.weights
     got: dict[Node, Tensor] = {}
-    for Dl, (_, X, wn, bn, tr) in zip(res[:len(layers)], layers):
-        dl = torch.tensordot(w.to(Dl.dtype), Dl, dims=1)  # type: ignore[arg-type]  # [N, out]: the direction's
+    for Dl, (_, X, wn, bn, tr) in zip(res.dense, layers):
+        dl = torch.tensordot(w.to(Dl.dtype), Dl, dims=1)  # [N, out]: the direction's output gradient
         if wn is not None:
             got[wn] = dl.T @ X if tr else X.T @ dl
         if bn is not None:

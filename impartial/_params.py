@@ -18,20 +18,22 @@ block, so the whole model is "above" it, and hooks there see per-task gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
-from . import _distributed as _dist
 from . import _autograd
+from . import _distributed as _dist
 from ._autograd import Log, Rows, SparseGradient, checked, choose, rows, zeros
 from ._call import Call
-from ._checks import Check, rows_check
+from ._checks import Check, rows_check, said
 from ._param_gram import linear_layers, params_gram
 from ._plan import plan
 from ._report import BlockReport
 from ._solve import solve_pieces
+from ._task_grads import _blocks_rows
 from ._torch_compat import quiet
 from .graph._blocks import _find
 from .graph._trace import Graph, _bits
@@ -91,7 +93,7 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
     inputs = [g.leaves[n] for n in shared + others]
     holder: list[Tensor] = []
 
-    def compute(batched: bool) -> list[Rows]:
+    def compute(batched: bool) -> Rows:
         if cut is None:  # the loop asks row i only for the other leaves task i reaches
             needs = [[len(shared) + j for j, n in enumerate(others) if g.mask(n) >> i & 1] for i in range(k)]
             res = rows(log, call.tasks.outs, inputs, None, n=k, onehot=k, dense=len(shared),
@@ -99,18 +101,20 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
         else:
             res = _through_blocks(call, g, log, cut, shared, others, batched)
         if call.group is not None:  # the full-batch task gradients: the mean over the ranks
-            res[:len(shared)] = [_dist.all_mean(r, call.group) for r in res[:len(shared)]]  # type: ignore[arg-type]
+            res.dense = [_dist.all_mean(r, call.group) for r in res.dense]
         return res
 
-    def checks(res: list[Rows]) -> list[Check]:
-        G = sum(gram(r[sel].reshape(len(ts), -1)) for r in res[:len(shared)])  # type: ignore[index]
-        holder[:] = [G]  # type: ignore[list-item]
+    def checks(res: Rows) -> list[Check]:
+        G = gram(res.dense[0][sel].reshape(len(ts), -1))
+        for r in res.dense[1:]:
+            G = G + gram(r[sel].reshape(len(ts), -1))
+        holder[:] = [G]
         names = call.tasks.names
-        out = [Check(G.diagonal().isfinite(), [  # type: ignore[union-attr]
-            (i, lambda i=i: f"the gradient of {names[i]!r} w.r.t. the shared parameters") for i in ts])]
-        return out + [rows_check(r, [(i, lambda i=i, n=n: f"the gradient of {names[i]!r} w.r.t. {g.name(n)!r}")  # type: ignore
+        out = [Check(G.diagonal().isfinite(), [
+            (i, said("the gradient of {!r} w.r.t. the shared parameters", names[i])) for i in ts])]
+        return out + [rows_check(r, [(i, said("the gradient of {!r} w.r.t. {!r}", names[i], partial(g.name, n)))
                                      if i in g.tasks(n) else None for i in range(k)])
-                      for n, r in zip(others, res[len(shared):]) if r is not None]
+                      for n, r in zip(others, res.sparse)]
 
     # through the blocks, the per-task pass runs over the heads only: disjoint, so the loop
     try:
@@ -120,13 +124,8 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
         raise ValueError(f"{g.name(shared[err.input])!r} gets a sparse gradient (an nn.Embedding(sparse=True)): "
                          "block='params' needs each task's gradient of the shared parameters as a dense row; use "
                          "sparse=False there, or block='auto'") from None
-    parts: list[tuple[Node, Tensor]] = []
-    for n, r in zip(others, res[len(shared):]):
-        if isinstance(r, Tensor):
-            parts.append((n, r.sum(0)))
-        elif r is not None:
-            parts += [(n, p) for p in r if p is not None]
-    Js = [r[sel].reshape(len(ts), -1) for r in res[:len(shared)]]  # type: ignore[index]
+    parts = [(n, p) for n, r in zip(others, res.sparse) for p in r if p is not None]
+    Js = [r[sel].reshape(len(ts), -1) for r in res.dense]
     ds, _, s = solve_pieces(call, call.solvers[0].for_block(0), Js, ts, None, False, holder[0])
     D = sum(J.shape[-1] for J in Js)
     rep = BlockReport(f"{len(shared)} shared parameters [{D}]", (D,), tuple(call.tasks.names[i] for i in ts), s.G,
@@ -162,9 +161,9 @@ def _cut(call: Call, g: Graph, shared: list[Node], others: list[Node]) -> Cut | 
     return Cut(blocks, heads)
 
 
-def heads_pass(call: Call, g: Graph, log: Log, cut: Cut, batched: bool) -> list[Rows]:
-    """The per-task pass over the heads: each task's gradient at every block (its edge or parameter), then at the
-    heads (only its own)."""
+def heads_pass(call: Call, g: Graph, log: Log, cut: Cut, batched: bool) -> Rows:
+    """The per-task pass over the heads: each task's rows at every block (``dense``: its edge, or parameter) and its
+    own gradient at each head (``sparse``: only its own row)."""
     k = g.k
     p = plan(g, marked=False)
     captures = [c for caps in p.captures for c in caps]
@@ -177,34 +176,31 @@ def heads_pass(call: Call, g: Graph, log: Log, cut: Cut, batched: bool) -> list[
         got = rows(log, call.tasks.outs, captures + [g.leaves[n] for n in cut.heads], None,
                    n=k, onehot=k, dense=nc, needs=needs, batched=batched, retain=call.keep,
                    disjoint=not call.tasks.stacked)
-    res, i = [], 0
-    for caps, hop in zip(p.captures, p.hops):  # a block's rows: its capture, or its views' reshaped
-        part = got[i:i + len(caps)]
-        i += len(caps)
-        res.append(part[0] if hop is None else sum(t.reshape(k, *hop) for t in part))  # type: ignore[union-attr]
-    for c, r in zip(owner, got[nc:]):  # only its task's row (the others are zeros or absent)
-        res.append(None if r is None else [r[c] if i == c else None for i in range(k)])
-    return res
+    own = [[r[c] if i == c else None for i in range(k)] for c, r in zip(owner, got.sparse)]
+    return Rows(_blocks_rows(p, range(len(cut.blocks)), got.dense, k), own)
 
 
 def _through_blocks(call: Call, g: Graph, log: Log, cut: Cut, shared: list[Node], others: list[Node],
-                    batched: bool) -> list[Rows]:
-    """The rows of ``shared + others`` from the losses' gradients at the blocks (one pass over the heads) and one
-    backward from the blocks through the trunk."""
+                    batched: bool) -> Rows:
+    """The rows of ``shared`` (dense) and ``others`` (per row) from the losses' gradients at the blocks (one pass
+    over the heads) and one backward from the blocks through the trunk."""
     k, blocks = g.k, cut.blocks
     res = heads_pass(call, g, log, cut, batched)
-    found: dict[Node, Rows] = {b.edge.node: res[j] for j, b in enumerate(blocks) if b.leaf is not None}
-    found.update(zip(cut.heads, res[len(blocks):]))
+    dense: dict[Node, Tensor] = {b.edge.node: res.dense[j] for j, b in enumerate(blocks) if b.leaf is not None}
+    per: dict[Node, list[Tensor | None]] = dict(zip(cut.heads, res.sparse))
     act = [j for j, b in enumerate(blocks) if b.leaf is None]
-    below = [n for n in shared + others if n not in found]
+    below = [n for n in shared + others if n not in dense and n not in per]
     if act and below:
         # every row seeds every block: batched (the loop only when asked for; a row's 0 × inf here is the loop's
         # too, as the rows at the blocks are the task gradients themselves); the last pass through the trunk
-        vjp = rows(log, [blocks[j].edge for j in act], [g.leaves[n] for n in below], [res[j] for j in act],  # type: ignore
+        vjp = rows(log, [blocks[j].edge for j in act], [g.leaves[n] for n in below], [res.dense[j] for j in act],
                    n=k, onehot=0, dense=len(below), needs=None, batched=(_autograd.FORCE or call.task_grads) != "loop",
                    retain=call.keep, structure=(g.key, "trunk"))
         log.passes.pop()  # the report names the per-task pass (the one above)
-        found.update(zip(below, vjp))
+        dense.update(zip(below, vjp.dense))
+    for n in others:  # a leaf below the blocks that is not shared: its rows, one per task
+        if n in dense:
+            per[n] = list(dense[n].unbind(0))
     # a shared parameter no block reaches (only a leaf block does elsewhere): zero rows, as from the losses
-    return [found[n] if n in found else zeros(g.leaves[n], k) for n in shared] + [found.get(n) for n in others]
-
+    return Rows([dense[n] if n in dense else zeros(g.leaves[n], k) for n in shared],
+                [per.get(n, [None] * k) for n in others])

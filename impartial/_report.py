@@ -89,7 +89,8 @@ class Report:
             lines.append("no block: a plain backward")
         for i, b in enumerate(self.blocks):
             below = f", below block {', '.join(map(str, b.above))}" if b.above else ""
-            via = {"J": "; Gram from J", "linear": "; Gram from the layers' inputs (J not formed)"}.get(b.gram_from, "")
+            via = {"J": "; Gram from J", "linear": "; Gram from the layers' inputs (J not formed)"}.get(
+                b.gram_from or "", "")
             st = "" if b.statuses == ("OK",) else f"; status {'/'.join(b.statuses)}"
             lines.append(f"block {i}: {b.name}{below}; {len(b.tasks)} tasks; keep_norm scale "
                          f"{float(b.scale.double().mean()):.4g}{via}{st}")

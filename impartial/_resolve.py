@@ -6,9 +6,10 @@ leave every block above; the final pass seeds block ``b`` with ``σ_b = d_b − 
 what reaches it from the seeds of blocks above it (zero for a top-level block; the pull computes it on an extra
 row), so that exactly ``d_b`` leaves every block.  With ``nested="direct"`` (the reference implementation's hooks) a
 block sees only what reaches it on paths through no block above (the pull subtracts the rest), and what arrives
-from the blocks above passes it unchanged: ``σ_b = d_b``, and ``a_b + d_b`` leaves it.  Where some task also reaches a leaf on a path through no block (``Layout.plain``), the
-final pass seeds every task loss too and ``σ_b = d_b − Σ_i J_b[i]``: the same gradients, with the heads traversed
-once more.  A parameter block's ``σ`` is its gradient part directly.
+from the blocks above passes it unchanged: ``σ_b = d_b``, and ``a_b + d_b`` leaves it.  Where some task also
+reaches a leaf on a path through no block (``Layout.plain``), the final pass seeds every task loss too and
+``σ_b = d_b − Σ_i J_b[i]``: the same gradients, with the heads traversed once more.  A parameter block's ``σ`` is
+its gradient part directly.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import _distributed as _dist
 from ._call import Call
-from ._checks import Check
+from ._checks import Blame, Check, said
 from ._plan import Plan
 from .graph._blocks import Block
 from .solvers import Solver, Status, combine, gram
@@ -77,7 +77,7 @@ def block_gram(call: Call, plan: Plan, j: int, rows: Tensor) -> tuple[Tensor, Ch
     if _local(call, b):  # the rows are this rank's coordinates: the full-batch Gram is Σ_r G_r / W²
         G = _dist.all_sum(G, call.group) / _dist.world(call.group) ** 2
     names = call.tasks.names
-    blame = [(i, lambda i=i: f"the gradient of {names[i]!r} at block {b.name!r}") for i in b.tasks]
+    blame: list[Blame | None] = [(i, said("the gradient of {!r} at block {!r}", names[i], b.name)) for i in b.tasks]
     return G, Check(G.diagonal(dim1=-2, dim2=-1).isfinite().reshape(-1, len(b.tasks)).all(0), blame,
                     lambda r: bool(rows[r].isfinite().all()))
 

@@ -20,7 +20,9 @@ with them: a per-task gradient cannot be had without running them per task.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torch.autograd.graph import Node
@@ -29,7 +31,7 @@ from . import _autograd
 from . import _distributed as _dist
 from ._autograd import Log, Rows, checked, choose, rows
 from ._call import Call
-from ._checks import Check, rows_check
+from ._checks import Check, rows_check, said
 from ._handles import root
 from ._plan import Plan
 from ._solve import block_gram
@@ -59,31 +61,26 @@ def first_pass(call: Call, plan: Plan, log: Log) -> First:
     free = plan.layout.disjoint and not call.keep and not call.tasks.stacked
     grams: dict[int, Tensor] = {}
 
-    def compute(batched: bool) -> list[Rows]:
+    def compute(batched: bool) -> Rows:
         got = rows(log, outs, inputs, None, n=K, onehot=K, dense=nc, needs=needs, batched=batched,
                    retain=not free, disjoint=True, structure=(g.key, "first"))
-        res, i = [], 0
-        for caps, hop in zip(plan.captures, plan.hops):  # a block's rows: its capture, or its views' reshaped
-            part = got[i:i + len(caps)]
-            i += len(caps)
-            res.append(part[0] if hop is None else sum(p.reshape(K, *hop) for p in part))  # type: ignore[union-attr]
-        res += got[nc:]
+        res = _blocks_rows(plan, range(nb), got.dense, K)
         for j, b in enumerate(blocks):
             if call.group is not None and b.leaf is not None:  # a parameter: the mean over the ranks
                 res[j] = _dist.all_mean(res[j], call.group)
-        return res
+        return Rows(res, got.sparse)
 
-    def checks(res: list[Rows]) -> list[Check]:
+    def checks(res: Rows) -> list[Check]:
         out = []
         for j in plan.levels[0]:
-            grams[j], c = block_gram(call, plan, j, res[j][plan.sel[j]])  # type: ignore[index]
+            grams[j], c = block_gram(call, plan, j, res.dense[j][plan.sel[j]])
             out.append(c)
         if log.passes[-1] == "batched":  # another task's 0 × inf shows in a lower block's raw rows too
             for j in range(nb):
                 if plan.layout.level[j]:
                     b = blocks[j]
-                    out.append(rows_check(res[j][plan.sel[j]], [  # type: ignore[index]
-                        (i, lambda i=i, b=b: f"the gradient of {call.tasks.names[i]!r} at block {b.name!r}")
+                    out.append(rows_check(res.dense[j][plan.sel[j]], [
+                        (i, said("the gradient of {!r} at block {!r}", call.tasks.names[i], b.name))
                         for i in b.tasks]))
         return out  # the heads' gradients are checked with every leaf's total (impartial._final.check)
 
@@ -93,17 +90,24 @@ def first_pass(call: Call, plan: Plan, log: Log) -> First:
                      disjoint=call.mode == "auto" and len(plan.levels) == 1)
     with quiet(plan.quiet):
         res = checked(log, compute, checks, batched, call.group)
-    return First([r for r in res[:nb]], _heads(plan, res), grams)
+    heads = [(n, t) for n, rs, r in zip(plan.heads, owner, res.sparse) for c in rs if (t := r[c]) is not None]
+    return First(res.dense, heads, grams)  # a head's part from each row that reaches it
 
 
-def _heads(plan: Plan, res: list[Rows]) -> list[tuple[Node, Tensor]]:
-    """Each head leaf and its part from each row that reaches it (the other rows are zeros or absent)."""
-    found = []
-    for n, rs, r in zip(plan.heads, plan.layout.owner, res[len(plan.blocks):]):
-        if r is None:
-            continue
-        found += [(n, r[c]) for c in rs if r[c] is not None]
-    return found
+def _blocks_rows(plan: Plan, blocks: Iterable[int], got: list[Tensor], n: int) -> list[Tensor]:
+    """Each block's rows ``[n, *shape]`` from what a pass captured: its capture, or its views' reshaped and summed."""
+    res, i = [], 0
+    for j in blocks:
+        part, hop = got[i:i + len(plan.captures[j])], plan.hops[j]
+        i += len(part)
+        if hop is None:
+            res.append(part[0])
+        else:
+            total = part[0].reshape(n, *hop)
+            for p in part[1:]:
+                total = total + p.reshape(n, *hop)
+            res.append(total)
+    return res
 
 
 def pull(call: Call, plan: Plan, log: Log, lvl: list[int], raw: list[Tensor], corr: dict[int, Tensor],
@@ -119,25 +123,20 @@ def pull(call: Call, plan: Plan, log: Log, lvl: list[int], raw: list[Tensor], co
     inputs = [c for j in lvl for c in plan.captures[j]]
     grams: dict[int, Tensor] = {}
 
-    def compute(batched: bool) -> list[Rows]:
+    def compute(batched: bool) -> list[Tensor]:
         got = rows(log, outs, inputs, seeds_, n=n, onehot=0, dense=len(inputs), needs=None, batched=batched)
-        res, i = [], 0
-        for j in lvl:
-            part, hop = got[i:i + len(plan.captures[j])], plan.hops[j]
-            i += len(part)
-            res.append(part[0] if hop is None else sum(p.reshape(n, *hop) for p in part))  # type: ignore[union-attr]
-        out: list[Rows] = []
-        for j, p in zip(lvl, res):
-            full = raw[j] + p if plain else torch.cat([raw[j] + p[:K], p[K:]])  # type: ignore[index,operator]
+        out = []
+        for j, p in zip(lvl, _blocks_rows(plan, lvl, got.dense, n)):
+            full = raw[j] + p if plain else torch.cat([raw[j] + p[:K], p[K:]])
             if call.group is not None and blocks[j].leaf is not None:  # a parameter: the mean over the ranks
                 full = _dist.all_mean(full, call.group)
             out.append(full)
         return out
 
-    def checks(res: list[Rows]) -> list[Check]:
+    def checks(res: list[Tensor]) -> list[Check]:
         out = []
         for j, full in zip(lvl, res):
-            grams[j], c = block_gram(call, plan, j, full[:K][plan.sel[j]])  # type: ignore[index]
+            grams[j], c = block_gram(call, plan, j, full[:K][plan.sel[j]])
             out.append(c)
         return out
 
@@ -147,7 +146,7 @@ def pull(call: Call, plan: Plan, log: Log, lvl: list[int], raw: list[Tensor], co
     got: dict[int, Tensor] = {}
     arrival: dict[int, Tensor] = {}
     for j, full in zip(lvl, res):
-        got[j] = full[:K][plan.sel[j]]  # type: ignore[index]
+        got[j] = full[:K][plan.sel[j]]
         if not plain:
-            arrival[j] = full[K]  # type: ignore[index]
+            arrival[j] = full[K]
     return got, arrival, grams

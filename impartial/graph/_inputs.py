@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -13,8 +13,8 @@ from torch.autograd.graph import Node
 
 __all__ = ["Losses", "Params"]
 
-Losses = Union[Sequence[Tensor], Tensor, Mapping[str, Tensor]]
-Params = Union[Iterable[Tensor], Iterable[tuple[str, Tensor]], None]
+Losses = Sequence[Tensor] | Tensor | Mapping[str, Tensor]
+Params = Iterable[Tensor] | Iterable[tuple[str, Tensor]] | None
 
 
 @dataclass
@@ -45,7 +45,9 @@ def _as_losses(losses: Any, what: str, offset: int = 0, allow_empty: bool = Fals
         names = [f"{what}[{i}]" for i in range(len(items))]
     if not items and not allow_empty:
         raise ValueError(f"{what} is empty: pass at least one scalar loss")
-    outs, kept, roots = [], [], []
+    outs: list[Tensor] = []
+    kept: list[str] = []
+    roots: list[tuple[tuple[Node, int], int]] = []
     for name, loss in zip(names, items):
         if allow_empty and (isinstance(loss, (int, float)) or (isinstance(loss, Tensor) and not loss.requires_grad)):
             if isinstance(loss, Tensor) and loss.numel() != 1:

@@ -171,13 +171,13 @@ def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | No
         g.shared = {n for n in leaves if len(g.tasks(n)) >= 2}
     else:
         for name, p in params:
-            node = by_id.get(id(p))
-            if node is None or not g.tasks(node):
+            found = by_id.get(id(p))
+            if found is None or not g.tasks(found):
                 if not strict:
                     continue
                 raise ValueError(f"shared_params: {name!r} is not reached by any task loss (nothing to share)")
-            names[node] = name
-            g.shared.add(node)
+            names[found] = name
+            g.shared.add(found)
     g.key = (g.k, tuple((index[node], nr, m) for (node, nr), m in tasks.roots + extra.roots), tuple(sig),
              tuple(sorted(index[n] for n in g.shared)))
     return g
