@@ -9,7 +9,8 @@ are not the one the tensor receives (the final pass computes that one), so for e
   (:func:`impartial._torch_compat.quiet`);
 - **its views**: where every task reaches the block only through reshapes or copies of it (a Linear on a
   ``[B, T, F]`` latent flattens it first), the per-task pass and the pull capture the gradients of those instead,
-  and reshape them back: the block's own node never receives them;
+  and reshape them back: the block's own node never receives them.  Unless another block lies below it: the
+  per-task pass then runs the block's node to reach that one, and its hooks with it;
 - **neither** (heads that read it only through ops that save nothing, such as ``relu`` or ``cat``): the per-task
   pass captures at the block, and the tensor's hooks, if it has any, run for each task's gradient too.
 
