@@ -4,24 +4,21 @@ Per block, over the recorded steps: ``C`` the mean fraction of task pairs with a
 median of the smallest cosine, ``I`` the median imbalance (largest task-gradient norm over the smallest).
 Exactly one *diagnosis* applies:
 
-=============  ================================================  ============================================
-diagnosis      when                                              suggestion
-=============  ================================================  ============================================
-``scale``      ``I ≥ IMBALANCED`` and not ``direction``           a scale-invariant method (IMTL-G, NSGD,
-                                                                 GradNorm); PCGrad alone changes little
-``direction``  ``C ≥ CONFLICTING`` and ``m ≤ STRONG``,            a conflict-removing method (PCGrad, UPGrad,
-               ``I < IMBALANCED``                                CAGrad) or MGDA
-``both``       ``C ≥ CONFLICTING``, ``m ≤ STRONG``,               IMTL-G, or GradNorm(alpha=0) then PCGrad
-               ``I ≥ IMBALANCED``
-``agree``      ``C < AGREEING`` and ``I < BALANCED``              the plain sum; a solver changes little
-``mild``       otherwise                                         any; expect small differences
-=============  ================================================  ============================================
+=============  =========================================================  ==========================================
+diagnosis      when                                                       suggestion
+=============  =========================================================  ==========================================
+``scale``      ``I ≥ IMBALANCED`` and not ``direction``                   a scale-invariant method (IMTL-G, NSGD)
+``direction``  ``C ≥ CONFLICTING``, ``m ≤ STRONG``, ``I < IMBALANCED``    conflict removal (PCGrad, UPGrad, CAGrad)
+``both``       ``C ≥ CONFLICTING``, ``m ≤ STRONG``, ``I ≥ IMBALANCED``    IMTL-G, or GradNorm(alpha=0) then PCGrad
+``agree``      ``C < AGREEING`` and ``I < BALANCED``                      the plain sum; a solver changes little
+``mild``       otherwise                                                  solvers differ little from the plain sum
+=============  =========================================================  ==========================================
 
 The reasons: PCGrad changes a task gradient only where its cosine with another is negative (with no negative
 pair it *is* the plain sum) and never changes lengths, so it cannot correct a scale imbalance; IMTL-G (equal
-projections on the unit task gradients) and NSGD/GradNorm (normalised gradients) do not depend on the tasks'
-scales.  ``examples/RESULTS.md`` found exactly this on the multimodal VAEs: norms apart, rare conflicts, IMTL-G
-cured the neglected modality and PCGrad did not.
+projections on the unit task gradients) and NSGD (normalised gradients) do not depend on the tasks' scales, and
+GradNorm learns weights that undo them.  ``examples/RESULTS.md`` found exactly this on the multimodal VAEs:
+norms apart, rare conflicts, IMTL-G cured the neglected modality and PCGrad did not.
 
 Further findings, each on its own: a block Pareto-stationary in at least ``STATIONARY`` of the steps; a task whose
 gradient is zero at the block in at least ``ZERO`` of them; a task whose mean weight is below ``NEGLECTED`` times
@@ -170,15 +167,19 @@ def _facts(st: BlockStats) -> str:
 
 
 def _suggestion(st: BlockStats) -> str:
-    unchanged = f"it leaves the plain sum unchanged in the {1 - st.any_conflict:.0%} of steps with no conflict"
+    none = f", none in {1 - st.any_conflict:.0%} of steps" if st.any_conflict < 1 else ""
+    acts = (
+        f"it acts only on conflicting pairs ({st.conflict:.0%} of pairs{none}; median smallest cosine "
+        f"{st.min_cosine:.2f}) and never changes lengths"
+    )
     return {
-        "scale": f"scale, not direction: a scale-invariant method such as IMTL-G or NSGD (or GradNorm) evens out the "
-        f"tasks; PCGrad alone changes little ({unchanged}, and never changes lengths)",
+        "scale": "scale, not direction: a scale-invariant method such as IMTL-G or NSGD (also NashMTL, ConFIG; "
+        f"GradNorm learns such weights over steps) evens out the tasks; PCGrad alone changes little ({acts})",
         "direction": "direction, at comparable scales: a conflict-removing method (PCGrad, UPGrad, CAGrad) or MGDA",
         "both": "scale and direction: IMTL-G (scale-invariant, equal projections) or GradNorm(alpha=0) then PCGrad "
         "(solvers.Compose(GradNorm(alpha=0.0), PCGrad()), the paper's chain)",
         "agree": "the tasks agree and are balanced: the plain sum is fine here; a solver changes little",
-        "mild": "no strong conflict or imbalance: solvers will differ little here (the default IMTL-G is safe)",
+        "mild": "no strong conflict or imbalance: solvers will differ little from the plain sum here",
     }[st.diagnosis]
 
 
