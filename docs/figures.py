@@ -90,23 +90,14 @@ def nested(out: Path) -> Path:
 
     losses, enc = nested_example()
     graph = impartial.graph.draw(losses, enc, out / "nested_graph.png", engine="matplotlib")
-    fig = Figure(figsize=(15, 9.5), layout="constrained")
-    left, right = fig.subplots(1, 2, width_ratios=[1.5, 1])
-    left.imshow(imread(graph))
-    left.set_axis_off()
-    left.set_title("impartial.graph.draw(losses, encoder): the blocks in red", fontsize=10)
-    right.set_axis_off()
-    right.text(
-        0.0,
-        0.98,
-        _NESTED_NOTE,
-        va="top",
-        ha="left",
-        fontsize=10.5,
-        family="DejaVu Sans",
-        linespacing=1.5,
-        transform=right.transAxes,
-    )
+    fig = Figure(figsize=(11, 15), layout="constrained")
+    top, bottom = fig.subplots(2, 1, height_ratios=[1.5, 1])
+    top.imshow(imread(graph))
+    top.set_axis_off()
+    top.set_title("impartial.graph.draw(losses, encoder): the blocks in red", fontsize=14)
+    bottom.set_axis_off()
+    bottom.text(0.02, 1.0, _NESTED_NOTE, va="top", ha="left", fontsize=14, linespacing=1.45,
+                transform=bottom.transAxes)
     path = out / "nested.png"
     fig.savefig(path, dpi=100)
     return path

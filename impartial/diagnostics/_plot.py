@@ -59,13 +59,13 @@ def _line(ax: Any, s: Series, y: Tensor, colour: str, label: str) -> None:
     ax.plot(steps, _smooth(y).numpy(), color=colour, lw=1.6, label=label)
 
 
-def _row(fig: Any, axes: Sequence[Any], s: Series, at: list[int]) -> None:
+def _block(fig: Any, axes: Sequence[Any], s: Series, at: list[int]) -> None:
     a_conf, a_imb, a_w, *a_cos = axes
     _line(a_conf, s, s.conflict, "#d62728", "negative pairs (fraction)")
     _line(a_conf, s, s.min_cosine, "#1f77b4", "smallest cosine")
     a_conf.axhline(0, color="#888888", lw=0.6)
     a_conf.set_ylim(-1.05, 1.05)
-    a_conf.set_title(f"{s.block}\nconflict", fontsize=9)
+    a_conf.set_title("conflict", fontsize=9)
     a_conf.legend(fontsize=7, loc="lower left", frameon=False)
     imb = s.imbalance
     finite = imb[imb.isfinite()]
@@ -117,12 +117,14 @@ def plot(
     if not series:
         raise ValueError("nothing to plot: the recorder has no block (record the Report of impartial.backward)")
     n_cos = len(steps) if steps is not None else 3
-    fig = _figure(figsize=(3.4 * (3 + n_cos), 3.0 * len(series)), layout="constrained")
-    grid = fig.subplots(len(series), 3 + n_cos, squeeze=False)
-    for s, axes in zip(series, grid):
+    fig = _figure(figsize=(3.7 * max(3, n_cos), 6.6 * len(series)), layout="constrained")
+    for s, sub in zip(series, fig.subfigures(len(series), 1, squeeze=False)[:, 0]):
+        # per block: the curves over steps above, the cosine matrices below
+        top, bottom = sub.subfigures(2, 1, height_ratios=[1, 1.1])
+        sub.suptitle(f"{s.block} ({', '.join(s.tasks) if len(s.tasks) <= 6 else f'{len(s.tasks)} tasks'})", fontsize=11)
         T = len(s.steps)
         at = [s.at(st) for st in steps] if steps is not None else [0, T // 2, T - 1]
-        _row(fig, axes, s, at)
+        _block(bottom, [*top.subplots(1, 3), *bottom.subplots(1, n_cos, squeeze=False)[0]], s, at)
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path

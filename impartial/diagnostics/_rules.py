@@ -29,6 +29,7 @@ the largest, in length (``|w_i| n_i``: a scale-invariant solver gives a large gr
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -232,6 +233,9 @@ def _extra(st: BlockStats, keep_norm: bool) -> list[tuple[str, str]]:
     return out
 
 
+_WIDTH = 100  # the summary's text width
+
+
 @dataclass(frozen=True)
 class Summary:
     """Findings per block (:attr:`findings`) and the numbers behind them (:attr:`stats`); ``str()`` reads it."""
@@ -243,8 +247,13 @@ class Summary:
         lines = []
         for st in self.stats:
             used = f", solver {'/'.join(st.solvers)}" if st.solvers else ""
-            lines.append(f"{st.block} ({len(st.tasks)} tasks, {st.records} records{used}): {_facts(st)}.")
-            lines += [f"  → {f.text}." for f in self.findings if f.block == st.block]
+            head = f"{st.block} ({len(st.tasks)} tasks, {st.records} records{used}): {_facts(st)}."
+            lines.append(textwrap.fill(head, _WIDTH, subsequent_indent="  "))
+            lines += [
+                textwrap.fill(f"→ {f.text}.", _WIDTH, initial_indent="  ", subsequent_indent="    ")
+                for f in self.findings
+                if f.block == st.block
+            ]
         return "\n".join(lines) if lines else "nothing recorded"
 
 
