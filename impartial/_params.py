@@ -35,7 +35,7 @@ from ._solve import solve_pieces
 from ._torch_compat import quiet
 from .graph._blocks import _find
 from .graph._trace import Graph, _bits
-from .solvers import gram
+from .solvers import combine, gram
 
 __all__ = ["Cut", "params_stage", "heads_pass"]
 
@@ -89,7 +89,10 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
     ts = _bits(mask)  # tasks that reach no shared parameter take no part in the solve
     sel = slice(None) if len(ts) == k else list(ts)  # a slice: no copy of the k rows
     inputs = [g.leaves[n] for n in shared + others]
-    holder: list[Tensor] = []
+    holder: list[Tensor] = []  # the Gram matrix, then J's columns it was computed from
+    # across ranks with a Gram-space solver: the Gram from each rank's share of J's columns (one reduce-scatter of
+    # J_r and k² numbers instead of an all-reduce of J_r)
+    shard = call.group is not None and call.solvers[0].gram_space
 
     def compute(batched: bool) -> list[Rows]:
         if cut is None:  # the loop asks row i only for the other leaves task i reaches
@@ -98,13 +101,18 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
                        needs=needs, batched=batched, retain=call.keep, structure=(g.key, "params"))
         else:
             res = _through_blocks(call, g, log, cut, shared, others, batched)
-        if call.group is not None:  # the full-batch task gradients: the mean over the ranks
+        if call.group is not None and not shard:  # the full-batch task gradients: the mean over the ranks
             res[:len(shared)] = [_dist.all_mean(r, call.group) for r in res[:len(shared)]]  # type: ignore[arg-type]
         return res
 
     def checks(res: list[Rows]) -> list[Check]:
-        G = sum(gram(r[sel].reshape(len(ts), -1)) for r in res[:len(shared)])  # type: ignore[index]
-        holder[:] = [G]  # type: ignore[list-item]
+        Js = [r[sel].reshape(len(ts), -1) for r in res[:len(shared)]]  # type: ignore[index]
+        if shard:  # this rank's share of the columns of the full-batch J (impartial._distributed)
+            Js = [_dist.shard_mean(Js, call.group)]
+        G = sum(gram(J) for J in Js)
+        if shard:
+            G = _dist.all_sum(G, call.group)  # type: ignore[arg-type]
+        holder[:] = [G, *Js]  # type: ignore[list-item]
         names = call.tasks.names
         out = [Check(G.diagonal().isfinite(), [  # type: ignore[union-attr]
             (i, lambda i=i: f"the gradient of {names[i]!r} w.r.t. the shared parameters") for i in ts])]
@@ -127,7 +135,12 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
         elif r is not None:
             parts += [(n, p) for p in r if p is not None]
     Js = [r[sel].reshape(len(ts), -1) for r in res[:len(shared)]]  # type: ignore[index]
-    ds, _, s = solve_pieces(call, call.solvers[0].for_block(0), Js, ts, None, False, holder[0])
+    solver = call.solvers[0].for_block(0)
+    if shard:  # the norms from the shares; each rank writes its own wᵀ J_r, which the ranks' average makes wᵀ J
+        _, _, s = solve_pieces(call, solver, holder[1:], ts, None, False, holder[0], local=True)
+        ds = [combine(s.w, J).mul_(s.scale.to(J.dtype)) for J in Js]  # type: ignore[arg-type]
+    else:
+        ds, _, s = solve_pieces(call, solver, Js, ts, None, False, holder[0])
     D = sum(J.shape[-1] for J in Js)
     rep = BlockReport(f"{len(shared)} shared parameters [{D}]", (D,), tuple(call.tasks.names[i] for i in ts), s.G,
                       s.w, s.scale, task_grads=log.passes[-1], gram_from="J", status=s.status)
