@@ -90,3 +90,94 @@ def test_accumulate_grad_takes_a_fresh_view_without_a_copy() -> None:
     g = torch.randn(1000)
     torch.autograd.backward([p.view_as(p)], [g])
     assert p.grad.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A one-process gloo group (FSDP2 needs one), torn down after the test."""
+    dist = torch.distributed
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed is not available, or already initialised")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _sharded() -> tuple[torch.nn.Module, torch.Tensor]:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    fully_shard(model[0])
+    fully_shard(model)
+    return model, torch.randn(5, 3, dtype=torch.float64)
+
+
+def test_fsdp_states_and_params_map_sharded_parameters_to_the_graphs_leaves(one_rank) -> None:
+    """Every ``fully_shard`` call leaves one state in torch's registry; each managed parameter has its sharded
+    ``DTensor`` (what ``.parameters()`` returns) and, after a forward, the unsharded leaf autograd sees."""
+    from torch.distributed.tensor import DTensor
+
+    model, x = _sharded()
+    sharded = list(model.parameters())  # (after a forward, the root's modules hold its unsharded parameters)
+    states = [s for s in C.fsdp_states() if any(t is p for t, _, _ in C.fsdp_params(s) for p in sharded)]
+    assert len(states) == 2
+    loss = model(x).pow(2).sum()
+    found = [(s, u) for st in states for s, u, _ in C.fsdp_params(st)]
+    assert {id(s) for s, _ in found} == {id(p) for p in sharded}
+    assert all(isinstance(s, DTensor) and u is not None and not isinstance(u, DTensor) for s, u in found)
+    leaves, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if hasattr(node, "variable"):
+            leaves.add(id(node.variable))
+        todo += [c for c, _ in node.next_functions if c is not None]
+    assert leaves == {id(u) for _, u in found}
+
+
+def test_fsdp_held_defers_fsdps_post_backward_to_fsdp_post_backward(one_rank) -> None:
+    """Inside ``fsdp_held`` a backward writes the unsharded ``.grad`` only (no post-backward, no end-of-backward
+    callback: the sharded ``.grad`` stays None); ``fsdp_post_backward`` then reduces it into the sharded ``.grad``
+    (one rank: equal), frees the unsharded one and fires the sharded parameters' post-accumulate-grad hooks, once."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    model, x = _sharded()
+    plain, _ = _sharded()
+    plain(x).pow(2).sum().backward()
+    sharded = list(model.parameters())
+    states = [s for s in C.fsdp_states() if any(t is p for t, _, _ in C.fsdp_params(s) for p in sharded)]
+    hooks = []
+    for p in sharded:
+        p.register_post_accumulate_grad_hook(lambda p: hooks.append(p))
+    loss = model(x).pow(2).sum()
+    calls = []
+    original = FSDPParamGroup.post_backward
+    FSDPParamGroup.post_backward = lambda g, *a: (calls.append(g), original(g, *a))[1]  # type: ignore[method-assign]
+    try:
+        with C.fsdp_held(states):
+            loss.backward()
+        assert calls == [] and hooks == [] and all(p.grad is None for p in sharded)
+        unsharded = [u for st in states for _, u, _ in C.fsdp_params(st)]
+        assert all(u.grad is not None for u in unsharded)
+        C.fsdp_post_backward(states[0])
+    finally:
+        FSDPParamGroup.post_backward = original  # type: ignore[method-assign]
+    assert len(calls) == 2 and len(hooks) == 4 and all(u.grad is None for u in unsharded)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad.full_tensor(), q.grad.full_tensor())
+
+
+def test_fsdp_reset_returns_fsdp_to_idle_after_an_aborted_backward(one_rank) -> None:
+    """After a backward whose post-backward was held and never run, ``fsdp_reset`` leaves FSDP ready for the next
+    iteration: a forward and a plain backward give the plain gradient."""
+    model, x = _sharded()
+    plain, _ = _sharded()
+    plain(x).pow(2).sum().backward()
+    sharded = list(model.parameters())
+    states = [s for s in C.fsdp_states() if any(t is p for t, _, _ in C.fsdp_params(s) for p in sharded)]
+    with C.fsdp_held(states):
+        torch.autograd.grad(model(x).pow(2).sum(), [u for st in states for _, u, _ in C.fsdp_params(st)])
+    C.fsdp_reset(states[0])
+    model(x).pow(2).sum().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad.full_tensor(), q.grad.full_tensor())
