@@ -19,8 +19,8 @@ passes, the pulls, the final capture pass, the write), so:
 4. on an error nothing is reduced, and FSDP's per-iteration state is reset (``FSDPModule.reset_iter_state``), so
    that the next forward starts clean; ``.grad`` is untouched.
 
-Tensor parallel (``DTensor`` parameters that FSDP does not manage, ``DTensor`` losses) is refused with an error
-that says so.
+Tensor parallel (``DTensor`` parameters) and FSDP1 (``FullyShardedDataParallel``'s flat parameters) are refused
+with an error that says so.
 """
 
 from __future__ import annotations
@@ -77,10 +77,11 @@ def session(call: Call) -> tuple[Call, Session | None]:
 
 
 def prepare(sess: Session | None, g: Graph) -> None:
-    """Refuse what is not supported (tensor parallel), and unshard every FSDP module that holds a leaf of ``g``."""
+    """Refuse what is not supported (tensor parallel, FSDP1), and unshard every FSDP module that holds a leaf of
+    ``g``."""
     if not _initialized():
         return
-    _no_tensor_parallel(sess, g)
+    _refuse(sess, g)
     if sess is None:
         return
     touched: dict[int, Any] = {}
@@ -96,17 +97,22 @@ def prepare(sess: Session | None, g: Graph) -> None:
     sess.trees = list(trees.values())
 
 
-def _no_tensor_parallel(sess: Session | None, g: Graph) -> None:
+def _refuse(sess: Session | None, g: Graph) -> None:
+    """A clear error for the sharding setups that are not supported, before any pass runs."""
+    from torch.distributed.fsdp import FlatParameter
     from torch.distributed.tensor import DTensor
 
-    bad = next((n for n, t in g.leaves.items() if isinstance(t, DTensor)), None)
-    if bad is None:
-        return
-    how = ("a DTensor parameter that fully_shard does not manage (tensor parallel)"
-           if sess is None or id(g.leaves[bad]) not in sess.owner else
-           "a DTensor parameter that fully_shard unshards on a 2-D mesh (tensor parallel with FSDP)")
-    raise ValueError(f"{g.name(bad)!r} is {how}: impartial.backward supports data parallel (DDP, and FSDP2's "
-                     "fully_shard on a 1-D mesh) only; see docs/distributed.md")
+    for n, t in g.leaves.items():
+        if isinstance(t, FlatParameter):
+            raise ValueError(f"{g.name(n)!r} is a flat parameter of FullyShardedDataParallel (FSDP1), which "
+                             "impartial.backward does not support: shard with torch.distributed.fsdp.fully_shard "
+                             "(FSDP2) instead; see docs/distributed.md")
+        if isinstance(t, DTensor):
+            how = ("a DTensor parameter that fully_shard does not manage (tensor parallel)"
+                   if sess is None or id(t) not in sess.owner else
+                   "a DTensor parameter that fully_shard unshards on a 2-D mesh (tensor parallel with FSDP)")
+            raise ValueError(f"{g.name(n)!r} is {how}: impartial.backward supports data parallel (DDP, and "
+                             "FSDP2's fully_shard without tensor parallel) only; see docs/distributed.md")
 
 
 @contextlib.contextmanager
