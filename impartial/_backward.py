@@ -75,7 +75,8 @@ def backward(losses: Losses, shared_params: Params = None, *,
       (``Report.skipped`` names it; stateful solvers are restored), which needs the graph kept: with ``"skip"``
       the graph is retained as with ``retain_graph=True``.
     - ``process_group``: under ``torch.distributed`` the default group when initialised; ranks exchange the block
-      Gram matrices (activation blocks) or the per-task gradients (parameter blocks), see docs/distributed.md.
+      Gram matrices (activation blocks) or shares of the per-task gradients (parameter blocks), under DDP or FSDP2
+      (``fully_shard``: ``shared_params`` may be the sharded parameters), see docs/distributed.md.
     - ``nested``: what a block below others solves on: ``"resolved"`` (each task's gradient after the blocks above
       resolved it) or ``"direct"`` (only what reaches it on paths through no block above; what the blocks above
       send passes it unchanged: the paper's reference hooks).  Only nested blocks differ (docs/backward.md).

@@ -24,7 +24,8 @@ ranks of equal batch size the full-batch loss is the mean of the local ones, so:
   the full-batch one, but its random draws differ per rank unless the generators are seeded alike).
 
 ``.grad`` is written through autograd's ``AccumulateGrad`` (:mod:`impartial._final`), once per parameter, so DDP's
-reducer hooks fire exactly once per parameter (and ``no_sync()`` accumulation works as with ``loss.backward()``).
+reducer hooks fire exactly once per parameter (and ``no_sync()`` accumulation works as with ``loss.backward()``);
+FSDP2's post-backward runs once after the write (:mod:`impartial._fsdp`).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ from models import make
 WORLD = 2
 TOL = 1e-9
 # (model, wrapping, block, solver, shared_params): every block mode with each of the four solvers on the MLP, the VAE
-# on a few; "root": fully_shard(trunk) then the root; "each": every layer of the trunk and every head, then the root
+# on a few; "root": fully_shard(trunk) then the root; "each": every layer of the trunk and every head, then the root;
+# shared_params: the trunk's (sharded), None, or "all" of the model's as .parameters() gives them after the forward
 CASES = [("mlp", "root", "auto", "sum", "sharded"), ("mlp", "each", "auto", "imtlg", None),
          ("mlp", "root", "auto", "mgda", None), ("mlp", "each", "auto", "upgrad", "sharded"),
          ("mlp", "each", "marked", "sum", None), ("mlp", "root", "marked", "imtlg", "sharded"),
@@ -38,7 +39,7 @@ CASES = [("mlp", "root", "auto", "sum", "sharded"), ("mlp", "each", "auto", "imt
          ("mlp", "root", "params", "sum", None), ("mlp", "each", "params", "imtlg", "sharded"),
          ("mlp", "root", "params", "mgda", "sharded"), ("mlp", "each", "params", "upgrad", None),
          ("vae", "each", "auto", "imtlg", "sharded"), ("vae", "root", "marked", "upgrad", None),
-         ("vae", "each", "params", "mgda", "sharded")]
+         ("vae", "each", "params", "mgda", "sharded"), ("mlp", "root", "auto", "imtlg", "all")]
 
 
 class _Step(nn.Module):
@@ -79,7 +80,8 @@ def _step(model: nn.Module, step: nn.Module, x: Tensor, block: str, solver: str,
     tasks, also, z = step(x)
     if not hasattr(model, "eps_offset"):  # the MLP's also term is a sum over the batch: make it a mean
         also = [a / x.shape[0] for a in also]
-    params = None if shared is None else model.trunk.parameters()  # under FSDP: the sharded DTensors
+    # under FSDP the trunk's are sharded DTensors; after the forward the root's own modules hold its unsharded ones
+    params = None if shared is None else model.trunk.parameters() if shared == "sharded" else list(step.parameters())
     return impartial.backward(tasks, params, solver=solver, also=also, block=z if block == "marked" else block)
 
 
@@ -240,6 +242,22 @@ def _worker(rank: int, init: str, cases: list, expected: list, extra: list, out:
         dist.destroy_process_group()
     with open(f"{out}.{rank}", "w") as f:
         json.dump([errs, low], f)
+
+
+def test_one_rank_fsdp_equals_the_plain_backward(one_rank) -> None:
+    """In one process (no process group to reduce over) FSDP's post-backward still runs once, after the write:
+    ``Sum`` without ``keep_norm`` gives ``sum(losses + also).backward()``'s gradients, for every block mode."""
+    for block in ("auto", "marked", "params"):
+        model, plain = _model("vae"), _model("vae")
+        step, ref = _shard(model, "each"), _shard(plain, "each")
+        x = _batch("vae", 6)
+        tasks, also, _ = ref(x)
+        sum(tasks + also).backward()
+        tasks, also, z = step(x)
+        impartial.backward(tasks, model.trunk.parameters(), solver="sum", also=also, keep_norm=False,
+                           block=z if block == "marked" else block)
+        for p, q in zip(model.parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad.full_tensor(), rtol=0, atol=1e-14)
 
 
 def test_fsdp_grads_equal_the_single_process_full_batch_grads(tmp_path) -> None:

@@ -92,17 +92,6 @@ def test_accumulate_grad_takes_a_fresh_view_without_a_copy() -> None:
     assert p.grad.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    """A one-process gloo group (FSDP2 needs one), torn down after the test."""
-    dist = torch.distributed
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("torch.distributed is not available, or already initialised")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def _sharded() -> tuple[torch.nn.Module, torch.Tensor]:
     from torch.distributed.fsdp import fully_shard
 
