@@ -104,23 +104,30 @@ def _refuse(sess: Session | None, g: Graph) -> None:
 
     for n, t in g.leaves.items():
         if isinstance(t, FlatParameter):
-            raise ValueError(f"{g.name(n)!r} is a flat parameter of FullyShardedDataParallel (FSDP1), which "
-                             "impartial.backward does not support: shard with torch.distributed.fsdp.fully_shard "
-                             "(FSDP2) instead; see docs/distributed.md")
+            raise TypeError(
+                f"{g.name(n)!r} is a flat parameter of FullyShardedDataParallel (FSDP1), which "
+                "impartial.backward does not support: shard with torch.distributed.fsdp.fully_shard "
+                "(FSDP2) instead; see docs/distributed.md"
+            )
         if isinstance(t, DTensor):
-            how = ("a DTensor parameter that fully_shard does not manage (tensor parallel)"
-                   if sess is None or id(t) not in sess.owner else
-                   "a DTensor parameter that fully_shard unshards on a 2-D mesh (tensor parallel with FSDP)")
-            raise ValueError(f"{g.name(n)!r} is {how}: impartial.backward supports data parallel (DDP, and "
-                             "FSDP2's fully_shard without tensor parallel) only; see docs/distributed.md")
+            how = (
+                "a DTensor parameter that fully_shard does not manage (tensor parallel)"
+                if sess is None or id(t) not in sess.owner
+                else "a DTensor parameter that fully_shard unshards on a 2-D mesh (tensor parallel with FSDP)"
+            )
+            raise TypeError(
+                f"{g.name(n)!r} is {how}: impartial.backward supports data parallel (DDP, and "
+                "FSDP2's fully_shard without tensor parallel) only; see docs/distributed.md"
+            )
+
+
+def hold(sess: Session | None) -> contextlib.AbstractContextManager[None]:
+    """FSDP's post-backward held while the passes run; on an error, FSDP's per-iteration state reset."""
+    return contextlib.nullcontext() if sess is None else _held(sess)
 
 
 @contextlib.contextmanager
-def hold(sess: Session | None) -> Iterator[None]:
-    """FSDP's post-backward held while the passes run; on an error, FSDP's per-iteration state reset."""
-    if sess is None:
-        yield
-        return
+def _held(sess: Session) -> Iterator[None]:
     try:
         with fsdp_held(sess.states):
             yield

@@ -106,7 +106,7 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
         return res
 
     def checks(res: list[Rows]) -> list[Check]:
-        Js = [r[sel].reshape(len(ts), -1) for r in res[:len(shared)]]  # type: ignore[index]
+        Js = [r[sel].reshape(len(ts), -1) for r in res[:len(shared)]]  # type: ignore[index,union-attr]
         if shard:  # this rank's share of the columns of the full-batch J (impartial._distributed)
             Js = [_dist.shard_mean(Js, call.group)]
         G = sum(gram(J) for J in Js)

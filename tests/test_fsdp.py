@@ -22,39 +22,52 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from models import make
 from torch import Tensor, nn
 
 import impartial
-from models import make
 
 WORLD = 2
 TOL = 1e-9
 # (model, wrapping, block, solver, shared_params): every block mode with each of the four solvers on the MLP, the VAE
 # on a few; "root": fully_shard(trunk) then the root; "each": every layer of the trunk and every head, then the root;
 # shared_params: the trunk's (sharded), None, or "all" of the model's as .parameters() gives them after the forward
-CASES = [("mlp", "root", "auto", "sum", "sharded"), ("mlp", "each", "auto", "imtlg", None),
-         ("mlp", "root", "auto", "mgda", None), ("mlp", "each", "auto", "upgrad", "sharded"),
-         ("mlp", "each", "marked", "sum", None), ("mlp", "root", "marked", "imtlg", "sharded"),
-         ("mlp", "each", "marked", "mgda", "sharded"), ("mlp", "root", "marked", "upgrad", None),
-         ("mlp", "root", "params", "sum", None), ("mlp", "each", "params", "imtlg", "sharded"),
-         ("mlp", "root", "params", "mgda", "sharded"), ("mlp", "each", "params", "upgrad", None),
-         ("vae", "each", "auto", "imtlg", "sharded"), ("vae", "root", "marked", "upgrad", None),
-         ("vae", "each", "params", "mgda", "sharded"), ("mlp", "root", "auto", "imtlg", "all")]
+CASES = [
+    ("mlp", "root", "auto", "sum", "sharded"),
+    ("mlp", "each", "auto", "imtlg", None),
+    ("mlp", "root", "auto", "mgda", None),
+    ("mlp", "each", "auto", "upgrad", "sharded"),
+    ("mlp", "each", "marked", "sum", None),
+    ("mlp", "root", "marked", "imtlg", "sharded"),
+    ("mlp", "each", "marked", "mgda", "sharded"),
+    ("mlp", "root", "marked", "upgrad", None),
+    ("mlp", "root", "params", "sum", None),
+    ("mlp", "each", "params", "imtlg", "sharded"),
+    ("mlp", "root", "params", "mgda", "sharded"),
+    ("mlp", "each", "params", "upgrad", None),
+    ("vae", "each", "auto", "imtlg", "sharded"),
+    ("vae", "root", "marked", "upgrad", None),
+    ("vae", "each", "params", "mgda", "sharded"),
+    ("mlp", "root", "auto", "imtlg", "all"),
+]
 
 
 class _Step(nn.Module):
     """The root FSDP module needs a forward: the model's (tasks, also, z).  ``poison`` (set on one rank) adds a
-    non-finite term to the last task through its head's weight only (the block rows stay finite)."""
+    non-finite term to the last task, through its head's weight only (``poison_at = "head"``: the block rows stay
+    finite) or through the block (``"block"``: its rows, and every shared parameter's)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.poison: float | None = None
+        self.poison_at = "head"
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
         tasks, also, acts = self.model.losses(x)
         if self.poison is not None:
-            tasks[-1] = tasks[-1] + (self.model.heads[-1][0].weight * self.poison).sum()
+            on = self.model.heads[-1][0].weight if self.poison_at == "head" else acts["z"]
+            tasks[-1] = tasks[-1] + (on * self.poison).sum()
         return tasks, also, acts["z"]
 
 
@@ -62,8 +75,9 @@ def _model(name: str) -> nn.Module:
     """The zoo's model; the VAE with noise for 12 rows (2 micro-batches of 6)."""
     model, _ = make(name)
     if hasattr(model, "eps_offset"):
-        model.eps = torch.randn(12, model.eps.shape[1], generator=torch.Generator().manual_seed(3),
-                                dtype=model.eps.dtype)
+        model.eps = torch.randn(
+            12, model.eps.shape[1], generator=torch.Generator().manual_seed(3), dtype=model.eps.dtype
+        )
     return model
 
 
@@ -73,8 +87,9 @@ def _batch(name: str, n: int) -> Tensor:
     return torch.cat([x] * reps)[:n] + 0.01 * torch.arange(n, dtype=x.dtype).reshape(-1, *[1] * (x.ndim - 1))
 
 
-def _step(model: nn.Module, step: nn.Module, x: Tensor, block: str, solver: str, shared: str | None,
-          offset: int = 0) -> impartial.Report:
+def _step(
+    model: nn.Module, step: nn.Module, x: Tensor, block: str, solver: str, shared: str | None, offset: int = 0
+) -> impartial.Report:
     if hasattr(model, "eps_offset"):
         model.eps_offset = offset
     tasks, also, z = step(x)
@@ -89,7 +104,7 @@ def _reference(name: str, block: str, solver: str, shared: str | None, micro: in
     """Single process, full batch (``micro`` micro-batches accumulated)."""
     model, n = _model(name), 6
     for m in range(micro):
-        _step(model, _Step(model), _batch(name, n * micro)[m * n:(m + 1) * n], block, solver, shared, m * n)
+        _step(model, _Step(model), _batch(name, n * micro)[m * n : (m + 1) * n], block, solver, shared, m * n)
     return [p.grad for p in model.parameters()]
 
 
@@ -97,7 +112,11 @@ def _shard(model: nn.Module, wrap: str, **kw) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     step = _Step(model)
-    mods = [model.trunk] if wrap == "root" else [m for m in (*model.trunk, *model.heads) if any(True for _ in m.parameters())]
+    mods = (
+        [model.trunk]
+        if wrap == "root"
+        else [m for m in (*model.trunk, *model.heads) if any(True for _ in m.parameters())]
+    )
     for m in mods:
         fully_shard(m, **kw)
     return fully_shard(step, **kw)
@@ -126,8 +145,11 @@ class _Counts:
                 counts.reduced[self.name] += 1
                 return super().__call__(*args, **kwargs)
 
-        self.modules = {n or "root": m for n, m in step.named_modules() if isinstance(m, FSDPModule)
-                        and any(True for _ in m._get_fsdp_state()._fsdp_param_groups)}
+        self.modules = {
+            n or "root": m
+            for n, m in step.named_modules()
+            if isinstance(m, FSDPModule) and any(True for _ in m._get_fsdp_state()._fsdp_param_groups)
+        }
         for n, m in self.modules.items():
             m.set_custom_reduce_scatter(Counting(n))
         for n, p in step.named_parameters():
@@ -160,41 +182,50 @@ def _cases(rank: int, cases: list, expected: list) -> list[float]:
         step = _shard(model, wrap)
         counts = _Counts(step)
         for m in range(micro):
-            x = _batch(name, n * micro)[m * n:(m + 1) * n][rank * half:(rank + 1) * half]
+            x = _batch(name, n * micro)[m * n : (m + 1) * n][rank * half : (rank + 1) * half]
             synced = m == micro - 1
             step.set_requires_gradient_sync(synced)
             _step(model, step, x, block, solver, shared, m * n + rank * half)
             counts.check(synced, (name, wrap, block, solver, shared, micro, m))
         err = max(float((p.grad.full_tensor() - e).abs().max()) for p, e in zip(model.parameters(), exp))
-        assert err <= TOL * max(1.0, *(float(e.abs().max()) for e in exp)), (name, wrap, block, solver, shared, micro,
-                                                                           err)
+        assert err <= TOL * max(1.0, *(float(e.abs().max()) for e in exp)), (
+            name,
+            wrap,
+            block,
+            solver,
+            shared,
+            micro,
+            err,
+        )
         errs.append(err)
     return errs
 
 
 def _nonfinite_on_one_rank(rank: int, expected: list[Tensor]) -> None:
-    """A head gradient that is NaN on rank 1 only: both ranks raise (nothing reduced, ``.grad`` untouched, and the
+    """A task gradient that is NaN on rank 1 only (at a head with automatic blocks; at the block, so in the shared
+    parameters' rows, with ``block="params"``): both ranks raise (nothing reduced, ``.grad`` untouched, and the
     next step exact: FSDP was reset), or both skip the task."""
-    for policy in ("raise", "skip"):
-        model = _model("mlp")
-        step = _shard(model, "root")
-        step.poison = float("nan") if rank == 1 else 0.0
-        x = _batch("mlp", 6)[rank * 3:(rank + 1) * 3]
-        tasks, also, _ = step(x)
-        also = [a / 3 for a in also]
-        if policy == "raise":
-            with pytest.raises(FloatingPointError, match=r"losses\[2\]"):
-                impartial.backward(tasks, model.trunk.parameters(), solver="sum", also=also)
-            assert all(p.grad is None for p in model.parameters())
-            step.poison = None
-            _step(model, step, x, "auto", "sum", "sharded")
-            for p, e in zip(model.parameters(), expected):
-                assert float((p.grad.full_tensor() - e).abs().max()) <= TOL
-        else:
-            report = impartial.backward(tasks, model.trunk.parameters(), also=also, nonfinite="skip")
-            assert report.skipped == ("losses[2]",)
-            assert all(p.grad is None for p in model.heads[2].parameters())
-            assert all(p.grad is not None for p in model.trunk.parameters())
+    for block, at in (("auto", "head"), ("params", "block")):
+        for policy in ("raise", "skip"):
+            model = _model("mlp")
+            step = _shard(model, "root")
+            step.poison, step.poison_at = (float("nan") if rank == 1 else 0.0), at
+            x = _batch("mlp", 6)[rank * 3 : (rank + 1) * 3]
+            tasks, also, _ = step(x)
+            also = [a / 3 for a in also]
+            if policy == "raise":
+                with pytest.raises(FloatingPointError, match=r"losses\[2\]"):
+                    impartial.backward(tasks, model.trunk.parameters(), solver="sum", also=also, block=block)
+                assert all(p.grad is None for p in model.parameters())
+                step.poison = None
+                _step(model, step, x, "auto", "sum", "sharded")
+                for p, e in zip(model.parameters(), expected):
+                    assert float((p.grad.full_tensor() - e).abs().max()) <= TOL
+            else:
+                report = impartial.backward(tasks, model.trunk.parameters(), also=also, nonfinite="skip", block=block)
+                assert report.skipped == ("losses[2]",)
+                assert all(p.grad is None for p in model.heads[2].parameters())
+                assert all(p.grad is not None for p in model.trunk.parameters())
 
 
 def _mixed_precision(rank: int, expected: list[Tensor]) -> float:
@@ -205,11 +236,12 @@ def _mixed_precision(rank: int, expected: list[Tensor]) -> float:
 
     model = _model("vae")
     step = _shard(model, "each", mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
-    x = _batch("vae", 6)[rank * 3:(rank + 1) * 3]
+    x = _batch("vae", 6)[rank * 3 : (rank + 1) * 3]
     report = _step(model, step, x, "auto", "imtlg", "sharded", rank * 3)
     assert report.blocks[0].gram.dtype == torch.float64
-    err = max(float((p.grad.full_tensor() - e).abs().max() / e.abs().max()) for p, e in zip(model.parameters(),
-                                                                                             expected))
+    err = max(
+        float((p.grad.full_tensor() - e).abs().max() / e.abs().max()) for p, e in zip(model.parameters(), expected)
+    )
     assert err <= 0.05, err
     return err
 
@@ -224,7 +256,7 @@ def _tensor_parallel(rank: int) -> None:
     x = distribute_tensor(torch.randn(5, 3, dtype=torch.float64), mesh, [Replicate()])
     y = x @ w.T
     losses = [y[:, :2].pow(2).mean().full_tensor(), y[:, 2:].pow(2).mean().full_tensor()]
-    with pytest.raises(ValueError, match="tensor parallel"):
+    with pytest.raises(TypeError, match="tensor parallel"):
         impartial.backward(losses, [w])
 
 
@@ -254,8 +286,14 @@ def test_one_rank_fsdp_equals_the_plain_backward(one_rank) -> None:
         tasks, also, _ = ref(x)
         sum(tasks + also).backward()
         tasks, also, z = step(x)
-        impartial.backward(tasks, model.trunk.parameters(), solver="sum", also=also, keep_norm=False,
-                           block=z if block == "marked" else block)
+        impartial.backward(
+            tasks,
+            model.trunk.parameters(),
+            solver="sum",
+            also=also,
+            keep_norm=False,
+            block=z if block == "marked" else block,
+        )
         for p, q in zip(model.parameters(), plain.parameters()):
             torch.testing.assert_close(p.grad.full_tensor(), q.grad.full_tensor(), rtol=0, atol=1e-14)
 
