@@ -34,7 +34,15 @@ import torch
 from torch import Tensor
 
 from ._call import Call
-from ._torch_compat import fsdp_held, fsdp_params, fsdp_post_backward, fsdp_reset, fsdp_states
+from ._torch_compat import (
+    fsdp_held,
+    fsdp_params,
+    fsdp_post_backward,
+    fsdp_reset,
+    fsdp_states,
+    fsdp_tree,
+    fsdp_unshard,
+)
 from .graph._trace import Graph
 
 __all__ = ["Session", "finish", "hold", "prepare", "session"]
@@ -91,9 +99,8 @@ def prepare(sess: Session | None, g: Graph) -> None:
             touched.setdefault(id(s), s)
     trees: dict[int, Any] = {}
     for s in touched.values():
-        for m in s._modules[:1]:
-            m.unshard()  # FSDPModule.unshard: a no-op where FSDP kept the parameters unsharded
-        trees.setdefault(id(s._state_ctx), s)
+        fsdp_unshard(s)  # the all-gather a plain backward does (a no-op where FSDP kept them unsharded)
+        trees.setdefault(id(fsdp_tree(s)), s)
     sess.trees = list(trees.values())
 
 

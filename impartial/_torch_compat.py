@@ -19,8 +19,10 @@ by name instead of silently changing a result or losing speed.  Nothing here cat
 - FSDP2 (``fully_shard``), whose backward is driven from autograd hooks that have no public switch
   (:mod:`impartial._fsdp`): :func:`fsdp_states` (every live FSDP state, from torch's registry of composable
   states), :func:`fsdp_params` (each managed parameter: sharded, and the unsharded one autograd sees),
-  :func:`fsdp_held` (FSDP's post-backward kept from running inside impartial's engine calls) and
-  :func:`fsdp_post_backward` (FSDP's own end-of-backward callback, run once after the write).
+  :func:`fsdp_tree` (the context the states of one ``fully_shard`` tree share), :func:`fsdp_unshard` (the
+  all-gather of a state's parameters), :func:`fsdp_held` (FSDP's post-backward kept from running inside
+  impartial's engine calls), :func:`fsdp_post_backward` (FSDP's own end-of-backward callback, run once after the
+  write) and :func:`fsdp_reset` (its recovery after an aborted backward).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ __all__ = [
     "fsdp_post_backward",
     "fsdp_reset",
     "fsdp_states",
+    "fsdp_tree",
+    "fsdp_unshard",
     "input_metadata",
     "is_freed_graph",
     "linear_saved",
@@ -157,6 +161,17 @@ def fsdp_params(state: Any) -> Iterator[tuple[Tensor, Tensor | None, Any]]:
     for group in state._fsdp_param_groups:
         for fp in group.fsdp_params:
             yield fp.sharded_param, getattr(fp, "_unsharded_param", None), group
+
+
+def fsdp_tree(state: Any) -> Any:
+    """The context object the states of one FSDP tree share (the root's, after its lazy init)."""
+    return state._state_ctx
+
+
+def fsdp_unshard(state: Any) -> None:
+    """All-gather the parameters ``state`` manages (``FSDPModule.unshard`` on its module; a no-op where they are
+    unsharded)."""
+    state._modules[0].unshard()
 
 
 def _noop(*args: Any) -> None:

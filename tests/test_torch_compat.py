@@ -183,3 +183,19 @@ def test_flat_parameters_of_fsdp1_are_refused(one_rank) -> None:
     z = flat * 2
     with pytest.raises(TypeError, match="FSDP1"):
         impartial.backward([z.sum(), z.pow(2).sum()], [flat])
+
+
+def test_fsdp_unshard_all_gathers_and_fsdp_tree_is_shared_by_a_trees_states(one_rank) -> None:
+    """After a forward FSDP frees a non-root module's unsharded parameters (its leaves keep their shape, with no
+    storage); ``fsdp_unshard`` all-gathers them again, equal to the full parameters.  The states of one tree share
+    one context after the root's lazy init."""
+    model, x = _sharded()
+    sharded = list(model.parameters())
+    states = [s for s in C.fsdp_states() if any(t is p for t, _, _ in C.fsdp_params(s) for p in sharded)]
+    model(x)
+    inner = next(s for s in states if not s._is_root)
+    pairs = [(s, u) for s, u, _ in C.fsdp_params(inner)]
+    assert all(u.untyped_storage().nbytes() == 0 for _, u in pairs)
+    C.fsdp_unshard(inner)
+    assert all(torch.equal(u, s.full_tensor()) for s, u in pairs)
+    assert C.fsdp_tree(states[0]) is C.fsdp_tree(states[1])
