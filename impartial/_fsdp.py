@@ -19,8 +19,8 @@ passes, the pulls, the final capture pass, the write), so:
 4. on an error nothing is reduced, and FSDP's per-iteration state is reset (``FSDPModule.reset_iter_state``), so
    that the next forward starts clean; ``.grad`` is untouched.
 
-Tensor parallel (``DTensor`` parameters) and FSDP1 (``FullyShardedDataParallel``'s flat parameters) are refused
-with an error that says so.
+Tensor parallel (``DTensor`` parameters, or ``DTensor`` activations) and FSDP1 (``FullyShardedDataParallel``'s
+flat parameters) are refused with an error that says so.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from ._torch_compat import (
     fsdp_states,
     fsdp_tree,
     fsdp_unshard,
+    is_dtensor_boundary,
 )
 from .graph._trace import Graph
 
@@ -126,6 +127,12 @@ def _refuse(sess: Session | None, g: Graph) -> None:
                 f"{g.name(n)!r} is {how}: impartial.backward supports data parallel (DDP, and "
                 "FSDP2's fully_shard without tensor parallel) only; see docs/distributed.md"
             )
+    if any(is_dtensor_boundary(n) for n in g.nodes):
+        raise TypeError(
+            "the losses' graph holds DTensor activations (DTensor.from_local or to_local): impartial.backward "
+            "supports data parallel (DDP, and FSDP2's fully_shard without tensor parallel) only; see "
+            "docs/distributed.md"
+        )
 
 
 def hold(sess: Session | None) -> contextlib.AbstractContextManager[None]:

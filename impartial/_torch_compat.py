@@ -22,7 +22,9 @@ by name instead of silently changing a result or losing speed.  Nothing here cat
   :func:`fsdp_tree` (the context the states of one ``fully_shard`` tree share), :func:`fsdp_unshard` (the
   all-gather of a state's parameters), :func:`fsdp_held` (FSDP's post-backward kept from running inside
   impartial's engine calls), :func:`fsdp_post_backward` (FSDP's own end-of-backward callback, run once after the
-  write) and :func:`fsdp_reset` (its recovery after an aborted backward).
+  write) and :func:`fsdp_reset` (its recovery after an aborted backward);
+- :func:`is_dtensor_boundary`: the autograd nodes of ``DTensor.from_local`` / ``to_local`` (their class names), where
+  a graph's activations become, or stop being, ``DTensor`` s.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
     "fsdp_tree",
     "fsdp_unshard",
     "input_metadata",
+    "is_dtensor_boundary",
     "is_freed_graph",
     "linear_saved",
     "quiet",
@@ -215,3 +218,12 @@ def fsdp_reset(state: Any) -> None:
     for s in state._state_ctx.all_states or [state]:
         if s._is_root:
             s._reset_iter_state()
+
+
+#: the autograd functions of ``DTensor.from_local`` and ``DTensor.to_local`` (``full_tensor`` ends with the latter)
+_DTENSOR_BOUNDARIES = frozenset({"_FromTorchTensorBackward", "_ToTorchTensorBackward"})
+
+
+def is_dtensor_boundary(node: Node) -> bool:
+    """Whether ``node`` is where activations become ``DTensor`` s or plain tensors again (by its class name)."""
+    return type(node).__name__ in _DTENSOR_BOUNDARIES

@@ -247,9 +247,10 @@ def _mixed_precision(rank: int, expected: list[Tensor]) -> float:
 
 
 def _tensor_parallel(rank: int) -> None:
-    """A DTensor parameter that fully_shard does not manage (tensor parallel) is refused, naming it."""
+    """A DTensor parameter that fully_shard does not manage (tensor parallel) is refused, naming it, and so are
+    DTensor activations."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (WORLD,))
     w = nn.Parameter(distribute_tensor(torch.randn(4, 3, dtype=torch.float64), mesh, [Shard(0)]))
@@ -258,6 +259,10 @@ def _tensor_parallel(rank: int) -> None:
     losses = [y[:, :2].pow(2).mean().full_tensor(), y[:, 2:].pow(2).mean().full_tensor()]
     with pytest.raises(TypeError, match="tensor parallel"):
         impartial.backward(losses, [w])
+    v = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))  # a plain parameter, DTensor activations
+    z = DTensor.from_local(torch.tanh(x.to_local() @ v.T), mesh, [Shard(0)])
+    with pytest.raises(TypeError, match="DTensor activations"):
+        impartial.backward([(z[:, :2] ** 2).mean().full_tensor(), (z[:, 2:] ** 2).mean().full_tensor()], [v])
 
 
 def _worker(rank: int, init: str, cases: list, expected: list, extra: list, out: str) -> None:

@@ -199,3 +199,15 @@ def test_fsdp_unshard_all_gathers_and_fsdp_tree_is_shared_by_a_trees_states(one_
     C.fsdp_unshard(inner)
     assert all(torch.equal(u, s.full_tensor()) for s, u in pairs)
     assert C.fsdp_tree(states[0]) is C.fsdp_tree(states[1])
+
+
+def test_is_dtensor_boundary_finds_from_local_and_to_local(one_rank) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (1,))
+    x = torch.randn(4, 3, requires_grad=True)
+    z = DTensor.from_local(x.tanh(), mesh, [Shard(0)])
+    assert C.is_dtensor_boundary(z.grad_fn)
+    assert C.is_dtensor_boundary(z.to_local().grad_fn)
+    assert not C.is_dtensor_boundary(x.tanh().grad_fn)
