@@ -27,6 +27,7 @@ import torch  # noqa: F401  (the doctest's namespace)
 from torch import Tensor
 from torch.autograd.graph import Node
 
+from . import _fsdp
 from ._autograd import Log
 from ._call import Call, check_solvers, parse
 from ._checks import NonFinite, guard
@@ -74,7 +75,8 @@ def backward(losses: Losses, shared_params: Params = None, *,
       (``Report.skipped`` names it; stateful solvers are restored), which needs the graph kept: with ``"skip"``
       the graph is retained as with ``retain_graph=True``.
     - ``process_group``: under ``torch.distributed`` the default group when initialised; ranks exchange the block
-      Gram matrices (activation blocks) or the per-task gradients (parameter blocks), see docs/distributed.md.
+      Gram matrices (activation blocks) or shares of the per-task gradients (parameter blocks), under DDP or FSDP2
+      (``fully_shard``: ``shared_params`` may be the sharded parameters), see docs/distributed.md.
     - ``nested``: what a block below others solves on: ``"resolved"`` (each task's gradient after the blocks above
       resolved it) or ``"direct"`` (only what reaches it on paths through no block above; what the blocks above
       send passes it unchanged: the paper's reference hooks).  Only nested blocks differ (docs/backward.md).
@@ -94,29 +96,34 @@ def backward(losses: Losses, shared_params: Params = None, *,
     """
     call = parse(losses, shared_params, solver, block, also, per_sample, keep_norm, retain_graph, task_grads,
                  nonfinite, process_group, nested)
+    call, fsdp = _fsdp.session(call)  # FSDP2: the unsharded parameters are the leaves (None: no fully_shard)
     full = call
     states = [copy.deepcopy(s.state_dict()) for s in call.solvers] if nonfinite == "skip" else []
     dropped: list[int] = []  # task indices, then k + j for the j-th also term
-    while True:
-        try:
-            reports, total, p, log, notes = _run(call, strict=not dropped)
-            break
-        except NonFinite as err:
-            if nonfinite == "raise" or err.task is None:
-                raise FloatingPointError(str(err)) from None
-            dropped.append(_original(full, call, err.task))
-            for s, state in zip(call.solvers, states):
-                s.load_state_dict(copy.deepcopy(state))
-            call = _without(full, dropped)
-    write(p, total)
+    with _fsdp.hold(fsdp):  # FSDP's post-backward runs once, after the write
+        while True:
+            try:
+                reports, total, p, log, notes = _run(call, fsdp, strict=not dropped)
+                break
+            except NonFinite as err:
+                if nonfinite == "raise" or err.task is None:
+                    raise FloatingPointError(str(err)) from None
+                dropped.append(_original(full, call, err.task))
+                for s, state in zip(call.solvers, states):
+                    s.load_state_dict(copy.deepcopy(state))
+                call = _without(full, dropped)
+        write(p, total)
+    _fsdp.finish(fsdp)
     names = full.tasks.names + full.extra.names
     return Report(call.mode, call.solver_name, tuple(full.tasks.names), tuple(full.extra.names), tuple(reports),
                   log.fallback, tuple(names[i] for i in sorted(dropped)), tuple(notes))
 
 
-def _run(call: Call, strict: bool) -> tuple[list[BlockReport], dict[Node, Tensor], Graph, Log, list[str]]:
+def _run(call: Call, fsdp: _fsdp.Session | None,
+         strict: bool) -> tuple[list[BlockReport], dict[Node, Tensor], Graph, Log, list[str]]:
     """Every stage but the write: the block reports, each leaf's total, the plan, the log, warnings."""
     g = _build(call.tasks, call.extra, call.params if call.tasks.outs else None, strict=strict)
+    _fsdp.prepare(fsdp, g)
     log = Log()
     with guard(g, call.tasks, call.extra):
         if call.mode == "params" and g.k > 1:

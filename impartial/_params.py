@@ -37,7 +37,7 @@ from ._task_grads import _blocks_rows
 from ._torch_compat import quiet
 from .graph._blocks import _find
 from .graph._trace import Graph, _bits
-from .solvers import gram
+from .solvers import combine, gram
 
 __all__ = ["Cut", "params_stage", "heads_pass"]
 
@@ -91,7 +91,10 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
     ts = _bits(mask)  # tasks that reach no shared parameter take no part in the solve
     sel = slice(None) if len(ts) == k else list(ts)  # a slice: no copy of the k rows
     inputs = [g.leaves[n] for n in shared + others]
-    holder: list[Tensor] = []
+    holder: list[Tensor] = []  # the Gram matrix, then J's columns it was computed from
+    # across ranks with a Gram-space solver: the Gram from each rank's share of J's columns (one reduce-scatter of
+    # J_r and k² numbers instead of an all-reduce of J_r)
+    shard = call.group is not None and call.solvers[0].gram_space
 
     def compute(batched: bool) -> Rows:
         if cut is None:  # the loop asks row i only for the other leaves task i reaches
@@ -100,15 +103,20 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
                        needs=needs, batched=batched, retain=call.keep, structure=(g.key, "params"))
         else:
             res = _through_blocks(call, g, log, cut, shared, others, batched)
-        if call.group is not None:  # the full-batch task gradients: the mean over the ranks
+        if call.group is not None and not shard:  # the full-batch task gradients: the mean over the ranks
             res.dense = [_dist.all_mean(r, call.group) for r in res.dense]
         return res
 
     def checks(res: Rows) -> list[Check]:
-        G = gram(res.dense[0][sel].reshape(len(ts), -1))
-        for r in res.dense[1:]:
-            G = G + gram(r[sel].reshape(len(ts), -1))
-        holder[:] = [G]
+        Js = [r[sel].reshape(len(ts), -1) for r in res.dense]
+        if shard:  # this rank's share of the columns of the full-batch J (impartial._distributed)
+            Js = [_dist.shard_mean(Js, call.group)]
+        G = gram(Js[0])
+        for J in Js[1:]:
+            G = G + gram(J)
+        if shard:
+            G = _dist.all_sum(G, call.group)
+        holder[:] = [G, *Js]
         names = call.tasks.names
         out = [Check(G.diagonal().isfinite(), [
             (i, said("the gradient of {!r} w.r.t. the shared parameters", names[i])) for i in ts])]
@@ -126,7 +134,13 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
                          "sparse=False there, or block='auto'") from None
     parts = [(n, p) for n, r in zip(others, res.sparse) for p in r if p is not None]
     Js = [r[sel].reshape(len(ts), -1) for r in res.dense]
-    ds, _, s = solve_pieces(call, call.solvers[0].for_block(0), Js, ts, None, False, holder[0])
+    solver = call.solvers[0].for_block(0)
+    if shard:  # the norms from the shares; each rank writes its own wᵀ J_r, which the ranks' average makes wᵀ J
+        _, _, s = solve_pieces(call, solver, holder[1:], ts, None, False, holder[0], local=True)
+        assert s.w is not None  # shard is set for Gram-space solvers only
+        ds = [combine(s.w, J).mul_(s.scale.to(J.dtype)) for J in Js]
+    else:
+        ds, _, s = solve_pieces(call, solver, Js, ts, None, False, holder[0])
     D = sum(J.shape[-1] for J in Js)
     rep = BlockReport(f"{len(shared)} shared parameters [{D}]", (D,), tuple(call.tasks.names[i] for i in ts), s.G,
                       s.w, s.scale, task_grads=log.passes[-1], gram_from="J", status=s.status)
