@@ -96,27 +96,31 @@ def backward(losses: Losses, shared_params: Params = None, *,
     """
     call = parse(losses, shared_params, solver, block, also, per_sample, keep_norm, retain_graph, task_grads,
                  nonfinite, process_group, nested)
-    call, fsdp = _fsdp.session(call)  # FSDP2: the unsharded parameters are the leaves (None: no fully_shard)
-    full = call
-    states = [copy.deepcopy(s.state_dict()) for s in call.solvers] if nonfinite == "skip" else []
-    dropped: list[int] = []  # task indices, then k + j for the j-th also term
+    full, fsdp = _fsdp.session(call)  # FSDP2: the unsharded parameters are the leaves (None: no fully_shard)
     with _fsdp.hold(fsdp):  # FSDP's post-backward runs once, after the write
-        while True:
-            try:
-                reports, total, p, log, notes = _run(call, fsdp, strict=not dropped)
-                break
-            except NonFinite as err:
-                if nonfinite == "raise" or err.task is None:
-                    raise FloatingPointError(str(err)) from None
-                dropped.append(_original(full, call, err.task))
-                for s, state in zip(call.solvers, states):
-                    s.load_state_dict(copy.deepcopy(state))
-                call = _without(full, dropped)
-        write(p, total)
+        (reports, total, g, log, notes), dropped = _attempts(full, fsdp)
+        write(g, total)
     _fsdp.finish(fsdp)
     names = full.tasks.names + full.extra.names
-    return Report(call.mode, call.solver_name, tuple(full.tasks.names), tuple(full.extra.names), tuple(reports),
+    return Report(full.mode, full.solver_name, tuple(full.tasks.names), tuple(full.extra.names), tuple(reports),
                   log.fallback, tuple(names[i] for i in sorted(dropped)), tuple(notes))
+
+
+def _attempts(full: Call, fsdp: _fsdp.Session | None) -> tuple[tuple, list[int]]:
+    """``_run``'s result, and the losses dropped for a non-finite gradient (``nonfinite="skip"``: task indices, then
+    ``k + j`` for the ``j``-th ``also`` term; each drop restores the stateful solvers and runs the call again)."""
+    states = [copy.deepcopy(s.state_dict()) for s in full.solvers] if full.nonfinite == "skip" else []
+    call, dropped = full, list[int]()
+    while True:
+        try:
+            return _run(call, fsdp, strict=not dropped), dropped
+        except NonFinite as err:
+            if full.nonfinite == "raise" or err.task is None:
+                raise FloatingPointError(str(err)) from None
+            dropped.append(_original(full, call, err.task))
+            for s, state in zip(full.solvers, states):
+                s.load_state_dict(copy.deepcopy(state))
+            call = _without(full, dropped)
 
 
 def _run(call: Call, fsdp: _fsdp.Session | None,

@@ -133,7 +133,13 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
                          "block='params' needs each task's gradient of the shared parameters as a dense row; use "
                          "sparse=False there, or block='auto'") from None
     parts = [(n, p) for n, r in zip(others, res.sparse) for p in r if p is not None]
-    Js = [r[sel].reshape(len(ts), -1) for r in res.dense]
+    rep, ds = _j_solve(call, [r[sel].reshape(len(ts), -1) for r in res.dense], ts, holder, shard, log.passes[-1])
+    return rep, parts + [(n, d.reshape(g.leaves[n].shape)) for n, d in zip(shared, ds)]
+
+
+def _j_solve(call: Call, Js: list[Tensor], ts: tuple[int, ...], holder: list[Tensor], shard: bool,
+             how: str) -> tuple[BlockReport, list[Tensor]]:
+    """The solve on the shared parameters' rows ``Js`` (``holder``: the Gram, then the columns it came from)."""
     solver = call.solvers[0].for_block(0)
     if shard:  # the norms from the shares; each rank writes its own wᵀ J_r, which the ranks' average makes wᵀ J
         _, _, s = solve_pieces(call, solver, holder[1:], ts, None, False, holder[0], local=True)
@@ -142,10 +148,9 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
     else:
         ds, _, s = solve_pieces(call, solver, Js, ts, None, False, holder[0])
     D = sum(J.shape[-1] for J in Js)
-    rep = BlockReport(f"{len(shared)} shared parameters [{D}]", (D,), tuple(call.tasks.names[i] for i in ts), s.G,
-                      s.w, s.scale, task_grads=log.passes[-1], gram_from="J", status=s.status)
-    parts += [(n, d.reshape(g.leaves[n].shape)) for n, d in zip(shared, ds)]
-    return rep, parts
+    rep = BlockReport(f"{len(Js)} shared parameters [{D}]", (D,), tuple(call.tasks.names[i] for i in ts), s.G,
+                      s.w, s.scale, task_grads=how, gram_from="J", status=s.status)
+    return rep, ds
 
 
 def _cut(call: Call, g: Graph, shared: list[Node], others: list[Node]) -> Cut | None:
