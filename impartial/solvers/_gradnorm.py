@@ -12,9 +12,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._base import GramSolver
+from ._base import GramSolver, Solution, Status, keep_where
 
-__all__ = ["GradNorm", "NSGD"]
+__all__ = ["NSGD", "GradNorm"]
 
 
 def _safe_div(a: Tensor, b: Tensor, default: float) -> Tensor:
@@ -26,6 +26,7 @@ def _safe_div(a: Tensor, b: Tensor, default: float) -> Tensor:
 class _Stateful(GramSolver):
     """Shared state plumbing: named tensors created at the first call with the batch shape of ``G``."""
 
+    stateless = False
     _state_names: tuple[str, ...] = ()
 
     def __init__(self) -> None:
@@ -42,16 +43,30 @@ class _Stateful(GramSolver):
                              f"G of shape {tuple(G.shape)}; call reset() when the tasks or batch shape change")
         return {name: t.to(G.dtype) if t.is_floating_point() else t for name, t in self._state.items()}
 
-    def state_dict(self) -> dict[str, Any]:
+    def _set(self, **state: Tensor) -> None:
+        self._state = {name: t.detach() for name, t in state.items()}  # state holds no autograd graph
+
+    def solve(self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None,
+              mixing: bool = False) -> Solution:
+        before = self._state
+        sol = super().solve(G, losses=losses, precision=precision, mixing=mixing)
+        # a non-finite problem keeps its state (on a first call the identity it was solved on leaves the
+        # initial values); the call counter counts every call
+        bad = sol.status == int(Status.NONFINITE)
+        self._state = {name: t if name == "step" else keep_where(bad, before.get(name), t)
+                       for name, t in self._state.items()}
+        return sol
+
+    def _state_dict(self) -> dict[str, Any]:
         return {name: t.clone() for name, t in self._state.items()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _load_state_dict(self, state: dict[str, Any]) -> None:
         if state and set(state) != set(self._state_names):
             raise ValueError(f"{type(self).__name__}: expected state keys {sorted(self._state_names)}, "
                              f"got {sorted(state)}")
         self._state = {name: t.clone() for name, t in state.items()}
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self._state = {}
 
 
@@ -138,7 +153,7 @@ class GradNorm(_Stateful):
         grad = torch.sign(weighted - g_bar * r.pow(self.alpha)) * _safe_div(weighted, g_bar, 0.0)
         new = w * torch.exp(-self.lr * grad)
         new = G.shape[-1] * new / new.sum(-1, keepdim=True)  # Σ > 0: the weights stay positive
-        self._state = {"weights": new, "reference": reference, "step": step + 1}
+        self._set(weights=new, reference=reference, step=step + 1)
         return w
 
     def _hparams(self) -> dict[str, Any]:
@@ -177,7 +192,7 @@ class NSGD(_Stateful):
         state = self._get(G)
         step = state["step"]
         reference = torch.where(step == self.reference_step, norms, state["reference"])
-        self._state = {"reference": reference, "step": step + 1}
+        self._set(reference=reference, step=step + 1)
         rho = _safe_div(norms, reference, 1.0)
         a = _safe_div(rho, rho.sum(-1, keepdim=True), 0.0)
         S = (a * norms).sum(-1, keepdim=True)

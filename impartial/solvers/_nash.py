@@ -23,27 +23,42 @@ close the tasks are to it and decides the stationary case.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._base import _PrecisionGramSolver
+from ._base import GramSolver, Solution, Status, is_low, keep_where, sync_free, weighting_solution
 
-__all__ = ["NashMTL", "FairGrad"]
+__all__ = ["FairGrad", "NashMTL"]
 
-_ITERS = 24
+#: Newton steps of the sync-free schedule; the host-checked loop's cap
+_ITERS = 32
+_MAX_ITERS = 200
 #: line-search step sizes 2^3 … 2^-10, and 0 (keep γ when no step lowers F: round-off reached)
 _STEPS = [2.0**j for j in range(3, -11, -1)] + [0.0]
 #: cap on log(γ_new/γ_i) in one step (e^40 ≈ 2e17): keeps exp finite on a wild step
 _GROWTH = 40.0
-#: Pareto-stationarity threshold on ‖Σ v_i u_i‖ (v on the simplex): float64 input, float32 and lower
+#: Pareto-stationarity threshold on ‖Σ v_i u_i‖ (v on the simplex): float64 input, float32 and lower (whose
+#: cosines carry ~1e-7 noise, i.e. ~3e-4 on a certificate, the square root of a quadratic form)
 _STATIONARY = (1e-5, 1e-2)
-_RESIDUAL = (1e-6, 1e-3)
+#: relative residual of the utility equations (on the float64 G, whatever the input precision)
+_RESIDUAL = 1e-9
 
 
-def _bargain(G: Tensor, p: float, low: bool, iters: int = _ITERS) -> Tensor:
-    """``β ≥ 0`` with ``(Gβ)_i = β_i^{p−1}`` for ``p = 1 − 1/α``, or 0 at a Pareto-stationary ``G``."""
+class _Problem(NamedTuple):
+    """The bargaining problem on the cosine matrix: ``C`` (zero rows made decoupled units), the weights ``c``
+    ``[..., k, 1]`` of ``φ`` (None for Nash), ``1/‖g_i‖`` and the rows that bargain, and the common factor."""
+
+    C: Tensor
+    c: Tensor | None
+    inv: Tensor
+    nonzero: Tensor
+    shift: Tensor
+
+
+def _problem(G: Tensor, p: float) -> tuple[_Problem, Tensor]:
+    """The problem on ``C`` and the start ``γ`` ``[..., k, 1]``."""
     k = G.shape[-1]
     n = torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(0).sqrt()
     nonzero = n > torch.finfo(G.dtype).tiny ** 0.5
@@ -52,7 +67,8 @@ def _bargain(G: Tensor, p: float, low: bool, iters: int = _ITERS) -> Tensor:
     # A zero gradient's utility is 0 whatever d is: it has no stake in the bargain.  Its row of C is made a
     # decoupled unit (its own γ converges on its own) and its weight is set to 0 at the end.
     C = torch.where(eye > 0, 1.0, G * inv.unsqueeze(-1) * inv.unsqueeze(-2))
-    nz = nonzero.unsqueeze(-1)  # γ, c and the other per-task vectors are columns [..., k, 1] below
+    nz = nonzero.unsqueeze(-1)  # γ, c and the other per-task vectors are columns [..., k, 1]
+    c: Tensor | None
     if p == 0:  # Nash: c ≡ 1 (every c_i = ‖g_i‖^0), the start is a common factor
         shift = torch.zeros_like(n[..., :1])
         c = None
@@ -69,101 +85,172 @@ def _bargain(G: Tensor, p: float, low: bool, iters: int = _ITERS) -> Tensor:
     cbp = nz.sum(-2, keepdim=True, dtype=G.dtype) if c is None else (torch.where(nz, c * b**p, 0.0)).sum(-2, keepdim=True)
     tau = (cbp / bCb.clamp_min(1e-3 * k)) ** (1 / (2 - p))
     g = torch.where(nz, tau * b, b)
-    if k == 1:  # C = I: the start is the solution
-        iters = 0
-    elif k == 2 and p == 0:  # Nash, two tasks: γ_1 = γ_2 = (1 + cos)^{-1/2} solves γ ⊙ Cγ = 1 exactly
-        # (an antiparallel pair, cos = −1, has no solution: γ is left large and the checks below say so)
+    if k == 2 and p == 0:  # Nash, two tasks: γ_1 = γ_2 = (1 + cos)^{-1/2} solves γ ⊙ Cγ = 1 exactly
+        # (an antiparallel pair, cos = −1, has no solution: γ is left large and the checks say so)
         g = (1 + C[..., :1, 1:]).clamp_min(torch.finfo(G.dtype).eps).rsqrt().expand_as(g)
-        iters = 0
-    steps = torch.tensor(_STEPS, dtype=G.dtype, device=G.device)
-    one = torch.ones((), dtype=G.dtype, device=G.device)
-    for _ in range(iters):  # fixed count: no data-dependent stopping, so vmap / compile see one graph
-        Cg = C @ g
-        # Newton system (C + diag h) Δ = −∇F = u − Cγ with u = c γ^{p−1} (the utilities γ asks for) and
-        # h = (1 − p) u/γ, scaled by s = h^{-1/2} = γ a, a = ((1 − p) c γ^p)^{-1/2}: the matrix S C S + I has
-        # eigenvalues ≥ 1 however large γ grows, and Δ/γ = a x for its solution x.  Nash: s = γ, a = 1.
-        if c is None:
-            s = g
-            rhs = torch.addcmul(one, g, Cg, value=-1.0)  # s (u − Cγ) = 1 − γ Cγ
-        else:
-            w = c * g**p  # u γ
-            a = ((1 - p) * w).rsqrt()
-            s = g * a
-            rhs = s * (w / g - Cg)
-        M = torch.addcmul(eye, s * C, s.mT)
-        x = torch.linalg.solve_ex(M, rhs)[0]  # _ex: no check, no sync
-        # Line search, all candidates at once, over two paths written as γ_new = γ ⊙ exp(L), L = log(γ_new/γ):
-        # - γ ⊙ exp(tΔ/γ): tangent Δ at t = 0 (a descent path) and equal to γ + tΔ to second order near the
-        #   solution (quadratic convergence kept), but never leaves γ > 0, so a γ_i that must shrink by decades
-        #   does so in one step; steps above 1 let γ run off fast along a Pareto-stationary combination;
-        # - the plain Newton points γ + tΔ (a coordinate that would cross 0 is cut to 1% of itself): far from
-        #   the solution neither path is uniformly better.
-        # Each candidate's change of F is exact, with δ = γ ⊙ expm1(L) and no difference of large values (so
-        # the search still tells steps apart at round-off):
-        #   F(γ + δ) − F(γ) = (Cγ + ½Cδ)·δ − Σ c_i γ_i^p expm1(p L_i)/p     (Σ c_i L_i at p = 0)
-        q = (x if c is None else a * x) * steps  # [..., k, steps]
-        q = q.clamp_max(_GROWTH)
-        q = torch.cat([q, torch.log1p(q.clamp_min(-0.99))], -1)  # L on both paths
-        delta = g * torch.expm1(q)
-        half = torch.add(Cg, C @ delta, alpha=0.5)
-        # the decrease of F, −(F(γ + δ) − F(γ)), summed over the tasks: the best candidate has the largest
-        gain = q if c is None else (w / p) * torch.expm1(p * q)
-        best = torch.addcmul(gain, half, delta, value=-1.0).sum(-2, keepdim=True).argmax(-1, keepdim=True)
-        g = g + delta.gather(-1, best.expand_as(g))  # gather, not take_along_dim (which checks on the host)
-    # converged: every task's utility equation holds to a relative residual
-    g = g.squeeze(-1)
-    c = torch.ones_like(g) if c is None else c.squeeze(-1)
-    Cg = (C @ g.unsqueeze(-1)).squeeze(-1)
+    return _Problem(C, c, inv, nonzero, shift), g
+
+
+def _newton_step(P: _Problem, g: Tensor, p: float, steps: Tensor) -> Tensor:
+    """One damped Newton step on ``F`` from ``γ`` ``[..., k, 1]``, the step size searched on a grid."""
+    C, c = P.C, P.c
+    one = torch.ones((), dtype=C.dtype, device=C.device)
+    eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+    Cg = C @ g
+    # Newton system (C + diag h) Δ = −∇F = u − Cγ with u = c γ^{p−1} (the utilities γ asks for) and
+    # h = (1 − p) u/γ, scaled by s = h^{-1/2} = γ a, a = ((1 − p) c γ^p)^{-1/2}: the matrix S C S + I has
+    # eigenvalues ≥ 1 however large γ grows, and Δ/γ = a x for its solution x.  Nash: s = γ, a = 1.
+    if c is None:
+        s = g
+        rhs = torch.addcmul(one, g, Cg, value=-1.0)  # s (u − Cγ) = 1 − γ Cγ
+    else:
+        w = c * g**p  # u γ
+        a = ((1 - p) * w).rsqrt()
+        s = g * a
+        rhs = s * (w / g - Cg)
+    x = torch.linalg.solve_ex(torch.addcmul(eye, s * C, s.mT), rhs)[0]  # _ex: no check, no sync
+    # Line search, all candidates at once, over two paths written as γ_new = γ ⊙ exp(L), L = log(γ_new/γ):
+    # - γ ⊙ exp(tΔ/γ): tangent Δ at t = 0 (a descent path) and equal to γ + tΔ to second order near the
+    #   solution (quadratic convergence kept), but never leaves γ > 0, so a γ_i that must shrink by decades
+    #   does so in one step; steps above 1 let γ run off fast along a Pareto-stationary combination;
+    # - the plain Newton points γ + tΔ (a coordinate that would cross 0 is cut to 1% of itself): far from
+    #   the solution neither path is uniformly better.
+    # Each candidate's change of F is exact, with δ = γ ⊙ expm1(L) and no difference of large values:
+    #   F(γ + δ) − F(γ) = (Cγ + ½Cδ)·δ − Σ c_i γ_i^p expm1(p L_i)/p     (Σ c_i L_i at p = 0)
+    q = ((x if c is None else a * x) * steps).clamp_max(_GROWTH)  # [..., k, steps]
+    q = torch.cat([q, torch.log1p(q.clamp_min(-0.99))], -1)  # L on both paths
+    delta = g * torch.expm1(q)
+    half = torch.add(Cg, C @ delta, alpha=0.5)
+    # the decrease of F, −(F(γ + δ) − F(γ)), summed over the tasks: the best candidate has the largest
+    gain = q if c is None else (w / p) * torch.expm1(p * q)
+    best = torch.addcmul(gain, half, delta, value=-1.0).sum(-2, keepdim=True).argmax(-1, keepdim=True)
+    return g + delta.gather(-1, best.expand_as(g))  # gather, not take_along_dim (which checks on the host)
+
+
+def _measure(P: _Problem, g: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """The relative residual of the utility equations ``(Cγ)_i = c_i γ_i^{p−1}`` (inf where it cannot be
+    checked) and the stationarity certificate ``‖Σ v_i u_i‖``, ``v = γ/Σγ`` over the rows that bargain."""
+    C, k = P.C, P.C.shape[-1]
+    c = torch.ones_like(g) if P.c is None else P.c
+    Cg = C @ g
     target = c * g ** (p - 1)
-    # Cγ carries a rounding error of at most about k·eps·(|C|γ)_i, which can exceed a relative 1e-6 of a small
+    # Cγ carries a rounding error of at most about k·eps·(|C|γ)_i, which can exceed a relative 1e-9 of a small
     # utility when γ is large and its terms cancel (nearly Pareto-stationary tasks): that part is not a miss.
-    # But where it reaches a tenth of the utility, the equation cannot be checked at all: no solution.
-    slack = 16 * k * torch.finfo(G.dtype).eps * (C.abs() @ g.unsqueeze(-1)).squeeze(-1)
-    residual = (((Cg - target).abs() - slack).clamp_min(0) / target).amax(-1)
-    residual = torch.where((slack <= 0.1 * target).all(-1), residual, torch.inf)
-    gz = g * nonzero
-    cert = (gz * (C @ gz.unsqueeze(-1)).squeeze(-1)).sum(-1).clamp_min(0).sqrt() / gz.sum(-1)
-    solved = (residual <= _RESIDUAL[low]) & (cert > _STATIONARY[low]) & nonzero.any(-1)
-    beta = g * torch.exp(shift / (2 - p)) * inv
-    return torch.where(solved.unsqueeze(-1), beta, 0.0)
+    # But where it reaches a tenth of the utility, the equation cannot be checked at all.
+    slack = 16 * k * torch.finfo(C.dtype).eps * (C.abs() @ g)
+    residual = (((Cg - target).abs() - slack).clamp_min(0) / target).amax((-2, -1))
+    residual = torch.where((slack <= 0.1 * target).all(-2).squeeze(-1), residual, torch.inf)
+    gz = g * P.nonzero.unsqueeze(-1)
+    cert = (gz * (C @ gz)).sum((-2, -1)).clamp_min(0).sqrt() / gz.sum((-2, -1))
+    return residual, cert
 
 
-class _Bargaining(_PrecisionGramSolver):
-    def __init__(self, *, update_weights_every: int = 1) -> None:
+def _bargain(G: Tensor, p: float, low: bool, iters: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(β, status, residual)``: ``β ≥ 0`` with ``(Gβ)_i = β_i^{p−1}`` for ``p = 1 − 1/α`` (status OK), 0 at
+    a Pareto-stationary ``G`` (STATIONARY; the residual is then the certificate), or the last iterate
+    (NOT_CONVERGED).  Sync-free (:func:`sync_free`): ``iters`` (default 24) Newton steps.  On the CPU, not
+    traced: steps until every problem has met its tolerance or its certificate (then one more, as the fixed
+    schedule would polish it), at most ``iters`` (default 200)."""
+    P, g = _problem(G, p)
+    steps = torch.tensor(_STEPS, dtype=G.dtype, device=G.device)
+    tol, threshold = _RESIDUAL, _STATIONARY[low]
+    k = G.shape[-1]
+    if k == 1 or (k == 2 and p == 0):  # closed forms: C = I, or the two-task formula
+        pass
+    elif sync_free(G):  # fixed count: no data-dependent stopping, so vmap / compile see one graph
+        for _ in range(_ITERS if iters is None else iters):
+            g = _newton_step(P, g, p, steps)
+    else:
+        done, budget = False, _MAX_ITERS if iters is None else iters
+        while budget > 0:
+            residual, cert = _measure(P, g, p)
+            finished = bool(((residual <= tol) | (cert <= threshold) | residual.isinf()).all())  # host read: CPU
+            if done and finished:
+                break
+            done, budget = finished, budget - 1
+            g = _newton_step(P, g, p, steps)
+    residual, cert = _measure(P, g, p)
+    stationary = (cert <= threshold) | residual.isinf() | ~P.nonzero.any(-1)
+    solved = residual <= tol
+    status = torch.where(stationary, int(Status.STATIONARY),
+                         torch.where(solved, int(Status.OK), int(Status.NOT_CONVERGED))).to(torch.int8)
+    beta = g.squeeze(-1) * torch.exp(P.shift / (2 - p)) * P.inv
+    beta = torch.where(stationary.unsqueeze(-1) | ~beta.isfinite(), 0.0, beta)
+    return beta, status, torch.where(stationary, cert, residual)
+
+
+class _Bargaining(GramSolver):
+    #: calls so far, and the kept (weights, status, residual) of the last solve (``update_weights_every > 1``)
+    step: int
+    last: tuple[Tensor, Tensor, Tensor] | None
+
+    def __init__(self, *, update_weights_every: int = 1, iters: int | None = None) -> None:
         if not isinstance(update_weights_every, int) or update_weights_every < 1:
             raise ValueError(f"update_weights_every must be a positive int, got {update_weights_every!r}")
+        if iters is not None and (not isinstance(iters, int) or iters < 0):
+            raise ValueError(f"{type(self).__name__}: iters must be None or a non-negative int, got {iters!r}")
         self.update_weights_every = update_weights_every
-        self.reset()
+        self.iters = iters
+        self._reset()
+
+    @property
+    def stateless(self) -> bool:  # type: ignore[override]
+        return self.update_weights_every == 1
 
     @abstractmethod
-    def _fresh(self, G: Tensor, low: bool) -> Tensor: ...
+    def _fresh(self, G: Tensor, low: bool) -> tuple[Tensor, Tensor, Tensor]: ...
 
-    def _solve(self, G: Tensor, low: bool) -> Tensor:
+    def solve(self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None,
+              mixing: bool = False) -> Solution:
+        before = self.last
+        sol = super().solve(G, losses=losses, precision=precision, mixing=mixing)
+        if self.last is not None and self.last is not before:  # a fresh solve: a non-finite problem keeps its old
+            bad = sol.status == int(Status.NONFINITE)
+            kept = [None, None, None] if before is None else list(before)
+            w, status, residual = (keep_where(bad, o, n) for o, n in zip(kept, (sol.weights, sol.status, sol.residual)))
+            self.last = (w, status, residual)
+        return sol
+
+    def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> Solution:
         if self.update_weights_every == 1:  # stateless: nothing kept between calls
-            return self._fresh(G, low)
+            return weighting_solution(*self._fresh(G, is_low(precision)), mixing)
         # the official code solves every `update_weights_every` steps and reuses the weights in between
         if self.step % self.update_weights_every == 0 or self.last is None:
-            self.last = self._fresh(G, low)
-        elif self.last.shape != G.shape[:-1]:
-            raise ValueError(f"{type(self).__name__}: kept weights of shape {tuple(self.last.shape)} do not fit "
+            w, status, residual = (t.detach() for t in self._fresh(G, is_low(precision)))
+            self.last = (w, status, residual)
+        elif self.last[0].shape != G.shape[:-1]:
+            raise ValueError(f"{type(self).__name__}: kept weights of shape {tuple(self.last[0].shape)} do not fit "
                              f"a Gram of shape {tuple(G.shape)}; call reset() when the task set changes")
         self.step += 1
-        return self.last.to(G.dtype)
+        w, status, residual = self.last
+        return weighting_solution(w.to(G.dtype), status, residual.to(G.dtype), mixing)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "weights": self.last}
+    def _state_dict(self) -> dict[str, Any]:
+        if self.update_weights_every == 1:
+            return {}
+        if self.last is None:
+            return {"step": self.step, "weights": None, "status": None, "residual": None}
+        w, status, residual = self.last
+        return {"step": self.step, "weights": w, "status": status, "residual": residual}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"step", "weights"}:
-            raise ValueError(f"{type(self).__name__}: expected state keys ['step', 'weights'], got {sorted(state)}")
-        self.step, self.last = int(state["step"]), state["weights"]
+    def _load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.update_weights_every == 1:
+            super()._load_state_dict(state)
+            return
+        if set(state) != {"step", "weights", "status", "residual"}:
+            raise ValueError(f"{type(self).__name__}: expected state keys ['residual', 'status', 'step', 'weights'], "
+                             f"got {sorted(state)}")
+        self.step = int(state["step"])
+        kept = (state["weights"], state["status"], state["residual"])
+        self.last = None if kept[0] is None else kept  # type: ignore[assignment]
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self.step = 0
-        self.last: Tensor | None = None
+        self.last = None
 
     def _hparams(self) -> dict[str, Any]:
-        return {} if self.update_weights_every == 1 else {"update_weights_every": self.update_weights_every}
+        return ({} if self.update_weights_every == 1 else {"update_weights_every": self.update_weights_every}) | (
+            {} if self.iters is None else {"iters": self.iters})
 
 
 class NashMTL(_Bargaining):
@@ -192,8 +279,9 @@ class NashMTL(_Bargaining):
     tensor([4.2846, 4.2846])
     """
 
-    def _fresh(self, G: Tensor, low: bool) -> Tensor:
-        return _bargain(G, 0.0, low) * torch.linalg.matrix_norm(G).sqrt().unsqueeze(-1)
+    def _fresh(self, G: Tensor, low: bool) -> tuple[Tensor, Tensor, Tensor]:
+        beta, status, residual = _bargain(G, 0.0, low, self.iters)
+        return beta * torch.linalg.matrix_norm(G).sqrt().unsqueeze(-1), status, residual
 
 
 class FairGrad(_Bargaining):
@@ -214,14 +302,14 @@ class FairGrad(_Bargaining):
     tensor([1., 1.])
     """
 
-    def __init__(self, alpha: float = 1.0, *, update_weights_every: int = 1) -> None:
+    def __init__(self, alpha: float = 1.0, *, update_weights_every: int = 1, iters: int | None = None) -> None:
         if not alpha > 0:
             raise ValueError(f"FairGrad: alpha must be positive, got {alpha!r}")
         self.alpha = float(alpha)
-        super().__init__(update_weights_every=update_weights_every)
+        super().__init__(update_weights_every=update_weights_every, iters=iters)
 
-    def _fresh(self, G: Tensor, low: bool) -> Tensor:
-        return _bargain(G, 1.0 - 1.0 / self.alpha, low)
+    def _fresh(self, G: Tensor, low: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return _bargain(G, 1.0 - 1.0 / self.alpha, low, self.iters)
 
     def _hparams(self) -> dict[str, Any]:
         return {"alpha": self.alpha, **super()._hparams()}
