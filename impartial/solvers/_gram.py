@@ -20,6 +20,8 @@ _CHUNK = 1024
 #: the largest diagonal entry of a float32 Gram in this range (norms in [2^-30, 2^30]) means no product
 #: overflowed and the rows that matter stayed in float32's normal range; outside it, ``J`` is rescaled first
 _SAFE = (2.0**-60, 2.0**60)
+#: elements of ``J`` scaled at once by :func:`_rescaled_gram` (4 MiB of float32)
+_RESCALE = 2**20
 
 
 def solve_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,12 +73,19 @@ def _float32_gram(J: Tensor) -> Tensor:
 
 def _rescaled_gram(J: Tensor) -> Tensor:
     """The float32 Gram of ``2^-e J`` times ``4^e`` (per problem), ``2^e`` about ``max|J|``: no product
-    overflows or underflows, and scaling by a power of two is exact."""
+    overflows or underflows, and scaling by a power of two is exact.  The scaled copy is made a chunk of
+    about :data:`_RESCALE` elements at a time, which stays in cache (measured 1.4-1.5x the plain Gram pass at
+    d = 1e6, one thread, against 1.5-2.5x for one whole scaled copy)."""
     # amax and amin read J without a copy (vector_norm(ord=inf) and aminmax(dim=) measured 7-20x slower)
     top = torch.maximum(J.amax(dim=(-2, -1)), -J.amin(dim=(-2, -1))).double()
     e = torch.where((top > 0) & top.isfinite(), torch.floor(torch.log2(top)), 0.0).clamp(-126, 126)
     scale = torch.exp2(-e).to(J.dtype)[..., None, None]
-    return _float32_gram(J * scale) * torch.exp2(2 * e)[..., None, None]
+    k, d = J.shape[-2], J.shape[-1]
+    c = max(_CHUNK, _RESCALE // k // _CHUNK * _CHUNK)
+    G = _float32_gram(J[..., :c] * scale)
+    for start in range(c, d, c):  # a loop fixed by the shape: vmap and compile see one graph
+        G = G + _float32_gram(J[..., start : start + c] * scale)
+    return G * torch.exp2(2 * e)[..., None, None]
 
 
 def gram(J: Tensor) -> Tensor:
@@ -87,8 +96,8 @@ def gram(J: Tensor) -> Tensor:
     ``d`` in float64 where that reads ``J`` once (see :func:`_chunked`).  A float32 product overflows above
     ``|J| ≈ 1e19`` and underflows below ``1e-23``: where the largest norm of a problem is outside
     ``[2^-30, 2^30]``, ``J`` is first scaled by a power of two (exact).  On the CPU that is decided after the
-    fact from ``G``'s diagonal (the rescale costs two more passes, only at such scales); where the work must
-    be sync-free (:func:`sync_free`) it is always done.  Float64 ``J`` is one ``J @ J.mT``.
+    fact from ``G``'s diagonal (the rescale costs ~1.5 more passes, only at such scales); where the work must
+    be sync-free (:func:`sync_free`) it is always done (measured 1.4-1.5x floor + Gram at d = 1e6, CPU).  Float64 ``J`` is one ``J @ J.mT``.
     """
     if J.dtype in _LOW or J.dtype == torch.float32:
         if J.shape[-2] * J.shape[-1] <= _EXACT:
