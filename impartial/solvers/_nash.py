@@ -8,16 +8,20 @@ stationarity condition of the strictly convex
 
 Substituting ``β_i = γ_i/‖g_i‖`` turns it into the same problem on the cosine matrix ``C`` (unit diagonal)
 with ``φ`` weighted by ``c_i = ‖g_i‖^{-(1−1/α)}``: the conditioning no longer depends on the gradient norms.
-We run a fixed number (24) of Newton steps (none for ``k = 1`` and for Nash at ``k = 2``, which have closed
-forms), each followed by a search over a geometric grid of step sizes along ``γ ⊙ exp(tΔ/γ)``, which stays
-positive and matches the Newton step to second order (so the final steps converge quadratically); ``F``
-along it is a quadratic plus a separable term, so all candidates are scored by a handful of batched ops
-(about 20 ops and one ``k × k`` solve a step): no cvxpy, no host sync.
+Damped Newton steps (none for ``k = 1`` and for Nash at ``k = 2``, which have closed forms), each followed by
+a search over a geometric grid of step sizes along ``γ ⊙ exp(tΔ/γ)``, which stays positive and matches the
+Newton step to second order (so the final steps converge quadratically); ``F`` along it is a quadratic plus a
+separable term, so all candidates are scored by a handful of batched ops.  On the CPU, outside
+``torch.compile`` / ``vmap``, the steps stop once every problem is decided (:func:`_bargain`); elsewhere a
+fixed count runs, with no host sync.
 
 ``F`` has no minimiser exactly when some nonnegative combination of the task gradients vanishes (the tasks
 are at a Pareto-stationary point: no direction improves them all).  Then ``γ`` runs off to infinity along
-that combination; the certificate ``‖Σ v_i u_i‖`` with ``v = γ/Σγ`` and unit gradients ``u_i`` measures how
-close the tasks are to it and decides the stationary case.
+that combination; the certificate ``‖Σ v_i u_i‖`` with ``v = γ/Σγ`` and unit gradients ``u_i`` (never below
+the distance of 0 to the hull of the ``u_i``) measures how close the tasks are to it.  The status is
+STATIONARY where it is at most 1e-5 (1e-2 for a float32 ``J``), or where the utilities ``(Cγ)_i`` have fallen
+below the rounding of ``Cγ`` itself (no solution can be told apart from none at ``G``'s precision); OK where
+every utility equation holds to a relative 1e-9; else NOT_CONVERGED, with the last iterate as the weights.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from ._base import GramSolver, Solution, Status, is_low, keep_where, sync_free, 
 
 __all__ = ["FairGrad", "NashMTL"]
 
-#: Newton steps of the sync-free schedule; the host-checked loop's cap
+#: Newton steps of the sync-free schedule; the cap of the CPU loop, which stops at convergence
 _ITERS = 32
 _MAX_ITERS = 200
 #: line-search step sizes 2^3 … 2^-10, and 0 (keep γ when no step lowers F: round-off reached)
@@ -148,7 +152,7 @@ def _measure(P: _Problem, g: Tensor, p: float) -> tuple[Tensor, Tensor]:
 def _bargain(G: Tensor, p: float, low: bool, iters: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(β, status, residual)``: ``β ≥ 0`` with ``(Gβ)_i = β_i^{p−1}`` for ``p = 1 − 1/α`` (status OK), 0 at
     a Pareto-stationary ``G`` (STATIONARY; the residual is then the certificate), or the last iterate
-    (NOT_CONVERGED).  Sync-free (:func:`sync_free`): ``iters`` (default 24) Newton steps.  On the CPU, not
+    (NOT_CONVERGED).  Sync-free (:func:`sync_free`): ``iters`` (default 32) Newton steps.  On the CPU, not
     traced: steps until every problem has met its tolerance or its certificate (then one more, as the fixed
     schedule would polish it), at most ``iters`` (default 200)."""
     P, g = _problem(G, p)
@@ -254,25 +258,30 @@ class _Bargaining(GramSolver):
 
 
 class NashMTL(_Bargaining):
-    r"""Nash bargaining weights: ``α > 0`` with ``α_i (Ĝα)_i = 1`` for ``Ĝ = G/‖G‖_F``.
+    r"""Nash bargaining weights ``w = √‖G‖_F · α*``, where ``α* > 0`` solves ``α*_i (Gα*)_i = 1``.
 
     Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya, "Multi-Task Learning as a Bargaining
-    Game", ICML 2022.  The direction ``d = αᵀJ`` maximises ``Σ log(g_i·d)`` over the ball; its utilities are
-    ``g_i·d = ‖G‖_F / α_i``.  The paper's ``α*`` solves ``α ⊙ Gα = 1`` (then ``‖α*ᵀJ‖ = √k`` whatever the
-    scale); like the official code we solve on ``G/‖G‖_F``, i.e. ``α = √‖G‖_F · α*``, which makes the
-    direction positively homogeneous and ``k = 1`` return the gradient itself (``α*`` alone gives
-    ``g/‖g‖``).  The official solver (sequential convex approximations in cvxpy, 20 rounds, stopped at a
-    residual of 1e-3) approaches the same point; we reach it to a relative residual of 1e-9 (1e-5 for
-    float32 input) by damped Newton (see the module docstring).
+    Game", ICML 2022.  The Nash bargaining solution is the direction ``∝ α*ᵀJ``: it maximises
+    ``Σ log(g_i·d)`` over a ball, and gives task ``i`` the utility ``g_i·(α*ᵀJ) = 1/α*_i``.
 
-    - ``update_weights_every``: solve every n-th call and reuse the weights in between (official option;
-      state is ``step`` and the kept weights, see :meth:`state_dict`).
-    - The official ``max_norm = 1`` clips the gradient of *all* shared parameters after backward: a training
-      step, left to ``torch.nn.utils.clip_grad_norm_`` (clipping per block would be a different method).
+    **Scale.**  The paper updates with ``α*ᵀJ`` itself, and so does the official code (its normalisation
+    factor ``‖G‖_F`` only conditions the convex program: its constraint ``α_i ‖G‖_F (Ĝα)_i ≥ 1`` with
+    ``Ĝ = G/‖G‖_F`` is ``α_i (Gα)_i ≥ 1``), followed by clipping the gradient of all shared parameters to
+    ``max_norm = 1``; TorchJD's port returns ``α*ᵀJ`` clipped to norm 1.  That direction has norm ``√k``
+    whatever the gradients' scale (``α*(cJ) = α*(J)/c``).  We return ``√‖G‖_F · α*``: the same direction,
+    scaled with the gradients, so the method is positively homogeneous like every other solver here (a
+    learning rate means the same thing; ``k = 1`` returns ``g``, where ``α*`` gives ``g/‖g‖``) and
+    ``NashMTL`` composes and compares with them.  The paper's weights are ``weights(G) / √‖G‖_F``.
+
+    - ``update_weights_every``: solve every n-th call and reuse the weights in between (the official code's
+      option; state is ``step`` and the kept weights, status and residual, see :meth:`state_dict`).
+    - ``iters``: the Newton steps of the sync-free schedule (default 32), or the cap of the CPU loop, which
+      stops at convergence (default 200).
+    - ``max_norm`` is a training step, left to ``torch.nn.utils.clip_grad_norm_`` (clipping per block would
+      be a different method).
     - Zero task gradients have no stake (utility 0 whatever ``d``): weight 0, the others bargain.
-    - Pareto-stationary tasks (a nonnegative combination ``Σ v_i u_i`` of the unit gradients has norm at most
-      1e-5, 1e-2 for float32 input, e.g. an antiparallel pair) have no bargaining solution: the weights are
-      0 and the direction is 0 (the disagreement point).  So is a solve that does not reach its residual.
+    - Pareto-stationary tasks (e.g. an antiparallel pair) have no bargaining solution: the weights are 0
+      (the disagreement point) and the status STATIONARY; see the module docstring for the statuses.
 
     >>> J = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
     >>> NashMTL()(J)  # α* = (1/3, 1/4), times √‖G‖_F = 337^{1/4}
@@ -295,7 +304,7 @@ class FairGrad(_Bargaining):
     multiplies the direction by ``k`` ("to match the sum loss") and clips the shared gradient to
     ``max_norm``; we follow the paper, ``d = wᵀJ``, with neither.  Scale: ``A(cJ) = c^{(1−α)/(1+α)} A(J)``
     (not 1-homogeneous unless ``α → 0``); ``k = 1`` returns ``‖g‖^{(1−α)/(1+α)} g/‖g‖``.  Zero gradients,
-    Pareto-stationary tasks and ``update_weights_every`` are handled as in :class:`NashMTL`.
+    Pareto-stationary tasks, ``update_weights_every`` and ``iters`` are handled as in :class:`NashMTL`.
 
     >>> J = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
     >>> FairGrad(alpha=1.0)(J)  # α = 1: w_i = 1/‖g_i‖ here, so both utilities g_i·d = 1/w_i = ‖g_i‖
