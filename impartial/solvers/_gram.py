@@ -74,8 +74,7 @@ def _float32_gram(J: Tensor) -> Tensor:
 def _rescaled_gram(J: Tensor) -> Tensor:
     """The float32 Gram of ``2^-e J`` times ``4^e`` (per problem), ``2^e`` about ``max|J|``: no product
     overflows or underflows, and scaling by a power of two is exact.  The scaled copy is made a chunk of
-    about :data:`_RESCALE` elements at a time, which stays in cache (measured 1.4-1.5x the plain Gram pass at
-    d = 1e6, one thread, against 1.5-2.5x for one whole scaled copy)."""
+    about :data:`_RESCALE` elements at a time, which stays in cache (a whole copy page-faults)."""
     # amax and amin read J without a copy (vector_norm(ord=inf) and aminmax(dim=) measured 7-20x slower)
     top = torch.maximum(J.amax(dim=(-2, -1)), -J.amin(dim=(-2, -1))).double()
     e = torch.where((top > 0) & top.isfinite(), torch.floor(torch.log2(top)), 0.0).clamp(-126, 126)
@@ -97,7 +96,8 @@ def gram(J: Tensor) -> Tensor:
     ``|J| ≈ 1e19`` and underflows below ``1e-23``: where the largest norm of a problem is outside
     ``[2^-30, 2^30]``, ``J`` is first scaled by a power of two (exact).  On the CPU that is decided after the
     fact from ``G``'s diagonal (the rescale costs ~1.5 more passes, only at such scales); where the work must
-    be sync-free (:func:`sync_free`) it is always done (measured 1.4-1.5x floor + Gram at d = 1e6, CPU).  Float64 ``J`` is one ``J @ J.mT``.
+    be sync-free (:func:`sync_free`) it is always done (about half a pass more; BENCHMARKS.md).  Float64
+    ``J`` is one ``J @ J.mT``.
     """
     if J.dtype in _LOW or J.dtype == torch.float32:
         if J.shape[-2] * J.shape[-1] <= _EXACT:
