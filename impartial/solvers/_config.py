@@ -29,7 +29,8 @@ class ConFIG(GramSolver):
     same through ``C``, whose rank is cut at ``rtol · λ_max(C)`` (``1e-10`` for float64 input, ``1e-6`` for
     float32 and lower): singular values of ``Ũ`` below ``√rtol`` of the largest are dropped.  Zero
     gradients have no unit vector: they take no part (weight 0, as the official ``nan_to_num`` gives).
-    When ``1`` has no component in the span of ``C`` (an antiparallel pair), ``x = 0`` and so is ``d``.
+    When ``1`` has no component in the span of ``C`` (an antiparallel pair), ``x = 0`` and so is ``d``
+    (status STATIONARY).
     Positively homogeneous; ``k = 1`` returns the gradient.
 
     >>> J = torch.tensor([[1.0, 0.0], [0.0, 3.0]])

@@ -47,7 +47,8 @@ class IMTLG(GramSolver):
       ``γ``.  Components of ``1`` along kept eigenvectors below ``1e-10 √k`` (``1e-6 √k``) are round-off and
       dropped.  When no nonzero direction has equal
       projections, this is the least-squares one (``min ‖Ud − 1‖``); when that is 0 (an antiparallel pair:
-      only ``d = 0`` is impartial, as in the paper), the weights are 0.
+      only ``d = 0`` is impartial, as in the paper), the weights are 0 and the status
+      STATIONARY.
 
     ``k = 1`` returns the gradient.  Positively homogeneous, permutation and rotation invariant, stateless.
 
