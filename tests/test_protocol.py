@@ -220,3 +220,14 @@ def test_gram_solver_is_a_base_class() -> None:
     with pytest.raises(TypeError, match="base class"):
         GramSolver()
     assert isinstance(Mean(), Solver) and isinstance(UPGrad(), GramSolver)
+
+
+@pytest.mark.parametrize("scale", [1e-24, 1e-12, 1e12, 1e19], ids=lambda s: f"{s:g}")
+@pytest.mark.parametrize("make", [IMTLG, ConFIG, NashMTL, MGDA, UPGrad, AlignedMTL], ids=lambda m: m.__name__)
+def test_float32_direction_matches_float64_at_extreme_scales(make, scale: float) -> None:
+    # k d > 2^16: the float32 Gram path (a float32 product of J x 1e-24 underflowed to 0, of 1e19 overflowed)
+    gen = torch.Generator().manual_seed(13)
+    J = (torch.randn(6, 20_000, generator=gen, dtype=torch.float64) * scale).float()
+    expected = make()(J.double())
+    got = make()(J).double()
+    assert torch.allclose(got, expected, rtol=0, atol=1e-4 * float(expected.abs().max())), make.__name__
