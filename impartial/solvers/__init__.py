@@ -55,11 +55,39 @@ __all__ = [
 
 _BY_NAME: dict[str, type[Solver]] = {
     cls.__name__.lower(): cls
-    for cls in (Sum, Mean, PCGrad, GradVac, IMTLG, MGDA, CAGrad, NSGD, GradNorm, GradDrop, UPGrad, DualProj,
-                NashMTL, AlignedMTL, ConFIG, FairGrad, Random)
+    for cls in (
+        Sum,
+        Mean,
+        PCGrad,
+        GradVac,
+        IMTLG,
+        MGDA,
+        CAGrad,
+        NSGD,
+        GradNorm,
+        GradDrop,
+        UPGrad,
+        DualProj,
+        NashMTL,
+        AlignedMTL,
+        ConFIG,
+        FairGrad,
+        Random,
+    )
 }
-_BY_NAME.update({"imtl-g": IMTLG, "imtl_g": IMTLG, "nash-mtl": NashMTL, "nash_mtl": NashMTL, "rlw": Random,
-                 "aligned-mtl": AlignedMTL, "aligned_mtl": AlignedMTL, "mgda-ub": MGDA, "mgda_ub": MGDA})
+_BY_NAME.update(
+    {
+        "imtl-g": IMTLG,
+        "imtl_g": IMTLG,
+        "nash-mtl": NashMTL,
+        "nash_mtl": NashMTL,
+        "rlw": Random,
+        "aligned-mtl": AlignedMTL,
+        "aligned_mtl": AlignedMTL,
+        "mgda-ub": MGDA,
+        "mgda_ub": MGDA,
+    }
+)
 
 
 def get(name: str, **kwargs: Any) -> Solver:

@@ -139,10 +139,12 @@ def weighting_solution(w: Tensor, status: Tensor, residual: Tensor, mixing: bool
 def _nonfinite(sol: Solution, finite: Tensor) -> Solution:
     """NaN weights (and mixing, residual) and status NONFINITE where ``finite`` is False; torch.where: no sync."""
     nan = float("nan")
-    return Solution(torch.where(finite.unsqueeze(-1), sol.weights, nan),
-                    torch.where(finite, sol.status, int(Status.NONFINITE)),
-                    torch.where(finite, sol.residual, nan),
-                    None if sol.mixing is None else torch.where(finite[..., None, None], sol.mixing, nan))
+    return Solution(
+        torch.where(finite.unsqueeze(-1), sol.weights, nan),
+        torch.where(finite, sol.status, int(Status.NONFINITE)),
+        torch.where(finite, sol.residual, nan),
+        None if sol.mixing is None else torch.where(finite[..., None, None], sol.mixing, nan),
+    )
 
 
 class Solver(ABC):
@@ -205,8 +207,9 @@ class Solver(ABC):
             state["generator"] = self.generator.get_state()
         blocks = self.__dict__.get("_blocks")
         if blocks:  # the children share the generator: its state is kept once, above
-            state["blocks"] = {key: {n: v for n, v in child.state_dict().items() if n != "generator"}
-                               for key, child in blocks.items()}
+            state["blocks"] = {
+                key: {n: v for n, v in child.state_dict().items() if n != "generator"} for key, child in blocks.items()
+            }
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -217,8 +220,9 @@ class Solver(ABC):
         if rng is not None and self.generator is None:
             raise ValueError(f"{name} draws from the global RNG (or not at all); it cannot load a generator state")
         if blocks and self.stateless:
-            raise ValueError(f"{name} is stateless: it keeps no per-block state, but got some for blocks "
-                             f"{sorted(blocks)}")
+            raise ValueError(
+                f"{name} is stateless: it keeps no per-block state, but got some for blocks {sorted(blocks)}"
+            )
         self._load_state_dict(state)
         self.__dict__.pop("_blocks", None)
         for key, child_state in (blocks or {}).items():
@@ -264,8 +268,9 @@ class GramSolver(Solver):
             raise TypeError("GramSolver is a base class: subclass it and override _solve (or _weights / _mixing)")
         return super().__new__(cls)
 
-    def solve(self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None,
-              mixing: bool = False) -> Solution:
+    def solve(
+        self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None, mixing: bool = False
+    ) -> Solution:
         """Weights, status and residual (and the mixing matrix when ``mixing``) for ``G = J Jᵀ`` ``[..., k, k]``;
         ``precision`` is the dtype of the ``J`` that ``G`` came from (None: ``G.dtype``)."""
         _check_gram(G, type(self).__name__)

@@ -54,10 +54,13 @@ class Compose(GramSolver):
     def _require_gram(self) -> None:
         if not self.gram_space:
             names = [type(s).__name__ for s in self.solvers if not s.gram_space]
-            raise TypeError(f"Compose has members that need coordinates ({', '.join(names)}); it has no Gram-space form")
+            raise TypeError(
+                f"Compose has members that need coordinates ({', '.join(names)}); it has no Gram-space form"
+            )
 
-    def solve(self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None,
-              mixing: bool = False) -> Solution:
+    def solve(
+        self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None, mixing: bool = False
+    ) -> Solution:
         self._require_gram()
         _check_gram(G, "Compose")
         # no sanitising here: each member's solve sees the non-finite problems itself (NaN mixing matrices carry

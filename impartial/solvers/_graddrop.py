@@ -124,8 +124,10 @@ class GradDrop(Solver):
             return X, X, None
         d = J.shape[-1]
         if inputs.ndim != J.ndim or inputs.shape[:-2] != J.shape[:-2] or inputs.shape[-2] * inputs.shape[-1] != d:
-            raise ValueError(f"GradDrop: inputs must have shape [..., B, F] with [...] = {tuple(J.shape[:-2])} "
-                             f"(J's leading dims) and B·F = d = {d}; got {tuple(inputs.shape)}")
+            raise ValueError(
+                f"GradDrop: inputs must have shape [..., B, F] with [...] = {tuple(J.shape[:-2])} "
+                f"(J's leading dims) and B·F = d = {d}; got {tuple(inputs.shape)}"
+            )
         sign, Xb = torch.sign(inputs).to(X.dtype).unsqueeze(-3), X.unflatten(-1, inputs.shape[-2:])
         return X, torch.cat([(Xb[..., rows, :, :] * sign).sum(-2) for rows in _row_chunks(X)], -2), inputs
 

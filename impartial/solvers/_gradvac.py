@@ -138,8 +138,9 @@ class GradVac(GramSolver):
     def _draw_orders(self, G: Tensor) -> Tensor:
         return random_orders(tuple(G.shape[:-2]), G.shape[-1], self.generator, G.device)
 
-    def solve(self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None,
-              mixing: bool = False) -> Solution:
+    def solve(
+        self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None, mixing: bool = False
+    ) -> Solution:
         before = self.phi_hat
         sol = super().solve(G, losses=losses, precision=precision, mixing=mixing)
         assert self.phi_hat is not None
@@ -150,8 +151,10 @@ class GradVac(GramSolver):
         if self.phi_hat is None:
             phi_hat = torch.zeros_like(G)
         elif self.phi_hat.shape != G.shape:
-            raise ValueError(f"GradVac holds targets of shape {tuple(self.phi_hat.shape)} (batch dims, k, k) but got "
-                             f"G of shape {tuple(G.shape)}; call reset() when the tasks or batch shape change")
+            raise ValueError(
+                f"GradVac holds targets of shape {tuple(self.phi_hat.shape)} (batch dims, k, k) but got "
+                f"G of shape {tuple(G.shape)}; call reset() when the tasks or batch shape change"
+            )
         else:
             phi_hat = self.phi_hat.to(G.dtype)
         W, phi_hat = vaccinate(G, phi_hat, self._draw_orders(G), self.beta)

@@ -86,7 +86,9 @@ def _problem(G: Tensor, p: float) -> tuple[_Problem, Tensor]:
     # start: b_i = c_i^{1/(2−p)} (exact for C = I) times the best common factor for the tasks that bargain
     bz = b * nz
     bCb = (bz * (C @ bz)).sum(-2, keepdim=True)
-    cbp = nz.sum(-2, keepdim=True, dtype=G.dtype) if c is None else (torch.where(nz, c * b**p, 0.0)).sum(-2, keepdim=True)
+    cbp = (
+        nz.sum(-2, keepdim=True, dtype=G.dtype) if c is None else (torch.where(nz, c * b**p, 0.0)).sum(-2, keepdim=True)
+    )
     tau = (cbp / bCb.clamp_min(1e-3 * k)) ** (1 / (2 - p))
     g = torch.where(nz, tau * b, b)
     if k == 2 and p == 0:  # Nash, two tasks: γ_1 = γ_2 = (1 + cos)^{-1/2} solves γ ⊙ Cγ = 1 exactly
@@ -176,8 +178,9 @@ def _bargain(G: Tensor, p: float, low: bool, iters: int | None = None) -> tuple[
     residual, cert = _measure(P, g, p)
     stationary = (cert <= threshold) | residual.isinf() | ~P.nonzero.any(-1)
     solved = residual <= tol
-    status = torch.where(stationary, int(Status.STATIONARY),
-                         torch.where(solved, int(Status.OK), int(Status.NOT_CONVERGED))).to(torch.int8)
+    status = torch.where(
+        stationary, int(Status.STATIONARY), torch.where(solved, int(Status.OK), int(Status.NOT_CONVERGED))
+    ).to(torch.int8)
     beta = g.squeeze(-1) * torch.exp(P.shift / (2 - p)) * P.inv
     beta = torch.where(stationary.unsqueeze(-1) | ~beta.isfinite(), 0.0, beta)
     return beta, status, torch.where(stationary, cert, residual)
@@ -204,8 +207,9 @@ class _Bargaining(GramSolver):
     @abstractmethod
     def _fresh(self, G: Tensor, low: bool) -> tuple[Tensor, Tensor, Tensor]: ...
 
-    def solve(self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None,
-              mixing: bool = False) -> Solution:
+    def solve(
+        self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None, mixing: bool = False
+    ) -> Solution:
         before = self.last
         sol = super().solve(G, losses=losses, precision=precision, mixing=mixing)
         if self.last is not None and self.last is not before:  # a fresh solve: a non-finite problem keeps its old
@@ -223,8 +227,10 @@ class _Bargaining(GramSolver):
             w, status, residual = (t.detach() for t in self._fresh(G, is_low(precision)))
             self.last = (w, status, residual)
         elif self.last[0].shape != G.shape[:-1]:
-            raise ValueError(f"{type(self).__name__}: kept weights of shape {tuple(self.last[0].shape)} do not fit "
-                             f"a Gram of shape {tuple(G.shape)}; call reset() when the task set changes")
+            raise ValueError(
+                f"{type(self).__name__}: kept weights of shape {tuple(self.last[0].shape)} do not fit "
+                f"a Gram of shape {tuple(G.shape)}; call reset() when the task set changes"
+            )
         self.step += 1
         w, status, residual = self.last
         return weighting_solution(w.to(G.dtype), status, residual.to(G.dtype), mixing)
@@ -242,8 +248,10 @@ class _Bargaining(GramSolver):
             super()._load_state_dict(state)
             return
         if set(state) != {"step", "weights", "status", "residual"}:
-            raise ValueError(f"{type(self).__name__}: expected state keys ['residual', 'status', 'step', 'weights'], "
-                             f"got {sorted(state)}")
+            raise ValueError(
+                f"{type(self).__name__}: expected state keys ['residual', 'status', 'step', 'weights'], "
+                f"got {sorted(state)}"
+            )
         self.step = int(state["step"])
         kept = (state["weights"], state["status"], state["residual"])
         self.last = None if kept[0] is None else kept  # type: ignore[assignment]
@@ -254,7 +262,8 @@ class _Bargaining(GramSolver):
 
     def _hparams(self) -> dict[str, Any]:
         return ({} if self.update_weights_every == 1 else {"update_weights_every": self.update_weights_every}) | (
-            {} if self.iters is None else {"iters": self.iters})
+            {} if self.iters is None else {"iters": self.iters}
+        )
 
 
 class NashMTL(_Bargaining):

@@ -22,8 +22,9 @@ from ._base import GramSolver
 __all__ = ["PCGrad", "partner_indices", "project_conflicts", "random_orders"]
 
 
-def random_orders(batch_shape: tuple[int, ...], k: int, generator: torch.Generator | None,
-                  device: torch.device | str | None = None) -> Tensor:
+def random_orders(
+    batch_shape: tuple[int, ...], k: int, generator: torch.Generator | None, device: torch.device | str | None = None
+) -> Tensor:
     """For each task, a uniformly random order of the *other* tasks: ``[*batch_shape, k, k - 1]`` (int64).
 
     Row ``i`` lists the tasks ``j ≠ i``; each batch element and each task get an independent draw.  Drawn
@@ -102,4 +103,3 @@ class PCGrad(GramSolver):
 
     def _hparams(self) -> dict[str, Any]:
         return {"generator": self.generator} if self.generator is not None else {}
-
