@@ -14,8 +14,13 @@ def _fair_k1(alpha: float):
     return lambda g: g.norm() ** ((1 - alpha) / (1 + alpha)) * g / g.norm()
 
 
+# IMTLG and ConFIG on rank-deficient inputs (k > d): round-off is amplified by the kept part of C's spectrum
+# (down to rtol = 1e-10 of its top).  Under permutation, seen on 3,000 random inputs: 7e-9 (IMTLG), 1.1e-8
+# (ConFIG); against the reference, 1.0e-9 (ConFIG, a thorough-profile draw).
+_TOL_EQUAL = 1e-7
+
 ROWS: list[SolverInfo] = [
-    SolverInfo("IMTLG", IMTLG, {}, k1=lambda g: g, reference=imtlg_ref, tol=1e-9,
+    SolverInfo("IMTLG", IMTLG, {}, k1=lambda g: g, reference=imtlg_ref, tol=_TOL_EQUAL,
                ref_tol=1e-9),
     SolverInfo("NashMTL", NashMTL, {}, k1=lambda g: g, reference=nash_ref, tol=1e-8,
                ref_tol=1e-7),
@@ -31,6 +36,6 @@ ROWS: list[SolverInfo] = [
                tol=1e-8, ref_tol=1e-7),
     SolverInfo("AlignedMTL", AlignedMTL, {}, k1=lambda g: g, reference=aligned_ref, tol=1e-9,
                ref_tol=1e-8),
-    SolverInfo("ConFIG", ConFIG, {}, k1=lambda g: g, reference=config_ref, tol=1e-9,
-               ref_tol=1e-9),
+    SolverInfo("ConFIG", ConFIG, {}, k1=lambda g: g, reference=config_ref, tol=_TOL_EQUAL,
+               ref_tol=1e-8),
 ]
