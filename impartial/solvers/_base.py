@@ -60,7 +60,9 @@ __all__ = [
     "combine",
     "gram",
     "is_low",
+    "keep_where",
     "mix",
+    "nonfinite_problems",
     "solve_dtype",
     "sync_free",
     "weighting_solution",
@@ -120,14 +122,10 @@ class Solution(NamedTuple):
     mixing: Tensor | None = None
 
 
-def _status(code: Status, like: Tensor) -> Tensor:
-    return torch.full(like.shape, int(code), dtype=torch.int8, device=like.device)
-
-
 def closed_form(w: Tensor, G: Tensor, M: Tensor | None = None) -> Solution:
     """The solution of a closed-form method: status OK, or STATIONARY where every task gradient is 0."""
     zero = G.diagonal(dim1=-2, dim2=-1).amax(-1) <= 0
-    status = torch.where(zero, int(Status.STATIONARY), _status(Status.OK, zero))
+    status = zero.to(torch.int8) * int(Status.STATIONARY)  # OK (0) elsewhere
     return Solution(w, status, torch.zeros_like(zero, dtype=w.dtype), M)
 
 
@@ -276,6 +274,9 @@ class GramSolver(Solver):
         _check_gram(G, type(self).__name__)
         precision = G.dtype if precision is None else precision
         G = G.to(solve_dtype(G.dtype))
+        if not sync_free(G) and bool(G.isfinite().all()) and (losses is None or bool(losses.isfinite().all())):
+            # on the CPU, not traced, a host read is free: all finite (the usual case) needs no masking
+            return self._solve(G, losses=losses, precision=precision, mixing=mixing)
         finite = G.isfinite().all(-1).all(-1)
         if losses is not None:
             finite = finite & losses.isfinite().all(-1)
@@ -326,3 +327,12 @@ def keep_where(bad: Tensor, old: Tensor | None, new: Tensor) -> Tensor:
     if old is None:
         return new
     return torch.where(bad.reshape(bad.shape + (1,) * (new.ndim - bad.ndim)), old.to(new.dtype), new)
+
+
+def nonfinite_problems(status: Tensor) -> Tensor | None:
+    """The problems of a solve whose input was not finite (``[...]`` bool), for a stateful solver to keep their
+    state; None when there is none, which is known without a sync only on the CPU, untraced."""
+    bad = status == int(Status.NONFINITE)
+    if not sync_free(status) and not bool(bad.any()):
+        return None
+    return bad

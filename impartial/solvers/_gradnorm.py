@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._base import GramSolver, Solution, Status, keep_where
+from ._base import GramSolver, Solution, keep_where, nonfinite_problems
 
 __all__ = ["NSGD", "GradNorm"]
 
@@ -56,10 +56,11 @@ class _Stateful(GramSolver):
         sol = super().solve(G, losses=losses, precision=precision, mixing=mixing)
         # a non-finite problem keeps its state (on a first call the identity it was solved on leaves the
         # initial values); the call counter counts every call
-        bad = sol.status == int(Status.NONFINITE)
-        self._state = {
-            name: t if name == "step" else keep_where(bad, before.get(name), t) for name, t in self._state.items()
-        }
+        bad = nonfinite_problems(sol.status)
+        if bad is not None:
+            self._state = {
+                name: t if name == "step" else keep_where(bad, before.get(name), t) for name, t in self._state.items()
+            }
         return sol
 
     def _state_dict(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramSolver, Solution, Status, keep_where
+from ._base import GramSolver, Solution, keep_where, nonfinite_problems
 from ._pcgrad import partner_indices, random_orders
 
 __all__ = ["GradVac", "vaccinate"]
@@ -144,7 +144,9 @@ class GradVac(GramSolver):
         before = self.phi_hat
         sol = super().solve(G, losses=losses, precision=precision, mixing=mixing)
         assert self.phi_hat is not None
-        self.phi_hat = keep_where(sol.status == int(Status.NONFINITE), before, self.phi_hat)
+        bad = nonfinite_problems(sol.status)
+        if bad is not None:
+            self.phi_hat = keep_where(bad, before, self.phi_hat)
         return sol
 
     def _mixing(self, G: Tensor, *, losses: Tensor | None) -> Tensor:

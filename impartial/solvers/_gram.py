@@ -107,8 +107,8 @@ def gram(J: Tensor) -> Tensor:
         if sync_free(J):
             return _symmetric(_rescaled_gram(J))
         G = _float32_gram(J)
-        top = G.diagonal(dim1=-2, dim2=-1).amax(-1)
-        if bool(((top >= _SAFE[0]) & (top <= _SAFE[1])).all()):  # a host read: CPU, not traced
+        lo, hi = torch.stack(torch.aminmax(G.diagonal(dim1=-2, dim2=-1).amax(-1))).tolist()  # host read: CPU
+        if _SAFE[0] <= lo and hi <= _SAFE[1]:
             return _symmetric(G)
         return _symmetric(_rescaled_gram(J))
     return _symmetric(J @ J.mT)

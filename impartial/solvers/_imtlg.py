@@ -96,5 +96,4 @@ def _equal_projection(G: Tensor, rtol: float, roundoff: float) -> tuple[Tensor, 
 def _stationary_where(gamma: Tensor) -> Tensor:
     """STATIONARY where ``γ = 0``: no equal-projection direction but 0, which happens exactly when the unit
     gradients sum to 0 (``C1 = 0``, an antiparallel pair) or every gradient is 0: Pareto-stationary tasks."""
-    zero = (gamma == 0).all(-1)
-    return torch.where(zero, int(Status.STATIONARY), torch.zeros_like(zero, dtype=torch.int8))
+    return (gamma == 0).all(-1).to(torch.int8) * int(Status.STATIONARY)  # OK (0) elsewhere

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._bargain import bargain
-from ._base import GramSolver, Solution, Status, is_low, keep_where, weighting_solution
+from ._base import GramSolver, Solution, is_low, keep_where, nonfinite_problems, weighting_solution
 
 __all__ = ["FairGrad", "NashMTL"]
 
@@ -40,8 +40,8 @@ class _Bargaining(GramSolver):
     ) -> Solution:
         before = self.last
         sol = super().solve(G, losses=losses, precision=precision, mixing=mixing)
-        if self.last is not None and self.last is not before:  # a fresh solve: a non-finite problem keeps its old
-            bad = sol.status == int(Status.NONFINITE)
+        bad = nonfinite_problems(sol.status)
+        if bad is not None and self.last is not None and self.last is not before:  # fresh: a bad problem keeps its old
             kept = [None, None, None] if before is None else list(before)
             w, status, residual = (keep_where(bad, o, n) for o, n in zip(kept, (sol.weights, sol.status, sol.residual)))
             self.last = (w, status, residual)
