@@ -150,7 +150,7 @@ def params_gram(call: Call, g: Graph, log: Log, blocks: list, heads: list[Node],
     res = checked(log, compute, checks, choose(call.task_grads, g, None, g.task_bits, disjoint=True), call.group)
     parts = [(n, p) for n, r in zip(heads, res.sparse) for p in r if p is not None]
     G, plain = Gs
-    solver = call.solvers[0].for_block(0)
+    solver = call.solvers[0]  # one problem: the solver itself (its own state)
     assert isinstance(solver, GramSolver)  # linear_layers takes this path for Gram-space solvers only
     sol = solver.solve(G, losses=torch.stack(call.tasks.outs).detach(), precision=layers[0][1].dtype)
     w = sol.weights

@@ -140,7 +140,7 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
 def _j_solve(call: Call, Js: list[Tensor], ts: tuple[int, ...], holder: list[Tensor], shard: bool,
              how: str) -> tuple[BlockReport, list[Tensor]]:
     """The solve on the shared parameters' rows ``Js`` (``holder``: the Gram, then the columns it came from)."""
-    solver = call.solvers[0].for_block(0)
+    solver = call.solvers[0]  # one problem: the solver itself (its own state)
     if shard:  # the norms from the shares; each rank writes its own wᵀ J_r, which the ranks' average makes wᵀ J
         _, _, s = solve_pieces(call, solver, holder[1:], ts, None, False, holder[0], local=True)
         assert s.w is not None  # shard is set for Gram-space solvers only

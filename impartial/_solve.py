@@ -1,8 +1,9 @@
 """The solve at each block: its task gradients ``J`` → one direction (and, for a block with blocks below it, the
 resolved rows), rescaled to the plain sum's norm when ``keep_norm``, with the solver's status.
 
-Each block has its own solver state: block ``j`` is served by ``solver.for_block(j)`` (a stateful solver keeps one
-state per block, as ``torch.optim`` keeps one per parameter).  Sibling blocks with the same tasks and size (the
+Each block has its own solver state: where one solver instance serves several blocks, block ``j`` is served by
+``solver.for_block(j)`` (a stateful solver keeps one state per block, as ``torch.optim`` keeps one per parameter);
+a solver that serves one block (or one given per block) is used itself.  Sibling blocks with the same tasks and size (the
 MVAE's experts: every ``mu`` and ``logvar``) are solved as one batched problem ``[n_blocks, k, d]`` when the solver
 is :attr:`~impartial.solvers.Solver.batchable` (stateless and deterministic): one solver call instead of one per
 block, the same numbers up to round-off.
@@ -82,6 +83,14 @@ def block_gram(call: Call, plan: Plan, j: int, rows: Tensor) -> tuple[Tensor, Ch
                     lambda r: bool(rows[r].isfinite().all()))
 
 
+def block_solver(call: Call, plan: Plan, j: int) -> Solver:
+    """The solver of block ``j``: the one given for it; where one instance serves several blocks, its per-block
+    child (:meth:`Solver.for_block`), so that no two blocks share a state."""
+    given = call.solvers[0] if len(call.solvers) == 1 else call.solvers[j]
+    serves = sum(s is given for s in call.solvers) if len(call.solvers) > 1 else len(plan.blocks)
+    return given.for_block(j) if serves > 1 else given
+
+
 def _rows(call: Call, plan: Plan, j: int) -> bool:
     """Whether block ``j``'s resolved rows are needed: a block below it sees them (``nested="resolved"``)."""
     return call.nested == "resolved" and j in plan.has_below
@@ -104,7 +113,7 @@ def solve_level(call: Call, plan: Plan, lvl: list[int], rows: dict[int, Tensor],
             j = js[0]
             b, r = blocks[j], rows[j]
             J, ctx = block_J(call, b, r)
-            solver = (one if len(call.solvers) == 1 else call.solvers[j]).for_block(j)
+            solver = block_solver(call, plan, j)
             (d,), R, s = solve_pieces(call, solver, [J], b.tasks, ctx, _rows(call, plan, j), grams[j], _local(call, b))
             if R is not None:
                 R = (R.transpose(0, 1) if J.ndim == 3 else R).reshape(r.shape)
