@@ -14,12 +14,13 @@ import re
 
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
 from dropin.arch import MODES, Arch, Net, archs
 from dropin.features import FEATURES
 from dropin.harness import FAST, backward, step, twins
-from dropin.observe import freed_heads, Hooks, assert_close, assert_grads, assert_same_calls, unhandled_block
-from hypothesis import example, given
-from hypothesis import strategies as st
+from dropin.observe import Hooks, assert_close, assert_grads, assert_same_calls, freed_heads, unhandled_block
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
