@@ -154,8 +154,14 @@ def test_nested_direct_equals_the_reference_hooks(mode: str, solver: type) -> No
 
     enc, tasks, also, acts = _hivae()
     expected = backward_ref_direct(tasks, [acts["z"], acts["s"]], list(enc.parameters()), solver(), also=also)
-    report = impartial.backward(tasks, enc, solver=solver(), also=also, nested="direct",
-                                block="auto" if mode == "auto" else [acts["z"], acts["s"]])
+    report = impartial.backward(
+        tasks,
+        enc,
+        solver=solver(),
+        also=also,
+        nested="direct",
+        block="auto" if mode == "auto" else [acts["z"], acts["s"]],
+    )
     assert [b.above for b in report.blocks] == [(), (0,)]
     for p, e in zip(enc.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
