@@ -130,6 +130,44 @@ def params_gram(
 ) -> tuple[BlockReport, list[tuple[Node, Tensor]]]:
     """The Gram matrix from the layers' inputs and per-task output gradients, the weights, then each layer's
     gradients from its weighted output gradient."""
+    res, G, plain = _layer_rows(call, g, log, blocks, heads, layers)
+    parts = [(n, p) for n, r in zip(heads, res.sparse) for p in r if p is not None]
+    solver = call.solvers[0]  # one problem: the solver itself (its own state)
+    assert isinstance(solver, GramSolver)  # linear_layers takes this path for Gram-space solvers only
+    sol = solver.solve(G, losses=torch.stack(call.tasks.outs).detach(), precision=layers[0][1].dtype)
+    w = sol.weights
+    got: dict[Node, Tensor] = {}
+    for Dl, (_, X, wn, bn, tr) in zip(res.dense, layers):
+        dl = torch.tensordot(w.to(Dl.dtype), Dl, dims=1)  # [N, out]: the direction's output gradient
+        if wn is not None:
+            got[wn] = dl.T @ X if tr else X.T @ dl
+        if bn is not None:
+            got[bn] = dl.sum(0)
+    ds = [got[n] for n in shared]
+    flat, _, scale, status = rescale(
+        call,
+        [d.reshape(-1) for d in ds],
+        None,
+        G,
+        w,
+        sol.status.to(torch.int8),
+        False,
+        layers[0][1].dtype,
+        lambda c: plain.clamp_min(0) * c * c,
+    )
+    D = sum(g.leaves[n].numel() for n in shared)
+    name = f"{len(shared)} shared parameters [{D}]"
+    rep = BlockReport(
+        name, (D,), tuple(call.tasks.names), G, w, scale, task_grads=log.passes[-1], gram_from="linear", status=status
+    )
+    return rep, parts + [(n, f.view_as(d)) for n, f, d in zip(shared, flat, ds)]
+
+
+def _layer_rows(
+    call: Call, g: Graph, log: Log, blocks: list, heads: list[Node], layers: list[Layer]
+) -> tuple[Rows, Tensor, Tensor]:
+    """Every layer's per-task output gradients (one batched backward from the blocks), the heads' own gradients,
+    checked; the Gram matrix ``[k, k]`` and the plain sum's squared norm from them."""
     from ._params import Cut, heads_pass
 
     k = g.k
@@ -161,50 +199,9 @@ def params_gram(
         for G_l, plain_l in parts[1:]:
             Gs[:] = [Gs[0] + G_l, Gs[1] + plain_l]
         names = call.tasks.names
-        return [
-            Check(
-                Gs[0].diagonal().isfinite(),
-                [(i, said("the gradient of {!r} w.r.t. the shared parameters", names[i])) for i in range(k)],
-            )
-        ]
+        msgs = [(i, said("the gradient of {!r} w.r.t. the shared parameters", names[i])) for i in range(k)]
+        return [Check(Gs[0].diagonal().isfinite(), msgs)]
         # the heads' gradients are checked with every leaf's total (impartial._final.check)
 
     res = checked(log, compute, checks, choose(call.task_grads, g, None, g.task_bits, disjoint=True), call.group)
-    parts = [(n, p) for n, r in zip(heads, res.sparse) for p in r if p is not None]
-    G, plain = Gs
-    solver = call.solvers[0]  # one problem: the solver itself (its own state)
-    assert isinstance(solver, GramSolver)  # linear_layers takes this path for Gram-space solvers only
-    sol = solver.solve(G, losses=torch.stack(call.tasks.outs).detach(), precision=layers[0][1].dtype)
-    w = sol.weights
-    got: dict[Node, Tensor] = {}
-    for Dl, (_, X, wn, bn, tr) in zip(res.dense, layers):
-        dl = torch.tensordot(w.to(Dl.dtype), Dl, dims=1)  # [N, out]: the direction's output gradient
-        if wn is not None:
-            got[wn] = dl.T @ X if tr else X.T @ dl
-        if bn is not None:
-            got[bn] = dl.sum(0)
-    ds = [got[n] for n in shared]
-    flat, _, scale, status = rescale(
-        call,
-        [d.reshape(-1) for d in ds],
-        None,
-        G,
-        w,
-        sol.status.to(torch.int8),
-        False,
-        layers[0][1].dtype,
-        lambda c: plain.clamp_min(0) * c * c,
-    )
-    D = sum(g.leaves[n].numel() for n in shared)
-    rep = BlockReport(
-        f"{len(shared)} shared parameters [{D}]",
-        (D,),
-        tuple(call.tasks.names),
-        G,
-        w,
-        scale,
-        task_grads=log.passes[-1],
-        gram_from="linear",
-        status=status,
-    )
-    return rep, parts + [(n, f.view_as(d)) for n, f, d in zip(shared, flat, ds)]
+    return res, Gs[0], Gs[1]

@@ -88,18 +88,7 @@ def first_pass(call: Call, plan: Plan, log: Log) -> First:
             grams[j], c = block_gram(call, plan, j, res.dense[j][plan.sel[j]])
             out.append(c)
         if log.passes[-1] == "batched":  # another task's 0 × inf shows in a lower block's raw rows too
-            for j in range(nb):
-                if plan.layout.level[j]:
-                    b = blocks[j]
-                    out.append(
-                        rows_check(
-                            res.dense[j][plan.sel[j]],
-                            [
-                                (i, said("the gradient of {!r} at block {!r}", call.tasks.names[i], b.name))
-                                for i in b.tasks
-                            ],
-                        )
-                    )
+            out += _lower_checks(call, plan, res.dense)
         return out  # the heads' gradients are checked with every leaf's total (impartial._final.check)
 
     # above automatic top-level blocks no node is reached by two tasks (a block is where they first meet): the
@@ -115,6 +104,18 @@ def first_pass(call: Call, plan: Plan, log: Log) -> First:
         res = checked(log, compute, checks, batched, call.group)
     heads = [(n, t) for n, rs, r in zip(plan.heads, owner, res.sparse) for c in rs if (t := r[c]) is not None]
     return First(res.dense, heads, grams)  # a head's part from each row that reaches it
+
+
+def _lower_checks(call: Call, plan: Plan, dense: list[Tensor]) -> list[Check]:
+    """Finiteness of the raw rows at the blocks below others, each task named."""
+    names = call.tasks.names
+    return [
+        rows_check(
+            dense[j][plan.sel[j]], [(i, said("the gradient of {!r} at block {!r}", names[i], b.name)) for i in b.tasks]
+        )
+        for j, b in enumerate(plan.blocks)
+        if plan.layout.level[j]
+    ]
 
 
 def _blocks_rows(plan: Plan, blocks: Iterable[int], got: list[Tensor], n: int) -> list[Tensor]:

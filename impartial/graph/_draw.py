@@ -118,7 +118,7 @@ def _matplotlib(g: Graph, path: Path) -> None:
     for n in g.nodes:
         rows.setdefault(depth[n], []).append(n)
     width = max(len(r) for r in rows.values())
-    pos = {}
+    pos: dict[Node, tuple[float, float]] = {}
     for d, ns in rows.items():
         for j, n in enumerate(ns):
             pos[n] = ((j + 0.5) / len(ns) * width, -d)
@@ -141,6 +141,26 @@ def _matplotlib(g: Graph, path: Path) -> None:
             color=colour,
             arrowprops=dict(arrowstyle="->", color=colour, lw=1.0),
         )
+    _boxes(ax, g, pos)
+    handles: list[Any] = [
+        Line2D([], [], color=_PALETTE[i % len(_PALETTE)], lw=6, label=name) for i, name in enumerate(g.task_names)
+    ]
+    handles += [
+        Line2D([], [], color="#e00000", lw=2, label="block"),
+        FancyBboxPatch((0, 0), 1, 1, fc="white", ec="#333333", hatch="//", label="shared parameter"),
+    ]
+    ax.legend(handles=handles, loc="lower right", fontsize=7, frameon=False)
+    ax.set_xlim(-0.6, width + 0.9)
+    ax.set_ylim(-(len(rows) - 1) - 0.6, 1.3)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _boxes(ax: Any, g: Graph, pos: dict[Node, tuple[float, float]]) -> None:
+    """One box per node: leaves square, blocks outlined in red and labelled, shared parameters hatched."""
+    from matplotlib.patches import FancyBboxPatch
+
     blocks = _block_nodes(g)
     for n, (x, y) in pos.items():
         is_block, is_leaf = n in blocks, n in g.leaves
@@ -158,19 +178,6 @@ def _matplotlib(g: Graph, path: Path) -> None:
         ax.text(x, y, _label(g, n)[:22], ha="center", va="center", fontsize=6.5)
         if is_block:
             ax.text(x + 0.46, y, f"block {blocks[n]}", ha="left", va="center", fontsize=7, color="#e00000")
-    handles: list[Any] = [
-        Line2D([], [], color=_PALETTE[i % len(_PALETTE)], lw=6, label=name) for i, name in enumerate(g.task_names)
-    ]
-    handles += [
-        Line2D([], [], color="#e00000", lw=2, label="block"),
-        FancyBboxPatch((0, 0), 1, 1, fc="white", ec="#333333", hatch="//", label="shared parameter"),
-    ]
-    ax.legend(handles=handles, loc="lower right", fontsize=7, frameon=False)
-    ax.set_xlim(-0.6, width + 0.9)
-    ax.set_ylim(-(len(rows) - 1) - 0.6, 1.3)
-    ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path)
 
 
 def _graphviz_available() -> bool:
