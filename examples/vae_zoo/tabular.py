@@ -1,4 +1,4 @@
-"""VAEs for heterogeneous tables with per-column likelihoods: VAE, IWAE and HI-VAE (two latents).
+"""VAEs for heterogeneous tables with per-column likelihoods: VAE, IWAE, IWAE with DReG, and HI-VAE (two latents).
 
 Each column j has its own likelihood (the paper's first experiments, after HI-VAE):
 
@@ -19,6 +19,10 @@ has its *own* decoder head, so the per-column tasks meet only at the latent samp
   its gradient does: ``∇ log (1/K) Σₖ wₖ = Σₖ w̃ₖ ∇ log wₖ`` (``w̃`` the normalised weights, held constant), so
   column j's task is ``−Σₖ w̃ₖ log p(x_j|zₖ)`` and the prior/posterior part goes to ``also``; their sum has the
   IWAE gradient exactly.
+* DReG — Tucker, Lawson, Gu, Maddison, "Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives",
+  ICLR 2019: the IWAE bound, with the encoder's gradient estimated by ``Σₖ w̃ₖ² (∂ log wₖ/∂zₖ)(∂zₖ/∂φ)``, where
+  ``log q`` in ``log wₖ`` holds its parameters constant; the decoder's gradient is IWAE's.  It splits over
+  columns like IWAE's (see :class:`DReG`).
 """
 
 from __future__ import annotations
@@ -133,13 +137,16 @@ class IWAE(TabularVAE):
         super().__init__(table, **kw)
         self.K = K
 
+    def _sample(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(mu, logvar, eps, z)``: the posterior and ``K`` reparameterised samples ``z [K, n, z_dim]``."""
+        mu, logvar = self.posterior(*batch)
+        eps = torch.randn((self.K, *mu.shape), dtype=mu.dtype)
+        return mu, logvar, eps, mu + (0.5 * logvar).exp() * eps
+
     def _log_weights(self, batch: Batch) -> tuple[list[Tensor], Tensor]:
-        x, obs = batch
-        mu, logvar = self.posterior(x, obs)
-        eps = torch.randn((self.K, *mu.shape))
-        z = mu + (0.5 * logvar).exp() * eps  # [K, n, z]
+        mu, logvar, eps, z = self._sample(batch)
         log_prior_ratio = (-0.5 * z.pow(2) + 0.5 * eps.pow(2) + 0.5 * logvar).sum(-1)  # log p(z) − log q(z|x)
-        return self.column_nll(z, x, obs), log_prior_ratio  # each nll [K, n]
+        return self.column_nll(z, *batch), log_prior_ratio  # each nll [K, n]
 
     def loss(self, batch: Batch) -> tuple[list[Tensor], list[Tensor]]:
         nll, log_prior_ratio = self._log_weights(batch)
@@ -150,6 +157,34 @@ class IWAE(TabularVAE):
         """The IWAE bound ``log (1/K) Σₖ wₖ`` (up to per-column constants), averaged over rows."""
         nll, log_prior_ratio = self._log_weights(batch)
         return (torch.logsumexp(log_prior_ratio - sum(nll), dim=0) - math.log(self.K)).mean()
+
+
+class DReG(IWAE):
+    """IWAE trained with the doubly-reparameterised estimator (DReG) of its encoder gradient.
+
+    With ``log wₖ = log p(x|zₖ) + log p(zₖ) − log q(zₖ|x)`` and ``w̃`` the normalised weights, DReG estimates the
+    bound's encoder gradient by ``Σₖ w̃ₖ² (∂ log wₖ/∂zₖ)(∂zₖ/∂φ)``, with ``q``'s parameters held constant inside
+    ``log q`` (only the path through ``zₖ`` remains), and keeps IWAE's decoder gradient ``Σₖ w̃ₖ ∇_θ log wₖ``.
+    Both come from one surrogate: IWAE's ``Σₖ w̃ₖ log wₖ`` (weights held constant) evaluated at
+    ``z'ₖ = zₖ`` whose backward multiplies the gradient by ``w̃ₖ`` once more (the detach form of a gradient hook
+    on the samples, as DReG implementations write it).  Column j's task is ``−Σₖ w̃ₖ log p(x_j|z'ₖ)`` and ``also`` the
+    prior/posterior part, so the blocks are at ``z'``: a solver sees IWAE-weighted task gradients there, and the
+    extra ``w̃ₖ`` applies to its direction on the way to the encoder, as with the hook.
+    """
+
+    def loss(self, batch: Batch) -> tuple[list[Tensor], list[Tensor]]:
+        mu, logvar, _, z = self._sample(batch)
+        mu_, logvar_ = mu.detach(), logvar.detach()  # log q with its parameters held constant
+        with torch.no_grad():  # the weights' values (a second, cheap pass of the heads: the surrogate needs w̃)
+            w = torch.softmax(self._log_prior_ratio(z, mu_, logvar_) - sum(self.column_nll(z, *batch)), dim=0)
+        z2 = z.detach() + w[..., None] * (z - z.detach())  # equals z; its backward scales by w̃ once more
+        tasks = [(w * t).sum(0).mean() for t in self.column_nll(z2, *batch)]
+        return tasks, [-(w * self._log_prior_ratio(z2, mu_, logvar_)).sum(0).mean()]
+
+    @staticmethod
+    def _log_prior_ratio(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+        """``log p(z) − log q(z | mu, logvar)`` per sample ``[K, n]`` (standard-normal prior)."""
+        return (-0.5 * z.pow(2) + 0.5 * (z - mu).pow(2) / logvar.exp() + 0.5 * logvar).sum(-1)
 
 
 class HIVAE(TabularVAE):
@@ -198,4 +233,4 @@ class HIVAE(TabularVAE):
         return torch.stack([self.cols.predict(j, self._decode(j, mu, s)) for j in range(len(self.heads))], dim=1)
 
 
-MODELS = {"vae": TabularVAE, "iwae": IWAE, "hivae": HIVAE}
+MODELS = {"vae": TabularVAE, "iwae": IWAE, "dreg": DReG, "hivae": HIVAE}
