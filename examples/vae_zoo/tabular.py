@@ -22,7 +22,7 @@ has its *own* decoder head, so the per-column tasks meet only at the latent samp
 * DReG — Tucker, Lawson, Gu, Maddison, "Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives",
   ICLR 2019: the IWAE bound, with the encoder's gradient estimated by ``Σₖ w̃ₖ² (∂ log wₖ/∂zₖ)(∂zₖ/∂φ)``, where
   ``log q`` in ``log wₖ`` holds its parameters constant; the decoder's gradient is IWAE's.  It splits over
-  columns like IWAE's (see :class:`DReG`).
+  columns like IWAE's, with squared weights (see :class:`DReG`).
 """
 
 from __future__ import annotations
@@ -162,24 +162,31 @@ class IWAE(TabularVAE):
 class DReG(IWAE):
     """IWAE trained with the doubly-reparameterised estimator (DReG) of its encoder gradient.
 
-    With ``log wₖ = log p(x|zₖ) + log p(zₖ) − log q(zₖ|x)`` and ``w̃`` the normalised weights, DReG estimates the
-    bound's encoder gradient by ``Σₖ w̃ₖ² (∂ log wₖ/∂zₖ)(∂zₖ/∂φ)``, with ``q``'s parameters held constant inside
-    ``log q`` (only the path through ``zₖ`` remains), and keeps IWAE's decoder gradient ``Σₖ w̃ₖ ∇_θ log wₖ``.
-    Both come from one surrogate: IWAE's ``Σₖ w̃ₖ log wₖ`` (weights held constant) evaluated at
-    ``z'ₖ = zₖ`` whose backward multiplies the gradient by ``w̃ₖ`` once more (the detach form of a gradient hook
-    on the samples, as DReG implementations write it).  Column j's task is ``−Σₖ w̃ₖ log p(x_j|z'ₖ)`` and ``also`` the
-    prior/posterior part, so the blocks are at ``z'``: a solver sees IWAE-weighted task gradients there, and the
-    extra ``w̃ₖ`` applies to its direction on the way to the encoder, as with the hook.
+    With ``log wₖ = log p(x|zₖ) + log p(zₖ) − log q(zₖ|x)`` and ``w̃`` the normalised weights (held constant),
+    DReG estimates the bound's encoder gradient by ``Σₖ w̃ₖ² (∂ log wₖ/∂zₖ)(∂zₖ/∂φ)``: the surrogate
+    ``Σₖ w̃ₖ² log wₖ`` with ``q``'s parameters held constant inside ``log q``, so only the path through ``zₖ``
+    remains.  The decoder keeps IWAE's gradient ``Σₖ w̃ₖ ∇_θ log p(x|zₖ)``.  As in the paper's reference code,
+    each column's task has two parts: ``−Σₖ w̃ₖ² log p(x_j|zₖ)`` with the head's parameters held constant (it
+    reaches the encoder only, through ``z``) and ``−Σₖ w̃ₖ log p(x_j|sg(zₖ))`` (it reaches the head only);
+    ``also`` is ``−Σₖ w̃ₖ² (log p(zₖ) − log q(zₖ))``.  So the block at ``z`` sees the DReG task gradients.
     """
 
     def loss(self, batch: Batch) -> tuple[list[Tensor], list[Tensor]]:
         mu, logvar, _, z = self._sample(batch)
-        mu_, logvar_ = mu.detach(), logvar.detach()  # log q with its parameters held constant
-        with torch.no_grad():  # the weights' values (a second, cheap pass of the heads: the surrogate needs w̃)
-            w = torch.softmax(self._log_prior_ratio(z, mu_, logvar_) - sum(self.column_nll(z, *batch)), dim=0)
-        z2 = z.detach() + w[..., None] * (z - z.detach())  # equals z; its backward scales by w̃ once more
-        tasks = [(w * t).sum(0).mean() for t in self.column_nll(z2, *batch)]
-        return tasks, [-(w * self._log_prior_ratio(z2, mu_, logvar_)).sum(0).mean()]
+        decoder = self.column_nll(z.detach(), *batch)  # the heads' part: IWAE's gradient
+        log_prior_ratio = self._log_prior_ratio(z, mu.detach(), logvar.detach())  # q's parameters held constant
+        w = torch.softmax(log_prior_ratio.detach() - sum(decoder).detach(), dim=0)  # [K, n]
+        encoder = self._nll_through_z(z, *batch)
+        tasks = [((w.pow(2) * e).sum(0) + (w * d).sum(0)).mean() for e, d in zip(encoder, decoder)]
+        return tasks, [-(w.pow(2) * log_prior_ratio).sum(0).mean()]
+
+    def _nll_through_z(self, z: Tensor, x: Tensor, obs: Tensor) -> list[Tensor]:
+        """:meth:`column_nll` with every head's parameters held constant: its gradient reaches ``z`` only."""
+        out = []
+        for j, head in enumerate(self.heads):
+            frozen = {name: p.detach() for name, p in head.named_parameters()}
+            out.append(self.cols.nll(j, torch.func.functional_call(head, frozen, (z,)), x[:, j]) * obs[:, j])
+        return out
 
     @staticmethod
     def _log_prior_ratio(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
