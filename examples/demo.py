@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: vae_zoo sits beside this file
 
 from tqdm import tqdm  # noqa: E402
+
 from vae_zoo import report  # noqa: E402
 from vae_zoo.train import METHODS, MULTIMODAL, TABULAR, Config  # noqa: E402
 
@@ -71,9 +72,18 @@ def configs(args: argparse.Namespace) -> list[Config]:
             multi = model in MULTIMODAL
             epochs = args.epochs or (args.epochs_digits if multi else args.epochs_table)
             for method in args.methods:
-                out.append(Config(model=model, method=method, seed=seed, epochs=epochs,
-                                  dataset="digits" if multi else args.dataset, batch=128 if multi else 32,
-                                  hard_side=args.hard_side, sigma=args.sigma))
+                out.append(
+                    Config(
+                        model=model,
+                        method=method,
+                        seed=seed,
+                        epochs=epochs,
+                        dataset="digits" if multi else args.dataset,
+                        batch=128 if multi else 32,
+                        hard_side=args.hard_side,
+                        sigma=args.sigma,
+                    )
+                )
     return out
 
 
@@ -110,8 +120,7 @@ def run_all(cfgs: list[Config], jobs: int, log: Path) -> list[dict]:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds, 2 models, few epochs")
-    p.add_argument("--models", default="mmvae,hivae",
-                   help=f"comma-separated, from {', '.join(MULTIMODAL + TABULAR)}")
+    p.add_argument("--models", default="mmvae,hivae", help=f"comma-separated, from {', '.join(MULTIMODAL + TABULAR)}")
     p.add_argument("--methods", default="vanilla,imtlg", help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--dataset", default="wine", choices=["wine", "breast_cancer"], help="table of the tabular models")
     p.add_argument("--seeds", type=int, default=3)

@@ -14,8 +14,12 @@ import numpy as np
 
 from .train import MULTIMODAL
 
-ROWS_MULTI = (("coherence", "coherence into"), ("source", "coherence from"), ("latent", "latent acc"),
-              ("recon", "recon error"))
+ROWS_MULTI = (
+    ("coherence", "coherence into"),
+    ("source", "coherence from"),
+    ("latent", "latent acc"),
+    ("recon", "recon error"),
+)
 
 
 def group(records: list[dict]) -> dict[str, dict[str, list[dict]]]:
@@ -52,20 +56,29 @@ def table(records: list[dict]) -> str:
         n_seeds = min(len(v) for v in by_method.values())
         key, higher = headline(model)
         rows = ROWS_MULTI if model in MULTIMODAL else (("error", "imputation error"),)
-        lines = [f"### {model} ({first['config']['dataset']}, {n_seeds} seeds, mean ± std; "
-                 f"{'higher' if higher else 'lower'} {key} is better)", "",
-                 "| metric | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        lines = [
+            f"### {model} ({first['config']['dataset']}, {n_seeds} seeds, mean ± std; "
+            f"{'higher' if higher else 'lower'} {key} is better)",
+            "",
+            "| metric | " + " | ".join(methods) + " |",
+            "|---" * (len(methods) + 1) + "|",
+        ]
         for metric, label in rows:
             for name in first["names"]:
                 cells = [_cell([r["metrics"][metric][name] for r in by_method[m]]) for m in methods]
                 lines.append(f"| {label}: {name} | " + " | ".join(cells) + " |")
         label = f"**worst {'modality' if model in MULTIMODAL else 'column'} ({key})**"
-        lines.append(f"| {label} | " + " | ".join(f"**{_cell([worst(r) for r in by_method[m]])}**" for m in methods) + " |")
+        lines.append(
+            f"| {label} | " + " | ".join(f"**{_cell([worst(r) for r in by_method[m]])}**" for m in methods) + " |"
+        )
         mins = [_cell([r["seconds"] for r in by_method[m]]) for m in methods]
         lines.append("| train seconds | " + " | ".join(mins) + " |")
         parts.append("\n".join(lines))
-    failed = [f"- {r['config']['model']} / {r['config']['method']} / seed {r['config']['seed']}: {r['error']}"
-              for r in records if "error" in r]
+    failed = [
+        f"- {r['config']['model']} / {r['config']['method']} / seed {r['config']['seed']}: {r['error']}"
+        for r in records
+        if "error" in r
+    ]
     if failed:
         parts.append("**Failed runs** (left out above):\n" + "\n".join(failed))
     return "\n\n".join(parts) + "\n"
@@ -89,10 +102,15 @@ def figure(records: list[dict], path: str) -> None:
         width = 0.8 / len(by_method)
         for i, (method, rs) in enumerate(by_method.items()):
             vals = np.array([[r["metrics"][key][n] for n in names] for r in rs])
-            ax.bar(np.arange(len(names)) + (i - (len(by_method) - 1) / 2) * width, vals.mean(0), width,
-                   yerr=vals.std(0), capsize=2, label=method)
-        ax.set_xticks(np.arange(len(names)), [n[:10] for n in names], rotation=0 if len(names) < 5 else 60,
-                      fontsize=8)
+            ax.bar(
+                np.arange(len(names)) + (i - (len(by_method) - 1) / 2) * width,
+                vals.mean(0),
+                width,
+                yerr=vals.std(0),
+                capsize=2,
+                label=method,
+            )
+        ax.set_xticks(np.arange(len(names)), [n[:10] for n in names], rotation=0 if len(names) < 5 else 60, fontsize=8)
         ax.set_ylabel(f"{key} ({'↑' if higher else '↓'})")
         ax.set_title(f"{model}: {key} per {'modality' if model in MULTIMODAL else 'column'}")
         ax.legend(fontsize=7)
@@ -101,15 +119,22 @@ def figure(records: list[dict], path: str) -> None:
         lo = np.min([c.min(0) for c in curves.values()], axis=0)
         hi = np.max([c.max(0) for c in curves.values()], axis=0)
         colors = plt.cm.tab20(np.linspace(0, 1, len(names))) if len(names) > 10 else plt.cm.tab10.colors
-        for i, (method, c) in enumerate(curves.items()):
+        for i, c in enumerate(curves.values()):
             scaled = (c - lo) / np.maximum(hi - lo, 1e-12)
             for j, name in enumerate(names):
-                ax.plot(np.arange(1, len(c) + 1), scaled[:, j], styles[i % len(styles)], color=colors[j],
-                        label=name if i == 0 else None, lw=1.2)
+                ax.plot(
+                    np.arange(1, len(c) + 1),
+                    scaled[:, j],
+                    styles[i % len(styles)],
+                    color=colors[j],
+                    label=name if i == 0 else None,
+                    lw=1.2,
+                )
         ax.set_xlabel("epoch")
         ax.set_ylabel("task loss, rescaled per task")
-        ax.set_title(f"{model}: training loss per task ({', '.join(f'{m} {s}' for m, s in zip(curves, styles))})",
-                     fontsize=9)
+        ax.set_title(
+            f"{model}: training loss per task ({', '.join(f'{m} {s}' for m, s in zip(curves, styles))})", fontsize=9
+        )
         ax.legend(fontsize=6, ncol=2 if len(names) > 5 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -202,7 +202,9 @@ class HIVAE(TabularVAE):
         hidden, head = kw.get("hidden", 64), kw.get("head", 16)
         self.n_s, self.tau = n_s, tau
         self.enc_s = nn.Sequential(nn.Linear(self.cols.n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_s))
-        self.encoder = nn.Sequential(nn.Linear(self.cols.n_in + n_s, hidden), nn.ReLU(), nn.Linear(hidden, 2 * self.z_dim))
+        self.encoder = nn.Sequential(
+            nn.Linear(self.cols.n_in + n_s, hidden), nn.ReLU(), nn.Linear(hidden, 2 * self.z_dim)
+        )
         self.prior_mu = nn.Linear(n_s, self.z_dim)
         # each head has its own input layers for z and s, so the columns' paths meet at z and at s themselves
         self.heads_s = nn.ModuleList(nn.Linear(n_s, head, bias=False) for _ in self.cols.n_params)
@@ -214,8 +216,11 @@ class HIVAE(TabularVAE):
     def _encode(self, x: Tensor, obs: Tensor, hard: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         h = self.cols.encode(x, obs)
         logits = self.enc_s(h)
-        s = nn.functional.one_hot(logits.argmax(-1), self.n_s).float() if hard else \
-            nn.functional.gumbel_softmax(logits, tau=self.tau)
+        s = (
+            nn.functional.one_hot(logits.argmax(-1), self.n_s).float()
+            if hard
+            else nn.functional.gumbel_softmax(logits, tau=self.tau)
+        )
         mu, logvar = self.encoder(torch.cat([h, s], 1)).chunk(2, -1)
         return logits, s, mu, logvar.clamp(-8.0, 8.0)
 
