@@ -20,7 +20,7 @@ sys.path.insert(0, str(EXAMPLES))
 import impartial  # noqa: E402
 from impartial import solvers  # noqa: E402
 from vae_zoo import data, multimodal, tabular  # noqa: E402
-from vae_zoo.train import METHODS, make_solver  # noqa: E402
+from vae_zoo.train import METHODS, NESTED, ClampedMGDA, label, make_solver, step  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -184,6 +184,35 @@ def test_methods_build_their_solvers():
     assert make_solver("vanilla") is None
     assert isinstance(make_solver("gradnorm-pcgrad"), solvers.Compose)
     assert {type(make_solver(m)).__name__ for m in METHODS[1:3]} == {"IMTLG", "PCGrad"}
+    gradnorm = make_solver("gradnorm")
+    assert isinstance(gradnorm, solvers.GradNorm) and gradnorm.alpha == 0.0
+    first = make_solver("gradnorm1-pcgrad").solvers[0]
+    assert first.alpha == 1.0 and first.progress == "grad"
+    assert type(make_solver("mgda")) is solvers.MGDA
+
+
+def test_clamped_mgda_is_the_reference_clamp_of_mgda():
+    J = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 1e-4]], dtype=torch.float64)
+    G = J @ J.T
+    w = solvers.MGDA().weights(G)
+    torch.testing.assert_close(ClampedMGDA().weights(G), torch.minimum(w, torch.tensor(1e-3, dtype=w.dtype)))
+    assert (w > 1e-3).sum() >= 2  # several tasks in the support: they all get 1e-3
+
+
+def test_nested_reaches_the_backward_and_labels_the_runs(wine):
+    import demo
+
+    args = demo.parse(["--models", "hivae", "--methods", "vanilla,imtlg", "--nested", "resolved,direct", "--seeds=1"])
+    cfgs = demo.configs(args)
+    assert [label(vars(c)) for c in cfgs] == ["vanilla", "imtlg", "imtlg, direct"]
+    grads = {}
+    for nested in NESTED:  # the encoder of s sits below the block at z: the two conventions differ there
+        model = _model("hivae", None, wine)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        torch.manual_seed(3)
+        step(model, _batch(model, None, wine), opt, make_solver("imtlg"), nested=nested)
+        grads[nested] = torch.cat([p.grad.reshape(-1) for p in model.enc_s.parameters()])
+    assert not torch.allclose(grads["resolved"], grads["direct"])
 
 
 def test_quick_demo_writes_table_and_figure(tmp_path):

@@ -12,6 +12,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from . import train
 from .train import MULTIMODAL
 
 ROWS_MULTI = (
@@ -23,12 +24,13 @@ ROWS_MULTI = (
 
 
 def group(records: list[dict]) -> dict[str, dict[str, list[dict]]]:
-    """``{model: {method: [records over seeds]}}`` in first-seen order (failed runs left out)."""
+    """``{model: {method label: [records over seeds]}}`` in first-seen order (failed runs left out); the label
+    is the method, with ``, direct`` for solver runs with ``nested="direct"`` (:func:`vae_zoo.train.label`)."""
     out: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if "error" in r:
             continue
-        out[r["config"]["model"]][r["config"]["method"]].append(r)
+        out[r["config"]["model"]][train.label(r["config"])].append(r)
     return out
 
 
@@ -75,7 +77,7 @@ def table(records: list[dict]) -> str:
         lines.append("| train seconds | " + " | ".join(mins) + " |")
         parts.append("\n".join(lines))
     failed = [
-        f"- {r['config']['model']} / {r['config']['method']} / seed {r['config']['seed']}: {r['error']}"
+        f"- {r['config']['model']} / {train.label(r['config'])} / seed {r['config']['seed']}: {r['error']}"
         for r in records
         if "error" in r
     ]
@@ -156,7 +158,7 @@ def diagnostics(records: list[dict], out) -> list:
         c = r["config"]
         rec = Recorder()
         rec.load_state_dict(r["diagnostics"])
-        text += [f"## {c['model']}, {c['method']}", "", str(rec.summary()), ""]
+        text += [f"## {c['model']}, {train.label(c)}", "", str(rec.summary()), ""]
         if c["model"] not in done:
             done.add(c["model"])
             wrote.append(rec.plot(out / f"conflicts_{c['model']}.png"))
