@@ -189,6 +189,9 @@ def test_methods_build_their_solvers():
     first = make_solver("gradnorm1-pcgrad").solvers[0]
     assert first.alpha == 1.0 and first.progress == "grad"
     assert type(make_solver("mgda")) is solvers.MGDA
+    shared, per_block = make_solver("gradnorm-pcgrad-shared").solvers[0], make_solver("gradnorm")
+    assert shared.for_block(0) is shared.for_block(1) is shared  # the old behaviour, kept to measure the change
+    assert per_block.for_block(0) is not per_block.for_block(1)
 
 
 def test_clamped_mgda_is_the_reference_clamp_of_mgda():

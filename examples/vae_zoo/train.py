@@ -24,8 +24,19 @@ from impartial import solvers
 from . import data, metrics, multimodal, tabular
 
 #: the methods by name (``make_solver``); ``gradnorm`` is GradNorm(α = 0), ``gradnorm1`` GradNorm(α = 1) on the
-#: gradient-norm progress (the paper's code), ``mgda-clamped`` the paper's code's MGDA-UB (see ClampedMGDA)
-METHODS = ("vanilla", "imtlg", "pcgrad", "gradnorm-pcgrad", "gradnorm", "gradnorm1-pcgrad", "mgda", "mgda-clamped")
+#: gradient-norm progress (the paper's code), ``mgda-clamped`` the paper's code's MGDA-UB (see ClampedMGDA),
+#: ``gradnorm-pcgrad-shared`` the old behaviour of one GradNorm state for every block (see SharedGradNorm)
+METHODS = (
+    "vanilla",
+    "imtlg",
+    "pcgrad",
+    "gradnorm-pcgrad",
+    "gradnorm",
+    "gradnorm1-pcgrad",
+    "mgda",
+    "mgda-clamped",
+    "gradnorm-pcgrad-shared",
+)
 #: what a nested block solves on (``impartial.backward(..., nested=)``)
 NESTED = ("resolved", "direct")
 MULTIMODAL = tuple(multimodal.MODELS)
@@ -44,6 +55,17 @@ class ClampedMGDA(solvers.MGDA):
         return super()._weights(G, losses=losses).clamp(max=1e-3)
 
 
+class SharedGradNorm(solvers.GradNorm):
+    """GradNorm with one state for every block: its weights and counter advance once per block per step.
+
+    The behaviour before ``Solver.for_block`` gave each block its own state; here only to measure what that change
+    did to the results (examples/RESULTS.md).  ``solvers.GradNorm`` keeps one state per block.
+    """
+
+    def for_block(self, key: int) -> solvers.Solver:
+        return self
+
+
 def make_solver(method: str) -> solvers.Solver | None:
     """The solver for a method name (``None`` for vanilla); a fresh instance per run (GradNorm has state)."""
     if method == "vanilla":
@@ -54,6 +76,8 @@ def make_solver(method: str) -> solvers.Solver | None:
         return solvers.Compose(solvers.GradNorm(alpha=0.0), solvers.PCGrad())
     if method == "gradnorm1-pcgrad":  # α = 1 needs a progress signal: the reference's gradient-norm one
         return solvers.Compose(solvers.GradNorm(alpha=1.0, progress="grad"), solvers.PCGrad())
+    if method == "gradnorm-pcgrad-shared":
+        return solvers.Compose(SharedGradNorm(alpha=0.0), solvers.PCGrad())
     if method == "mgda-clamped":
         return ClampedMGDA()
     return solvers.get(method)
