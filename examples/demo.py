@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         records = [json.loads(line) for line in Path(args.replot).read_text().splitlines() if line.strip()]
     else:
         records = run_all(configs(args), args.jobs, out / "runs.jsonl")
-    text = report.table(records)
+    nested = report.nested_table(records)  # only when a method ran under both conventions
+    text = report.table(records) + (f"\n{nested}" if nested else "")
     print(text)
     (out / "table.md").write_text(text)
     report.figure(records, str(out / "demo.png"))

@@ -234,6 +234,21 @@ def test_quick_demo_writes_table_and_figure(tmp_path):
     assert "## mmvae, imtlg" in summary and "norms differ" in summary and "→" in summary
 
 
+def test_nested_table_pairs_the_conventions_by_seed():
+    from vae_zoo import report
+
+    def rec(nested, seed, label_err):
+        errors = {"alcohol": 0.2, "label": label_err}
+        config = {"model": "hivae", "method": "imtlg", "nested": nested, "seed": seed}
+        return {"config": config, "names": list(errors), "metrics": {"error": errors}}
+
+    runs = [rec("resolved", 0, 0.3), rec("resolved", 1, 0.1), rec("direct", 0, 0.25), rec("direct", 1, 0.2)]
+    row = report.nested_table(runs).splitlines()[-1]
+    # worst column per seed: resolved 0.3, 0.2; direct 0.25, 0.2 → paired differences −0.05, 0
+    assert row == "| imtlg | 0.250 ± 0.050 | 0.225 ± 0.025 | -0.025 ± 0.025 | 1/2 | label +0.025 |"
+    assert report.nested_table(runs[:2]) == ""
+
+
 def test_demo_progress_is_plain_lines_off_a_terminal(capsys):
     import demo
 

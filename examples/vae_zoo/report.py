@@ -86,6 +86,39 @@ def table(records: list[dict]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def nested_table(records: list[dict]) -> str:
+    """Per model, each solver method that ran under both ``nested`` conventions: the worst modality (column) under
+    each, their difference paired by seed (same data, same initialisation), in how many seeds ``"direct"`` was
+    better, and the modality (column) whose headline metric moved most; ``""`` when no method ran under both."""
+    parts = []
+    for model, by_label in group(records).items():
+        key, higher = headline(model)
+        pairs = [(m, by_label[m], by_label[f"{m}, direct"]) for m in by_label if f"{m}, direct" in by_label]
+        if not pairs:
+            continue
+        lines = [
+            f"### {model}: nested='direct' vs 'resolved' (worst {key}, {'higher' if higher else 'lower'} is better)",
+            "",
+            "| method | resolved | direct | direct − resolved (paired) | direct better | largest move (mean) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for method, resolved, direct in pairs:
+            a = {r["config"]["seed"]: r for r in resolved}
+            b = {r["config"]["seed"]: r for r in direct}
+            seeds = sorted(set(a) & set(b))
+            diff = [worst(b[s]) - worst(a[s]) for s in seeds]
+            better = sum((d > 0) == higher and d != 0 for d in diff)
+            names = a[seeds[0]]["names"]
+            moves = {n: np.mean([b[s]["metrics"][key][n] - a[s]["metrics"][key][n] for s in seeds]) for n in names}
+            top = max(moves, key=lambda n: abs(moves[n]))
+            lines.append(
+                f"| {method} | {_cell([worst(a[s]) for s in seeds])} | {_cell([worst(b[s]) for s in seeds])} | "
+                f"{_cell(diff)} | {better}/{len(seeds)} | {top} {moves[top]:+.3f} |"
+            )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n" if parts else ""
+
+
 def figure(records: list[dict], path: str) -> None:
     """Per model: bars of the headline metric per modality and method (± std over seeds), and each task's
     training loss per epoch (mean over seeds), rescaled per task to [0, 1] so tasks of any scale share an axis."""
