@@ -45,6 +45,12 @@ def worst(r: dict) -> float:
     return min(vals) if higher else max(vals)
 
 
+def average(r: dict) -> float:
+    """The headline metric averaged over the modalities (columns)."""
+    key, _ = headline(r["config"]["model"])
+    return float(np.mean(list(r["metrics"][key].values())))
+
+
 def _cell(vals: list[float]) -> str:
     return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
 
@@ -73,6 +79,8 @@ def table(records: list[dict]) -> str:
         lines.append(
             f"| {label} | " + " | ".join(f"**{_cell([worst(r) for r in by_method[m]])}**" for m in methods) + " |"
         )
+        label = f"mean over {'modalities' if model in MULTIMODAL else 'columns'} ({key})"
+        lines.append(f"| {label} | " + " | ".join(_cell([average(r) for r in by_method[m]]) for m in methods) + " |")
         mins = [_cell([r["seconds"] for r in by_method[m]]) for m in methods]
         lines.append("| train seconds | " + " | ".join(mins) + " |")
         parts.append("\n".join(lines))
@@ -89,7 +97,8 @@ def table(records: list[dict]) -> str:
 def nested_table(records: list[dict]) -> str:
     """Per model, each solver method that ran under both ``nested`` conventions: the worst modality (column) under
     each, their difference paired by seed (same data, same initialisation), in how many seeds ``"direct"`` was
-    better, and the modality (column) whose headline metric moved most; ``""`` when no method ran under both."""
+    better, the paired difference of the mean over modalities (columns), and the modality (column) whose headline
+    metric moved most; ``""`` when no method ran under both."""
     parts = []
     for model, by_label in group(records).items():
         key, higher = headline(model)
@@ -99,8 +108,9 @@ def nested_table(records: list[dict]) -> str:
         lines = [
             f"### {model}: nested='direct' vs 'resolved' (worst {key}, {'higher' if higher else 'lower'} is better)",
             "",
-            "| method | resolved | direct | direct − resolved (paired) | direct better | largest move (mean) |",
-            "|---|---|---|---|---|---|",
+            "| method | resolved | direct | direct − resolved (paired) | direct better | mean over all, paired "
+            "| largest move (mean) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for method, resolved, direct in pairs:
             a = {r["config"]["seed"]: r for r in resolved}
@@ -113,7 +123,8 @@ def nested_table(records: list[dict]) -> str:
             top = max(moves, key=lambda n: abs(moves[n]))
             lines.append(
                 f"| {method} | {_cell([worst(a[s]) for s in seeds])} | {_cell([worst(b[s]) for s in seeds])} | "
-                f"{_cell(diff)} | {better}/{len(seeds)} | {top} {moves[top]:+.3f} |"
+                f"{_cell(diff)} | {better}/{len(seeds)} | {_cell([average(b[s]) - average(a[s]) for s in seeds])} | "
+                f"{top} {moves[top]:+.3f} |"
             )
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n" if parts else ""
