@@ -188,7 +188,7 @@ def test_methods_build_their_solvers():
     assert isinstance(gradnorm, solvers.GradNorm) and gradnorm.alpha == 0.0
     first = make_solver("gradnorm1-pcgrad").solvers[0]
     assert first.alpha == 1.0 and first.progress == "grad"
-    assert type(make_solver("mgda")) is solvers.MGDA
+    assert type(make_solver("mgda")) is solvers.MGDA and type(make_solver("nsgd")) is solvers.NSGD
     shared, per_block = make_solver("gradnorm-pcgrad-shared").solvers[0], make_solver("gradnorm")
     assert shared.for_block(0) is shared.for_block(1) is shared  # the old behaviour, kept to measure the change
     assert per_block.for_block(0) is not per_block.for_block(1)

@@ -23,14 +23,16 @@ from impartial import solvers
 
 from . import data, metrics, multimodal, tabular
 
-#: the methods by name (``make_solver``); ``gradnorm`` is GradNorm(α = 0), ``gradnorm1`` GradNorm(α = 1) on the
-#: gradient-norm progress (the paper's code), ``mgda-clamped`` the paper's code's MGDA-UB (see ClampedMGDA),
-#: ``gradnorm-pcgrad-shared`` the old behaviour of one GradNorm state for every block (see SharedGradNorm)
+#: the methods by name (``make_solver``): ``imtlg``, ``pcgrad``, ``nsgd`` and ``mgda`` are ``solvers.get``'s;
+#: ``gradnorm`` is GradNorm(α = 0), ``gradnorm1`` GradNorm(α = 1) on the gradient-norm progress (the paper's
+#: code), ``mgda-clamped`` the paper's code's MGDA-UB (see ClampedMGDA), ``gradnorm-pcgrad-shared`` the old
+#: behaviour of one GradNorm state for every block (see SharedGradNorm)
 METHODS = (
     "vanilla",
     "imtlg",
     "pcgrad",
     "gradnorm-pcgrad",
+    "nsgd",
     "gradnorm",
     "gradnorm1-pcgrad",
     "mgda",
