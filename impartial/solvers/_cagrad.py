@@ -60,6 +60,11 @@ def _grad(H: Tensor, b: Tensor, r: Tensor):
     return lambda w: b + (r / _norm(H, w)) * (w @ H)
 
 
+def _objective(H: Tensor, b: Tensor, r: Tensor):
+    """``f`` at candidates ``W`` ``[..., m, n, k]`` → ``[..., m, n]`` (for the projected search)."""
+    return lambda W: (W * b.unsqueeze(-2)).sum(-1) + r * ((W @ H.unsqueeze(-3)) * W).sum(-1).clamp(min=0).sqrt()
+
+
 def cagrad_dual(H: Tensor, c: float, iters: int | None, host: bool) -> tuple[Tensor, Tensor, Tensor]:
     r"""``(w, q, residual)``: the dual minimiser ``w`` ``[..., k]``, ``q = ‖g_w‖`` and the KKT residual ``[...]``.
 
@@ -82,8 +87,7 @@ def cagrad_dual(H: Tensor, c: float, iters: int | None, host: bool) -> tuple[Ten
         W, _, exact, *_ = _stationary(sol, b.unsqueeze(-2), r.unsqueeze(-1))
         W = torch.where(exact, W, torch.full_like(W, -1.0))  # no stationary point: infeasible, never picked
         W = torch.cat([W, (ones / k).unsqueeze(-2)], dim=-2)
-        f = (W * b.unsqueeze(-2)).sum(-1) + r * ((W @ H.unsqueeze(-3)) * W).sum(-1).clamp(min=0).sqrt()
-        w = pick_feasible(W, f)
+        w = pick_feasible(W, _objective(H, b, r)(W))
     else:
         # the majoriser steps converge linearly, not in one step: 4× the QPs' budget
         cap = 4 * default_iters(k) if iters is None else iters
@@ -93,7 +97,7 @@ def cagrad_dual(H: Tensor, c: float, iters: int | None, host: bool) -> tuple[Ten
                                 cap).reshape(b.shape)
         else:
             for _ in range(cap):
-                w, free, _ = as_step(_grad(H, b, r), _face(H, b, r, w), w, free)
+                w, free, _ = as_step(_grad(H, b, r), _face(H, b, r, w), w, free, _objective(H, b, r), simplex=True)
     g = _grad(H, b, r)(w)
     return w.squeeze(-2), _norm(H, w).squeeze(-2).squeeze(-1), residual(g - (g * w).sum(-1, keepdim=True), w).squeeze(-1)
 
@@ -105,7 +109,8 @@ def _row_step(H: Tensor, b: Tensor, r: Tensor, idx: Tensor):
     Hr, br, rr = (Hr[idx] if Hr.shape[0] > 1 else Hr.expand(idx.numel(), k, k)), br[idx], rr[idx]
 
     def step(w: Tensor, free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        w, free, settled = as_step(_grad(Hr, br, rr), _face(Hr, br, rr, w), w, free)
+        w, free, settled = as_step(_grad(Hr, br, rr), _face(Hr, br, rr, w), w, free, _objective(Hr, br, rr),
+                                   simplex=True)
         return w, free, settled.squeeze(-1)
 
     return step

@@ -94,11 +94,12 @@ def prepare(G: Tensor, precision: torch.dtype | None = None, host: bool = False)
     D = (n / s).sqrt()
     rn = n.rsqrt()
     C = G * (rn.unsqueeze(-1) * rn.unsqueeze(-2))
+    C = (C + C.mT) * 0.5  # BLAS does not promise a symmetric J Jᵀ; the residuals read both triangles
     tau = cutoff(precision or G.dtype, k)
     eye = torch.eye(k, dtype=G.dtype, device=G.device)
     null = None
     if not host or int(torch.linalg.cholesky_ex(torch.add(C, eye, alpha=-tau))[1].amax()) != 0:
-        lam, V = torch.linalg.eigh((C + C.mT) / 2)
+        lam, V = torch.linalg.eigh(C)
         keep = lam > tau
         C = (V * torch.where(keep, lam, 0.0).unsqueeze(-2)) @ V.mT
         C = (C + C.mT) / 2
@@ -169,15 +170,21 @@ def _nonneg_face(H: Tensor, c: Tensor) -> Face:
     return face
 
 
+def _units(H: Tensor) -> Tensor:
+    """``1/√diag H`` ``[..., 1, k]``: a box QP's multipliers in each task's own units (see :func:`nonneg_residual`)."""
+    return H.diagonal(dim1=-2, dim2=-1).rsqrt().unsqueeze(-2)
+
+
 def _nonneg_fixed(H: Tensor, c: Tensor, iters: int | None) -> Tensor:
     k, m = H.shape[-1], c.shape[-2]
     # the projected search costs m k³ an iteration: only where that is cheap
     search = (lambda X: quadratic(H, c, X)) if m * k**3 <= 2**24 else None
+    face, grad = _nonneg_face(H, c), lambda x: x @ H + c
     if iters is None and k >= IPM_K:
         x, free = interior_point(H, c, simplex=False)
-        return active_set(lambda x: x @ H + c, _nonneg_face(H, c), torch.where(free, x, 0.0), free, POLISH, search)
-    return active_set(lambda x: x @ H + c, _nonneg_face(H, c), torch.zeros_like(c),
-                      torch.ones_like(c, dtype=torch.bool), default_iters(k) if iters is None else iters, search)
+        return active_set(grad, face, torch.where(free, x, 0.0), free, POLISH, search, scale=_units(H))
+    return active_set(grad, face, torch.zeros_like(c), torch.ones_like(c, dtype=torch.bool),
+                      default_iters(k) if iters is None else iters, search, scale=_units(H))
 
 
 def _nonneg_host(H: Tensor, c: Tensor, iters: int | None) -> tuple[Tensor, Tensor]:
@@ -193,17 +200,17 @@ def _nonneg_host(H: Tensor, c: Tensor, iters: int | None) -> tuple[Tensor, Tenso
         todo = torch.ones_like(c[..., 0], dtype=torch.bool)
     rows = todo.reshape(-1).nonzero().squeeze(-1)
     x = x.reshape(-1, k).clone()
-    step_for = _row_steps(H, c, rows, _nonneg_face, search=True)
+    step_for = _row_steps(H, c, rows, _nonneg_face)
     x[rows] = host_active_set(step_for, x[rows], free.reshape(-1, k)[rows], host_iters(k) if iters is None else iters)
     x = x.reshape(c.shape)
     return x, nonneg_residual(H, c, x)
 
 
-def _row_steps(H: Tensor, c: Tensor, rows: Tensor, make_face, search: bool):
+def _row_steps(H: Tensor, c: Tensor, rows: Tensor, make_face, simplex: bool = False):
     """Steps of :func:`._qp_faces.as_step` on chosen rows of the flattened problems ``c`` ``[..., m, k]``.
 
     One Gram matrix: the rows share it (they are the ``m`` problems of one call).  Several: each row takes
-    its own as a batch of one problem.
+    its own as a batch of one problem.  The step is a projected search where it costs at most ``2²⁴``.
     """
     k, m = H.shape[-1], c.shape[-2]
     Hb, cf = H.reshape(-1, k, k), c.reshape(-1, k)
@@ -215,13 +222,13 @@ def _row_steps(H: Tensor, c: Tensor, rows: Tensor, make_face, search: bool):
         else:
             Hr, cr, squeeze = Hb[torch.div(g, m, rounding_mode="floor")], cf[g].unsqueeze(-2), True
         n = cr.shape[0]
-        objective = (lambda X: quadratic(Hr, cr, X)) if search and n * k**3 <= 2**24 else None
-        face = make_face(Hr, cr)
+        objective = (lambda X: quadratic(Hr, cr, X)) if n * k**3 <= 2**24 else None
+        face, scale = make_face(Hr, cr), None if simplex else _units(Hr)
 
         def step(x: Tensor, free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             if squeeze:
                 x, free = x.unsqueeze(-2), free.unsqueeze(-2)
-            x, free, settled = as_step(lambda x: x @ Hr + cr, face, x, free, objective)
+            x, free, settled = as_step(lambda x: x @ Hr + cr, face, x, free, objective, simplex, scale)
             if squeeze:
                 return x.squeeze(-2), free.squeeze(-2), settled.squeeze(-1)
             return x, free, settled
@@ -247,7 +254,7 @@ def simplex_qp(H: Tensor, c: Tensor, iters: int | None = None, host: bool = Fals
         x = pick_feasible(X, quadratic(H, c, X))
     elif host:
         rows = torch.arange(c[..., 0].numel(), device=c.device)
-        step_for = _row_steps(H, c, rows, _simplex_face, search=False)
+        step_for = _row_steps(H, c, rows, _simplex_face, simplex=True)
         x = host_active_set(step_for, (ones / k).reshape(-1, k), ones.reshape(-1, k) > 0,
                             host_iters(k) if iters is None else iters).reshape(c.shape)
     else:
@@ -271,7 +278,9 @@ def _simplex_fixed(H: Tensor, c: Tensor, iters: int | None) -> Tensor:
         x, free = interior_point(H, c, simplex=True)
         free = free | (x == x.amax(-1, keepdim=True))  # never empty (x sums to 1): the largest entry is in it
         x = torch.where(free, x, 0.0)
-        return active_set(lambda x: x @ H + c, _simplex_face(H, c), x / x.sum(-1, keepdim=True), free, POLISH)
+        return active_set(lambda x: x @ H + c, _simplex_face(H, c), x / x.sum(-1, keepdim=True), free, POLISH,
+                          simplex=True)
     vertex = (0.5 * H.diagonal(dim1=-2, dim2=-1).unsqueeze(-2) + c).argmin(-1)
     x = (torch.arange(k, device=c.device) == vertex.unsqueeze(-1)).to(c.dtype)  # one_hot would sync
-    return active_set(lambda x: x @ H + c, _simplex_face(H, c), x, x > 0, default_iters(k) if iters is None else iters)
+    return active_set(lambda x: x @ H + c, _simplex_face(H, c), x, x > 0, default_iters(k) if iters is None else iters,
+                      simplex=True)

@@ -119,17 +119,21 @@ def masked_solve(H: Tensor, free: Tensor, rhs: Tensor) -> Tensor:
 
 
 def as_step(grad: Callable[[Tensor], Tensor], face: Face, x: Tensor, free: Tensor,
-            objective: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+            objective: Callable[[Tensor], Tensor] | None = None, simplex: bool = False,
+            scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One active-set iteration (see the module docstring): ``(x, free, settled [..., m])``.
 
     ``grad(x)`` is the objective's gradient ``[..., m, k]``; the multipliers of the bounds ``x ≥ 0`` are
     ``grad(x̂) − μ`` at a face minimiser.  ``x`` must be feasible and zero off ``free``.  Variables enter the
     working set only after a full step to an *exact* face minimiser (see :data:`Face`); ``settled`` marks the
-    problems where that step found no negative multiplier: ``x`` satisfies the KKT conditions.
+    problems where that step found no negative multiplier: ``x`` satisfies the KKT conditions.  ``scale``
+    (``[..., 1, k]``) multiplies the multipliers before that test (``1/√diag H``: each task's own units).
 
-    With ``objective`` (``[..., m, k] → [..., m]``; bound constraints only), the step is a *projected
-    search*: the best of the points ``max(x + t p, 0)`` at every breakpoint ``t ≤ 1`` of the path, which is
-    never worse than the plain ratio test (its first breakpoint) and drops many variables at once.
+    With ``objective`` (``[..., m, k] → [..., m]``), the step is a *projected search*: the best of the points
+    ``max(x + t p, 0)`` at every breakpoint ``t ≤ 1`` of the path and at ``t = 1`` (``simplex``: scaled back
+    onto it), which is never worse than the plain ratio test (its first breakpoint, feasible as it is) and
+    drops many variables at once.  Where the face has no minimiser (not exact) the breakpoints past 1 are
+    candidates too: the optimum is on the face's boundary, and a majoriser step would only creep towards it.
     """
     xh, mu, exact = face(free)
     p = xh - x
@@ -139,26 +143,36 @@ def as_step(grad: Callable[[Tensor], Tensor], face: Face, x: Tensor, free: Tenso
     full = ratio.amin(-1, keepdim=True) >= 1.0
     if objective is None:
         t = ratio.amin(-1, keepdim=True).clamp(max=1.0)
+        hit = block & (ratio <= t)
+        x = torch.where(hit, torch.zeros_like(x), (x + t * p).clamp(min=0.0))
+        if simplex:  # back onto 1ᵀx = 1 exactly: an ill-conditioned face solve leaves it off by round-off
+            x = x / x.sum(-1, keepdim=True)
     else:
-        # candidate steps: every breakpoint (clamped to 1); pick the best point of the projected path
-        T = ratio.clamp(max=1.0).unsqueeze(-1)  # [..., m, k, 1]
+        # candidate steps: every breakpoint, and 1; pick the best point of the projected path.  Past 1 only on
+        # a face without a minimiser (not exact): the optimum is then on its boundary, so go on to it
+        T = torch.where(exact & (ratio > 1.0), 1.0, ratio)
+        T = torch.cat([torch.where(T.isinf(), 1.0, T), torch.ones_like(T[..., :1])], -1).unsqueeze(-1)
         X = (x.unsqueeze(-2) + T * p.unsqueeze(-2)).clamp(min=0.0)  # [..., m, k, k]
+        if simplex:
+            X = X / X.sum(-1, keepdim=True)
         best = objective(X).argmin(-1, keepdim=True)  # [..., m, 1]
         t = T.squeeze(-1).gather(-1, best)
-    hit = block & (ratio <= t)
-    x = torch.where(hit, torch.zeros_like(x), (x + t * p).clamp(min=0.0))
+        hit = block & (ratio <= t)
+        x = torch.where(hit, 0.0, X.gather(-2, best.unsqueeze(-1).expand(*best.shape, x.shape[-1])).squeeze(-2))
     free = free & ~hit
     # a full step lands on the face minimiser: now every negative multiplier joins the working set
-    enter = (grad(x) - mu < -TOL) & full & exact
+    lam = grad(x) - mu
+    enter = ((lam if scale is None else lam * scale) < -TOL) & full & exact
     settled = (full & exact).squeeze(-1) & ~enter.any(-1)
     return x, free | enter, settled
 
 
 def active_set(grad: Callable[[Tensor], Tensor], face: Face, x: Tensor, free: Tensor, iters: int,
-               objective: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+               objective: Callable[[Tensor], Tensor] | None = None, simplex: bool = False,
+               scale: Tensor | None = None) -> Tensor:
     """``iters`` fixed iterations of :func:`as_step`, batched, with no host sync."""
     for _ in range(iters):
-        x, free, _ = as_step(grad, face, x, free, objective)
+        x, free, _ = as_step(grad, face, x, free, objective, simplex, scale)
     return x
 
 

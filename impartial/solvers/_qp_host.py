@@ -49,12 +49,15 @@ def residual(lam: Tensor, y: Tensor) -> Tensor:
 
 
 def _lmax(A: Tensor) -> Tensor:
-    """An upper estimate ``[..., 1, 1]`` of the largest eigenvalue of the PSD ``A``: 1.1 times the Rayleigh
-    quotient after 8 power steps (a lower bound; a step up to ``2/λ`` still converges).  Unnormalised steps:
+    """An estimate ``[..., 1, 1]`` of the largest eigenvalue of the PSD ``A``: 1.1 times the Rayleigh quotient
+    after 8 power steps (a lower bound; a step up to ``2/λ`` still converges, and
+    :func:`projected_gradient` backs off where it does not).  Unnormalised steps:
     ``λ ≤ k`` after the Jacobi scaling, so ``k⁸`` stays far from overflow.  Small ``A`` (where each op costs
     more than its flops) squares itself three times instead of taking eight steps."""
-    v = torch.ones_like(A[..., :1, :])
-    if A.shape[-1] <= 64:
+    k = A.shape[-1]
+    # a start of distinct entries: the ones vector is orthogonal to sign-balanced eigenvectors (g, −g pairs)
+    v = 1 + torch.arange(k, dtype=A.dtype, device=A.device).expand_as(A[..., :1, :]) / k
+    if k <= 64:
         A8 = A @ A
         A8 = A8 @ A8
         v = v @ (A8 @ A8)
@@ -104,6 +107,17 @@ def projected_gradient(H: Tensor, c: Tensor, iters: int, tol: float) -> tuple[Te
             r = residual(_affine(cs, x, Hs), x)
             seen.append((it, float(r.max())))
             (i0, r0), (i1, r1) = seen[-2], seen[-1]
+            if r1 <= tol:
+                break
+            if not r1 < 10 * r0:  # diverging (a step too long for an underestimated L), or NaN: back off
+                step = step / 4
+                M = torch.eye(Hs.shape[-1], dtype=Hs.dtype, device=Hs.device) - step * Hs
+                b = -step * cs
+                x = y = torch.zeros_like(cs)
+                t = torch.ones_like(cs[..., :1])
+                seen.append((it, seen[0][1]))
+                check = it + CHECK
+                continue
             rate = (max(r1, 1e-300) / max(r0, 1e-300)) ** (1 / (i1 - i0))
             fista = fista or rate > 0.4  # plain steps cut the residual less than a hundredfold in five
             if fista and len([s for s in seen if s[0] >= it - 4 * CHECK]) > 4 and r1 > 0.1 * seen[-5][1]:
