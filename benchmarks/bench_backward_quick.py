@@ -1,7 +1,10 @@
 """Quick wall-time ratios of ``impartial.backward`` to ``sum(losses).backward()``, in one process.
 
 1. A multimodal VAE step (3 modality decoders, KL as ``also``), ``block="auto"`` (the block is ``z``).
-2. A ~1M-parameter shared encoder with k = 8 heads, ``block="params"``.
+2. An MLP: a ~1M-parameter shared encoder with k = 8 heads, ``block="auto"`` (the block is the encoder's output);
+3. the same with ``block="params"``;
+4. the benchmark suite's ``mlp-k8`` (``_bench_models.make_mlp(8)``: trunk 256 → 1024 → 768, batch 128, eight
+   768 → 8 heads with an MSE loss each), ``block="auto"``.
 
 Each variant is timed many times, interleaved with the plain baseline (the machine may be shared and noisy);
 medians and ratios are printed for the backward call alone and for the whole step (forward + backward).
@@ -62,6 +65,23 @@ class Shared(nn.Module):
         return [head(h).pow(2).mean() for head in self.heads], []
 
 
+class SuiteMLP(nn.Module):
+    """``_bench_models.make_mlp(8)`` as a module with ``losses(x)``."""
+
+    def __init__(self, dev: torch.device) -> None:
+        super().__init__()
+        from _bench_models import make_mlp
+
+        setup = make_mlp(8)
+        self.encoder = nn.ParameterList(setup.shared)  # the same parameters: zero_grad reaches them all
+        self.heads = nn.ParameterList([p for head in setup.heads for p in head])
+        self.setup, self.x = setup, torch.zeros(())
+
+    def losses(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        tasks, also, self.features = self.setup.forward()
+        return tasks, also
+
+
 def compare(name: str, model: nn.Module, x: torch.Tensor, shared: list[torch.Tensor], block: str,
             repeats: int, sync: Callable[[], None], clock: Callable[[], float]) -> None:
     solver = IMTLG()
@@ -87,7 +107,7 @@ def compare(name: str, model: nn.Module, x: torch.Tensor, shared: list[torch.Ten
         return t2 - t1, t2 - t0
 
     variants = ["plain", "auto", "batched", "loop"]
-    if block == "params" and mtl_backward is not None:
+    if mtl_backward is not None and hasattr(model, "features"):
         variants.append("torchjd")
     times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     n = len(variants)
@@ -121,8 +141,12 @@ def main() -> None:
     compare("multimodal VAE (3 modalities, batch 128)", vae, torch.randn(128, sum(vae.dims), device=dev),
             list(vae.encoder.parameters()), "auto", args.repeats, sync, clock)
     enc = Shared().to(dev)
-    compare("shared encoder, k = 8 (batch 64)", enc, torch.randn(64, 512, device=dev),
-            list(enc.encoder.parameters()), "params", args.repeats, sync, clock)
+    for block in ("auto", "params"):
+        compare("shared encoder, k = 8 (batch 64)", enc, torch.randn(64, 512, device=dev),
+                list(enc.encoder.parameters()), block, args.repeats, sync, clock)
+    mlp = SuiteMLP(dev)
+    compare("benchmark suite's mlp-k8 (batch 128)", mlp, mlp.x, list(mlp.encoder.parameters()), "auto",
+            args.repeats, sync, clock)
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, clock {args.clock}")
 
 

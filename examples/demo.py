@@ -4,7 +4,9 @@ Trains multimodal VAEs on sklearn's digits (image, the digit's word, a harder vi
 on sklearn's wine table, once with plain ``sum(losses).backward()`` ("vanilla") and once per solver with
 ``impartial.backward``, over several seeds; prints a table of per-modality metrics (mean ± std over
 seeds) and writes ``<out>/demo.png``, ``<out>/table.md`` and ``<out>/runs.jsonl`` (every run's config,
-curves and metrics, written as each run finishes; ``--replot`` rebuilds the table and figure from it).
+curves and metrics, written as each run finishes; ``--replot`` rebuilds the table and figure from it).  What the
+solver saw at each block over training (seed 0; :mod:`impartial.diagnostics`) is drawn in
+``<out>/conflicts_<model>.png`` and summarised, with a suggestion, in ``<out>/conflicts.md``.
 
     python examples/demo.py                 # the default job (a few minutes on 2 cores)
     python examples/demo.py --quick         # a smoke run (under a minute)
@@ -24,26 +26,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: vae_zoo sits beside this file
 
+from tqdm import tqdm  # noqa: E402
+
 from vae_zoo import report  # noqa: E402
 from vae_zoo.train import METHODS, MULTIMODAL, TABULAR, Config  # noqa: E402
 
 
-class Bar:
-    """A one-line progress bar on stderr (no dependency): epochs done over epochs planned, and time left."""
+def progress(total: int) -> tqdm:
+    """Epochs done over epochs planned: a live bar on a terminal.  Elsewhere (CI logs, files) no bar, whose
+    ``\\r`` frames would pile up in the log: :func:`finished` prints one plain line per finished run instead."""
+    return tqdm(total=total, unit="epoch", file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
 
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        frac = self.done / self.total
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / frac - elapsed if frac else 0.0
-        sys.stderr.write(f"\r[{'#' * int(30 * frac):<30}] {self.done}/{self.total} epochs  "
-                         f"{elapsed:5.0f}s elapsed, ~{eta:4.0f}s left ")
-        sys.stderr.flush()
-        if self.done >= self.total:
-            sys.stderr.write("\n")
+def finished(bar: tqdm, r: dict, done: int, runs: int) -> None:
+    """Say that run ``r`` finished (above the live bar, or as a plain line)."""
+    c = r["config"]
+    how = f"error: {r['error']}" if "error" in r else f"{r['seconds']:.0f} s"
+    line = f"[{done}/{runs} runs] {c['model']} {c['method']} seed {c['seed']} ({how})"
+    if bar.disable:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        bar.write(line, file=sys.stderr)
 
 
 def _run(cfg: Config, tick) -> dict:
@@ -77,30 +80,32 @@ def configs(args: argparse.Namespace) -> list[Config]:
 
 def run_all(cfgs: list[Config], jobs: int, log: Path) -> list[dict]:
     """Every run, in order; each finished record is also appended to ``log`` (JSON lines) at once."""
-    bar = Bar(sum(c.epochs for c in cfgs))
     log.write_text("")
+    with progress(sum(c.epochs for c in cfgs)) as bar:
+        done = []
 
-    def save(r: dict) -> None:
-        with log.open("a") as f:
-            f.write(json.dumps(r) + "\n")
+        def save(r: dict) -> None:
+            with log.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            done.append(r)
+            finished(bar, r, len(done), len(cfgs))
 
-    if jobs <= 1:
-        out = []
-        for c in cfgs:
-            out.append(_run(c, bar.update))
-            save(out[-1])
-        return out
-    ctx = mp.get_context("spawn")  # fork after torch import can deadlock its thread pools
-    with ctx.Manager() as manager, ctx.Pool(jobs) as pool:
-        ticks = manager.Queue()
-        pending = [pool.apply_async(_worker, (c, ticks), callback=save) for c in cfgs]
-        while bar.done < bar.total and not all(p.ready() for p in pending):
-            try:
-                bar.update(ticks.get(timeout=1.0))
-            except Exception:  # queue.Empty: a failed run never ticks its remaining epochs
-                pass
-        sys.stderr.write("\n")
-        return [p.get() for p in pending]
+        if jobs <= 1:
+            out = []
+            for c in cfgs:
+                out.append(_run(c, bar.update))
+                save(out[-1])
+            return out
+        ctx = mp.get_context("spawn")  # fork after torch import can deadlock its thread pools
+        with ctx.Manager() as manager, ctx.Pool(jobs) as pool:
+            ticks = manager.Queue()
+            pending = [pool.apply_async(_worker, (c, ticks), callback=save) for c in cfgs]
+            while not all(p.ready() for p in pending):
+                try:
+                    bar.update(ticks.get(timeout=1.0))
+                except Exception:  # queue.Empty: a failed run never ticks its remaining epochs
+                    pass
+            return [p.get() for p in pending]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -146,7 +151,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(text)
     (out / "table.md").write_text(text)
     report.figure(records, str(out / "demo.png"))
-    wrote = [out / "demo.png", out / "table.md"] + ([] if args.replot else [out / "runs.jsonl"])
+    diagnosed = report.diagnostics(records, out)
+    wrote = [out / "demo.png", out / "table.md", *diagnosed] + ([] if args.replot else [out / "runs.jsonl"])
     print(f"wrote {', '.join(map(str, wrote))} in {time.perf_counter() - t0:.0f} s")
     return records
 

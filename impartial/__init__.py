@@ -8,8 +8,8 @@ backward pass once.
 
 from __future__ import annotations
 
-from . import graph, solvers
+from . import diagnostics, graph, solvers
 from ._backward import Report, backward
 
-__all__ = ["backward", "Report", "graph", "solvers"]
+__all__ = ["backward", "Report", "diagnostics", "graph", "solvers"]
 __version__ = "0.1.0"

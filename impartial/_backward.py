@@ -1,215 +1,198 @@
-"""``impartial.backward``: a drop-in for ``sum(losses).backward()`` that resolves task conflicts where they meet.
+"""``impartial.backward``: a drop-in for ``sum(losses + also).backward()`` that resolves task conflicts where they
+meet.
 
-Three steps (see ``DESIGN.md``, "The picture"):
+The pipeline, one module per stage (read them in this order):
 
-1. **Trace** the graphs of the losses and find the blocks (:mod:`impartial.graph`).
-2. **Per-task gradients at each block**, from one batched backward (``is_grads_batched``) or a loop of one
-   backward per task, chosen by the graph's structure (:mod:`._engine`); the parameters of one task only
-   (heads) get their task's gradient in the same pass.  Where vmap cannot run an op, the loop replaces the
-   batched pass and the :class:`Report` says so.
-3. **Solve, then continue**: the solver maps the block's ``J [k, numel]`` to one direction (rescaled to the
-   norm of the plain sum when ``keep_norm``), and a single backward from all block edges and ``also`` terms
-   writes the shared parameters' gradients.
+1. :mod:`._call`: the arguments, validated;
+2. :mod:`.graph`: trace the losses' graphs and find the blocks; :mod:`._plan`: what each pass computes;
+3. :mod:`._task_grads`: the per-task gradients at every block (and each head's own gradient);
+4. :mod:`._resolve` with :mod:`._solve`: level by level, the solve at each block and its seed for the final pass
+   (``block="params"``: :mod:`._params`, :mod:`._param_gram`);
+5. :mod:`._final`: the final pass from the blocks, the checks, then the write through autograd's own
+   ``AccumulateGrad``.
 
-The last backward seeds block ``b`` with ``σ_b = d_b − a_b`` where ``d_b`` is its direction and ``a_b`` what
-reaches it from the seeds of blocks above it (zero for a top-level block), so that exactly ``d_b`` leaves
-every block.  Where some task also reaches a shared parameter on a path through no block (possible with
-``shared_params`` or marked blocks that do not cover every path), the last backward seeds every task loss
-too and ``σ_b = d_b − Σ_i J_b[i]``: the same gradients, with the heads traversed once more.
-
-Every autograd call is ``torch.autograd.grad``; ``.grad`` is written only at the end, so every error (bad
-input, freed graph, non-finite task gradient) leaves ``.grad`` untouched.  Post-accumulate-grad hooks on
-the parameters do not run (tensor hooks do).
+Every error (bad input, freed graph, non-finite gradient) is raised before any ``.grad`` is written
+(:mod:`._checks`); every torch internal used is in :mod:`._torch_compat`.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
-import torch
+import torch  # noqa: F401  (the doctest's namespace)
 from torch import Tensor
 from torch.autograd.graph import Node
 
-from . import solvers as _solvers
-from . import _distributed as _dist
-from ._blocks_pass import _BlocksPass
-from ._params_pass import _ParamsPass
-from ._engine import TASK_GRADS, NonFinite, _Engine
+from . import _fsdp
+from ._autograd import Log
+from ._call import Call, check_solvers, parse
+from ._checks import NonFinite, guard
+from ._final import check, final_pass, totals, write
+from ._params import params_stage
+from ._plan import plan
 from ._report import BlockReport, Report
-from ._solve import _Solving
+from ._resolve import resolve
+from ._task_grads import first_pass
 from .graph._blocks import _find
-from .graph._trace import Losses, Params, _as_losses, _as_params, _bits, _build, _Losses
-from .solvers import Solver, gram
+from .graph._inputs import Losses, Params, _Losses
+from .graph._trace import Graph, _build
+from .solvers import Solver
 
 __all__ = ["backward", "Report"]
 
 
 def backward(losses: Losses, shared_params: Params = None, *,
-             solver: Solver | str | Sequence[Solver] | None = None,
-             block: str | Sequence[Tensor] = "auto", also: Sequence[Tensor] = (), per_sample: bool = False,
-             keep_norm: bool = True, retain_graph: bool = False, task_grads: str = "auto",
-             nonfinite: str = "raise", process_group: Any = None) -> Report:
+             solver: Solver | str | Sequence[Solver | str] | None = None,
+             block: str | Tensor | Sequence[Tensor] = "auto", also: Sequence[Tensor | float] = (),
+             per_sample: bool = False, keep_norm: bool = True, retain_graph: bool = False, task_grads: str = "auto",
+             nonfinite: str = "raise", process_group: Any = None, nested: str = "resolved") -> Report:
     """Backpropagate ``losses`` (one scalar per task), resolving their conflicts where their gradients meet.
 
-    - ``losses``: scalar tensors (a list, a dict name → loss, or a 1-D tensor), one per task.
-    - ``shared_params``: the parameters whose gradients are resolved (None: inferred, the leaves that two
-      or more tasks reach); ``named_parameters()`` gives readable names in errors and the report.  Every
-      other leaf gets its plain gradient.
-    - ``solver``: a :class:`~impartial.solvers.Solver` (default ``IMTLG()``), its name, or one solver per
-      block (a stateful solver shared by several blocks would mix their states).
-    - ``block``: ``"auto"`` (the blocks of :func:`impartial.graph.find_blocks`), ``"params"`` (solve on the
-      shared parameters' own gradients, k vector-Jacobian products in one batched call; where the graph
-      proves every shared parameter is a Linear layer's weight or bias, the Gram matrix comes from the layers'
-      inputs and output gradients, without forming ``J``: ``Report.blocks[0].gram_from``), or a list of
-      activations to use as blocks.
-    - ``also``: terms added plainly, never tasks (a KL, a regulariser).
-    - ``per_sample``: a block's leading dim is the batch: B problems of size ``k × numel/B``.  A block that
-      is a parameter (read directly by several tasks) is solved as one problem.
-    - ``keep_norm``: rescale each block's direction to the norm of the plain sum (per sample).
-    - ``retain_graph``: as in torch.  The backward through the shared parameters frees the graph; with
-      ``block="params"`` the graph is not freed early but released with the losses.
-    - ``task_grads``: how the per-task gradients are computed at each block: ``"batched"`` (one vmapped
-      backward, ``is_grads_batched``), ``"loop"`` (one backward per task, from its own loss), or ``"auto"``:
-      the loop where the tasks' paths above the block are mostly disjoint (separate heads: each head is then
-      traversed once, as in a plain backward, where a batched pass would run it on all k rows), the batched
-      pass where they share most of it.  ``Report.blocks[i].task_grads`` says which ran (docs/backward.md).
-    - ``nonfinite``: ``"raise"`` (a non-finite task gradient raises, naming the task, before any ``.grad`` is
-      written) or ``"skip"``: such a task is dropped from the whole call (as if it had not been passed: no
-      block, head or parameter receives its gradient), the others are resolved, and ``Report.skipped`` names
-      it.  Stateful solvers are restored to their state before the call when a task is dropped.
-    - ``process_group``: under ``torch.distributed`` (e.g. inside ``DistributedDataParallel``, each rank on its
-      local batch) the default group is used when initialised; this overrides it.  Ranks exchange the block
-      Gram matrices (activation blocks) or the per-task gradients (parameter blocks) so that every rank
-      computes the full-batch weights; ``.grad`` is then written through autograd, so DDP's gradient
-      all-reduce fires once per parameter (:mod:`impartial._distributed`, docs/distributed.md).
+    - ``losses``: one-element tensors (a list, a dict name → loss, or a 1-D tensor), one per task.
+    - ``shared_params``: the parameters whose gradients are resolved (None: inferred, the leaves that two or more
+      tasks reach); a module or ``named_parameters()`` gives readable names.  Parameters that do not require grad
+      are left out.  With ``block="auto"`` every leaf below a block (listed or not) gets the resolved gradient,
+      every leaf above the blocks (a head) its own task's gradient.
+    - ``solver``: a :class:`~impartial.solvers.Solver` (default ``IMTLG()``), its name (stateless solvers only), or
+      one solver per block.  A stateful solver keeps one state per block (``Solver.for_block``).
+    - ``block``: ``"auto"`` (the blocks of :func:`impartial.graph.find_blocks`), ``"params"`` (solve on the shared
+      parameters' own gradients; where the graph proves every shared parameter is a Linear layer's weight or
+      bias, the Gram matrix comes from the layers' inputs and output gradients, without forming ``J``), or the
+      activation tensor(s) to use as blocks.
+    - ``also``: terms added plainly, never tasks (a KL, a regulariser); constants add nothing.
+    - ``per_sample``: a block's leading dim is the batch: B problems of size ``k × numel/B``.
+    - ``keep_norm``: rescale each block's direction to the norm of the plain sum (per sample).  A Pareto-stationary
+      block (its exact direction is 0) passes 0 (:mod:`impartial._solve`).
+    - ``retain_graph``: as in torch: without it the graph is freed.
+    - ``task_grads``: ``"batched"`` (one vmapped backward), ``"loop"`` (one backward per task) or ``"auto"``: the
+      loop where the tasks' paths above the blocks are mostly disjoint, the batched pass where they share most.
+    - ``nonfinite``: ``"raise"`` (a non-finite gradient raises, naming the task, ``also`` term or parameter, before
+      any ``.grad`` is written) or ``"skip"``: the offending task or ``also`` term is dropped from the whole call
+      (``Report.skipped`` names it; stateful solvers are restored), which needs the graph kept: with ``"skip"``
+      the graph is retained as with ``retain_graph=True``.
+    - ``process_group``: under ``torch.distributed`` the default group when initialised; ranks exchange the block
+      Gram matrices (activation blocks) or shares of the per-task gradients (parameter blocks), under DDP or FSDP2
+      (``fully_shard``: ``shared_params`` may be the sharded parameters), see docs/distributed.md.
+    - ``nested``: what a block below others solves on: ``"resolved"`` (each task's gradient after the blocks above
+      resolved it) or ``"direct"`` (only what reaches it on paths through no block above; what the blocks above
+      send passes it unchanged: the paper's reference hooks).  Only nested blocks differ (docs/backward.md).
 
-    Gradients accumulate into ``.grad``.  With k = 1 this is a plain backward.
-    Solvers get ``losses=`` (the detached losses of the block's tasks, ``[B, k_b]`` when per-sample).
-    Coordinate solvers (GradDrop) also get ``inputs=``, the block's activation, at marked blocks; at automatic
-    blocks autograd keeps no handle on the activation, so they run without it (GradDrop's form without the
-    input sign).  Errors name the loss or parameter and leave every ``.grad`` untouched.
+    Gradients accumulate into ``.grad`` through autograd's own ``AccumulateGrad``: every parameter's tensor hooks
+    fire once with its whole gradient, then its post-accumulate-grad hooks, once (DDP's reducer included).  Every
+    node below the blocks runs once, with the gradient it receives; a hook on a block tensor sees the resolved
+    direction, once, when the block is marked or a head saved it for backward (docs/backward.md has the exact
+    rules).  With ``Sum()`` and ``keep_norm=False`` the result equals ``sum(losses + also).backward()``.
 
     >>> from impartial.solvers import Sum
     >>> enc, x = torch.nn.Linear(3, 4), torch.randn(8, 3)
     >>> z = enc(x)
-    >>> report = backward([z.sum(), z.pow(2).sum()], enc.parameters(), solver=Sum(), keep_norm=False)
+    >>> report = backward([z.sum(), z.pow(2).sum()], enc, solver=Sum(), keep_norm=False)
     >>> report.blocks[0].name, enc.weight.grad.shape
     ('AddmmBackward0 [8, 4]', torch.Size([4, 3]))
     """
-    tasks = _as_losses(losses, "losses")
-    extra = _as_losses(also, "also", offset=len(tasks.outs), allow_empty=True)
-    params = _as_params(shared_params)
-    solvers = [_as_solver(s) for s in solver] if isinstance(solver, (list, tuple)) else [_as_solver(solver)]
-    if isinstance(block, str) and block not in ("auto", "params"):
-        raise ValueError(f"block must be 'auto', 'params' or a list of tensors, got {block!r}")
-    if per_sample and isinstance(block, str) and block == "params":
-        raise ValueError("per_sample=True needs activation blocks (parameters have no batch dim); use block='auto'")
-    if task_grads not in TASK_GRADS:
-        raise ValueError(f"task_grads must be one of {TASK_GRADS}, got {task_grads!r}")
-    if nonfinite not in ("raise", "skip"):
-        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-    mode = block if isinstance(block, str) else "explicit"
-    name = repr(solvers[0]) if len(solvers) == 1 else f"[{', '.join(map(repr, solvers))}]"
-    states = [copy.deepcopy(s.state_dict()) for s in solvers] if nonfinite == "skip" else []
-    group = _dist.resolve_group(process_group)
-    names, skipped = list(tasks.names), []
+    call = parse(losses, shared_params, solver, block, also, per_sample, keep_norm, retain_graph, task_grads,
+                 nonfinite, process_group, nested)
+    full, fsdp = _fsdp.session(call)  # FSDP2: the unsharded parameters are the leaves (None: no fully_shard)
+    with _fsdp.hold(fsdp):  # FSDP's post-backward runs once, after the write
+        (reports, total, g, log, notes), dropped = _attempts(full, fsdp)
+        write(g, total)
+    _fsdp.finish(fsdp)
+    names = full.tasks.names + full.extra.names
+    return Report(full.mode, full.solver_name, tuple(full.tasks.names), tuple(full.extra.names), tuple(reports),
+                  log.fallback, tuple(names[i] for i in sorted(dropped)), tuple(notes))
+
+
+def _attempts(full: Call, fsdp: _fsdp.Session | None) -> tuple[tuple, list[int]]:
+    """``_run``'s result, and the losses dropped for a non-finite gradient (``nonfinite="skip"``: task indices, then
+    ``k + j`` for the ``j``-th ``also`` term; each drop restores the stateful solvers and runs the call again)."""
+    states = [copy.deepcopy(s.state_dict()) for s in full.solvers] if full.nonfinite == "skip" else []
+    call, dropped = full, list[int]()
     while True:
-        kept = [i for i in range(len(names)) if i not in skipped]
-        sub, sub_extra = (tasks, extra) if not skipped else _subset(tasks, extra, kept)
-        g = _build(sub, sub_extra, params if sub.outs else None, strict=not skipped)
-        run = _Run(g, sub, sub_extra, retain_graph, task_grads=task_grads, solvers=solvers, per_sample=per_sample,
-                   keep_norm=keep_norm, check_one=nonfinite == "skip", group=group)
         try:
-            run.run(mode, block)
+            return _run(call, fsdp, strict=not dropped), dropped
         except NonFinite as err:
-            if nonfinite == "raise":
+            if full.nonfinite == "raise" or err.task is None:
                 raise FloatingPointError(str(err)) from None
-            skipped.append(kept[err.task])
-            for s, state in zip(solvers, states):
+            dropped.append(_original(full, call, err.task))
+            for s, state in zip(full.solvers, states):
                 s.load_state_dict(copy.deepcopy(state))
-            continue
-        break
-    run.write()
-    return Report(mode, name, tuple(tasks.names), tuple(extra.names), tuple(run.reports), run.fallback,
-                  tuple(names[i] for i in sorted(skipped)))
+            call = _without(full, dropped)
 
 
-def _subset(tasks: _Losses, extra: _Losses, kept: list[int]) -> tuple[_Losses, _Losses]:
-    """The losses without the dropped tasks: masks renumbered (task ``kept[j]`` becomes bit ``j``)."""
-    k, k2 = len(tasks.outs), len(kept)
+def _run(call: Call, fsdp: _fsdp.Session | None,
+         strict: bool) -> tuple[list[BlockReport], dict[Node, Tensor], Graph, Log, list[str]]:
+    """Every stage but the write: the block reports, each leaf's total, the plan, the log, warnings."""
+    g = _build(call.tasks, call.extra, call.params if call.tasks.outs else None, strict=strict)
+    _fsdp.prepare(fsdp, g)
+    log = Log()
+    with guard(g, call.tasks, call.extra):
+        if call.mode == "params" and g.k > 1:
+            check_solvers(call, 1)
+            params_reports, params_parts, owner = params_stage(call, g, log)
+            total = totals(params_parts)
+            check(call, g, (), total, owner)
+            return params_reports, total, g, log, []
+        _find(g, call.tasks, explicit=None if call.mode == "auto" else call.marked if g.k > 1 else [])
+        check_solvers(call, len(g.blocks))
+        notes = _notes(call, g)
+        p = plan(g, marked=call.mode != "auto")
+        parts: list[tuple[Node, Tensor]] = []
+        sigma: dict[int, Tensor] = {}
+        reports: list[BlockReport] = []
+        if p.blocks:
+            first = first_pass(call, p, log)
+            parts += first.heads
+            sigma, reports, block_parts = resolve(call, p, log, first)
+            parts += block_parts
+        parts += final_pass(call, p, sigma).items()
+        total = totals(parts)
+        seeds = {n for n in p.finals}  # leaves the final pass reaches: not a head's alone
+        owner = {n: tuple(p.layout.rows[r] for r in rs) for n, rs in zip(p.heads, p.layout.owner) if n not in seeds}
+        check(call, g, p.layout.seeded, total, owner)
+    return reports, total, g, log, notes
+
+
+def _notes(call: Call, g: Any) -> list[str]:
+    """Warnings for the report (also raised as ``UserWarning``)."""
+    notes = []
+    if (call.mode == "auto" and g.blocks and all(b.leaf is not None for b in g.blocks)
+            and any(type(n).__name__ == "CompiledFunctionBackward" for n in g.nodes)):
+        notes.append("the whole multi-loss forward was compiled as one graph (torch.compile): autograd sees one node "
+                     f"for it, so each of the {len(g.blocks)} shared parameters is its own block. Compile the trunk "
+                     "and the heads separately to resolve at the trunk's output (docs/compile.md)")
+    for n in notes:
+        warnings.warn(n, stacklevel=4)
+    return notes
+
+
+def _original(full: Call, call: Call, index: int) -> int:
+    """The index in the full call of loss ``index`` of the current (reduced) call."""
+    k, k0 = len(call.tasks.outs), len(full.tasks.outs)
+    if index < k:
+        return full.tasks.names.index(call.tasks.names[index])
+    return k0 + full.extra.names.index(call.extra.names[index - k])
+
+
+def _without(full: Call, dropped: list[int]) -> Call:
+    """The call without the dropped tasks and ``also`` terms (masks renumbered)."""
+    k = len(full.tasks.outs)
+    kept = [i for i in range(k) if i not in dropped]
+    kept_also = [j for j in range(len(full.extra.outs)) if k + j not in dropped]
+    order = kept + [k + j for j in kept_also]
+    new = {old: i for i, old in enumerate(order)}
 
     def remask(m: int) -> int:
-        out = 0
-        for j, i in enumerate(kept):
-            out |= (m >> i & 1) << j
-        return out | (m >> k) << k2
+        return sum(1 << new[b] for b in range(m.bit_length()) if m >> b & 1 and b in new)
 
-    roots = [(e, remask(m)) for e, m in tasks.roots if remask(m)]
-    return (_Losses([tasks.outs[i] for i in kept], [tasks.names[i] for i in kept], roots, tasks.fused),
-            _Losses(extra.outs, extra.names, [(e, remask(m)) for e, m in extra.roots]))
+    roots = [(e, remask(m)) for e, m in full.tasks.roots]
+    tasks = _Losses([full.tasks.outs[i] for i in kept], [full.tasks.names[i] for i in kept],
+                    [(e, m) for e, m in roots if m], full.tasks.fused, full.tasks.stacked)
+    extra_roots = [(e, remask(m)) for e, m in full.extra.roots]
+    extra = _Losses([full.extra.outs[j] for j in kept_also], [full.extra.names[j] for j in kept_also],
+                    [(e, m) for e, m in extra_roots if m])
+    return replace(full, tasks=tasks, extra=extra)
 
-
-def _as_solver(solver: Solver | str | None) -> Solver:
-    if solver is None:
-        return _solvers.IMTLG()
-    if isinstance(solver, str):
-        return _solvers.get(solver)
-    if not isinstance(solver, Solver):
-        raise TypeError(f"solver must be a Solver or its name, got {type(solver).__name__}")
-    return solver
-
-
-@dataclass
-class _Run(_ParamsPass, _BlocksPass, _Solving, _Engine):
-    """One call: the passes of ``block="params"`` (:mod:`._params_pass`) and of the blocks
-    (:mod:`._blocks_pass`), and the solve at each block (:mod:`._solve`)."""
-
-    #: one solver for every block, or one per block (stateful solvers keep one state per block)
-    solvers: list[Solver] = field(default_factory=list)
-    per_sample: bool = False
-    keep_norm: bool = True
-    #: nonfinite="skip": check a lone task's gradient too (k = 1 is otherwise a plain, unchecked backward)
-    check_one: bool = False
-    reports: list[BlockReport] = field(default_factory=list)
-
-    def run(self, mode: str, block: str | Sequence[Tensor]) -> None:
-        """Every pass of one call; gradients are collected, not written."""
-        g, tasks = self.g, self.tasks
-        if g.k == 0:  # every task was dropped (nonfinite="skip"): the also terms only
-            for n, a in self.also_grads(retain=self.retain_graph):
-                self.add(n, a)
-            return
-        if g.k == 1:  # nothing to resolve: a plain backward
-            if self.check_one:  # nonfinite="skip": a lone task is still checked (and dropped if need be)
-                leaves = [g.leaves[n] for n in g.nodes if n in g.leaves and g.mask(n) & 1]
-                own = tuple(r for r in self.grad(tasks.outs[:1], leaves, [torch.ones_like(tasks.outs[0])])
-                            if r is not None)
-                bad = self.first_bad([([([f"the gradient of {tasks.names[0]!r}"] * len(own), 0)], own)])
-                if bad is not None:
-                    raise NonFinite(f"{bad[0]} is not finite", 0)
-            _find(g, tasks, explicit=[])
-            self.blocks_pass()
-        elif mode == "params":
-            self.check_solvers(1)
-            self.params_pass()
-        else:
-            _find(g, tasks, explicit=None if mode == "auto" else list(block))
-            self.check_solvers(len(g.blocks))
-            self.blocks_pass(auto=mode == "auto")
-
-    def check_solvers(self, n_blocks: int) -> None:
-        if len(self.solvers) > 1 and len(self.solvers) != n_blocks:
-            raise ValueError(f"{len(self.solvers)} solvers were given, one per block, but there are {n_blocks} "
-                             "blocks (see impartial.graph.find_blocks)")
-
-    def also_grads(self, retain: bool) -> list[tuple[Node, Tensor]]:
-        """The plain gradient of the ``also`` terms, per leaf."""
-        if not self.extra.outs:
-            return []
-        leaves = [n for n in self.g.nodes if n in self.g.leaves and self.g.mask(n) >> self.g.k]
-        out = self.grad(self.extra.outs, [self.g.leaves[n] for n in leaves],
-                        [torch.ones_like(a) for a in self.extra.outs], retain=retain)
-        return [(n, a) for n, a in zip(leaves, out) if a is not None]

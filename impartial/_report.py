@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .solvers import Status
+
 __all__ = ["Report", "BlockReport"]
 
 
@@ -36,6 +38,17 @@ class BlockReport:
     #: shared parameters were formed) or "linear" (from each matrix-product layer's input and per-task output
     #: gradients, then one weighted backward; ``J`` never formed); None at activation blocks
     gram_from: str | None = None
+    #: how the solve ended: :class:`impartial.solvers.Status` codes, one per problem (``[B]`` per sample); read
+    #: with :attr:`statuses`
+    status: Tensor | None = None
+
+    @property
+    def statuses(self) -> tuple[str, ...]:
+        """The names of the statuses that occurred (e.g. ``("OK",)``, ``("STATIONARY",)``), worst last."""
+        if self.status is None:
+            return ("OK",)
+        codes = sorted(set(self.status.reshape(-1).tolist()))
+        return tuple(Status(c).name for c in codes)
 
     @property
     def cosine(self) -> Tensor:
@@ -61,22 +74,26 @@ class Report:
     blocks: tuple[BlockReport, ...]
     fallback: str | None = None
     skipped: tuple[str, ...] = ()
+    #: things the caller should know that are not errors (e.g. a whole-forward-compiled model)
+    warnings: tuple[str, ...] = ()
 
     @property
     def vmap_fallback(self) -> bool:
         return self.fallback is not None
 
     def __str__(self) -> str:
-        also = f", also {', '.join(self.also)}" if self.also else ""
+        also = f"; also terms: {', '.join(self.also)}" if self.also else ""
         lines = [f"impartial.backward: {len(self.tasks)} tasks ({', '.join(self.tasks)}){also}; "
                  f"solver {self.solver}; block={self.mode!r}"]
         if not self.blocks:
             lines.append("no block: a plain backward")
         for i, b in enumerate(self.blocks):
             below = f", below block {', '.join(map(str, b.above))}" if b.above else ""
-            via = {"J": "; Gram from J", "linear": "; Gram from the layers' inputs (J not formed)"}.get(b.gram_from, "")
+            via = {"J": "; Gram from J", "linear": "; Gram from the layers' inputs (J not formed)"}.get(
+                b.gram_from or "", "")
+            st = "" if b.statuses == ("OK",) else f"; status {'/'.join(b.statuses)}"
             lines.append(f"block {i}: {b.name}{below}; {len(b.tasks)} tasks; keep_norm scale "
-                         f"{float(b.scale.double().mean()):.4g}{via}")
+                         f"{float(b.scale.double().mean()):.4g}{via}{st}")
             col = max(9, *(len(t) for t in b.tasks))
             head = f"  {'cosine':<{col}}" + "".join(f" {t:>{col}}" for t in b.tasks)
             w = None
@@ -95,6 +112,7 @@ class Report:
             lines.append(f"a batched pass was replaced by a loop over tasks: {self.fallback}")
         if self.skipped:
             lines.append(f"skipped (non-finite gradient): {', '.join(self.skipped)}")
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 

@@ -21,10 +21,9 @@ MODES = ["auto", "params", "explicit"]
 def _force_task_grads(monkeypatch: pytest.MonkeyPatch) -> None:
     """``IMPARTIAL_TASK_GRADS=batched`` (or ``loop``) runs every test of this module with that per-task pass
     forced (tests that choose ``task_grads=`` themselves are then skipped)."""
-    from impartial._engine import _Engine
+    import impartial._autograd as A
 
-    force = os.environ.get("IMPARTIAL_TASK_GRADS") or None
-    monkeypatch.setattr(_Engine, "force", force)
+    monkeypatch.setattr(A, "FORCE", os.environ.get("IMPARTIAL_TASK_GRADS") or None)
 
 
 chooses = pytest.mark.skipif(bool(os.environ.get("IMPARTIAL_TASK_GRADS")),
@@ -330,15 +329,17 @@ def test_per_task_gradients_come_from_one_batched_backward_or_a_loop(monkeypatch
 
 
 @chooses
-def test_auto_batches_where_the_tasks_share_the_graph_above_the_block() -> None:
-    """Losses that are columns of one shared head, with the block marked below the head: a loop would traverse
-    the head k times, a batched pass once.  (Above an automatic top-level block the tasks never share a node:
-    the block is where they first meet.  They do above a marked block and in ``block="params"``.)"""
+def test_auto_loops_from_the_losses_and_batches_only_when_asked() -> None:
+    """Losses that are columns of one shared head, with the block marked below the head: a batched pass would run
+    the head once, but each loss has nodes of its own (its column, its square), whose hooks would see batched
+    tensors under vmap: ``"auto"`` loops; ``task_grads="batched"`` batches."""
     model, x = make("mlp")
     z = model.trunk(x)
     out = model.heads[0](z)  # one shared head, two columns
     tasks = [out[:, 0].pow(2).mean(), out[:, 1].pow(2).mean()]
     report = impartial.backward(tasks, model.trunk.parameters(), block=[z], retain_graph=True)
+    assert report.blocks[0].task_grads == "loop"
+    report = impartial.backward(tasks, model.trunk.parameters(), block=[z], retain_graph=True, task_grads="batched")
     assert report.blocks[0].task_grads == "batched"
     assert impartial.backward(tasks, model.trunk.parameters()).blocks[0].task_grads == "loop"
 
@@ -596,9 +597,9 @@ def test_skip_ignores_a_shared_parameter_only_the_dropped_task_reached() -> None
 
 
 def test_the_overlap_plan_kept_per_structure_matches_a_fresh_one() -> None:
-    """``_overlap`` keeps which nodes it weighs per (structure, targets, tasks): every combination, asked in
+    """``overlap`` keeps which nodes it weighs per (structure, targets, tasks): every combination, asked in
     turn on graphs of two structures, gets the value computed from scratch."""
-    from impartial import _engine
+    from impartial import _autograd
     from impartial.graph import trace
 
     def cases() -> list:
@@ -612,8 +613,8 @@ def test_the_overlap_plan_kept_per_structure_matches_a_fresh_one() -> None:
                     out.append((g, targets, mask))
         return out
 
-    _engine._PLANS.clear()
-    fresh = [_engine._overlap(g, t, m) for g, t, m in cases()]
+    _autograd._RUNS.clear()
+    fresh = [_autograd.overlap(g, t, m) for g, t, m in cases()]
     for _ in range(2):
-        assert [_engine._overlap(g, t, m) for g, t, m in cases()] == fresh
-    assert len(set(fresh)) > 3 and len(_engine._PLANS) == 8
+        assert [_autograd.overlap(g, t, m) for g, t, m in cases()] == fresh
+    assert len(set(fresh)) > 3 and len(_autograd._RUNS) == 8

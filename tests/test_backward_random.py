@@ -10,15 +10,15 @@ from __future__ import annotations
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from test_backward import UnitSum, _close
 from torch import Tensor, nn
 
 import impartial
-from impartial._engine import _Engine
+import impartial._autograd as A
 from impartial.graph import find_blocks
 from impartial.solvers import Sum
 from models import DTYPE
 from reference.backward import backward_ref
-from test_backward import UnitSum, _close
 
 
 class Ladder(nn.Module):
@@ -62,11 +62,11 @@ def ladders(draw: st.DrawFn) -> tuple[int, list[list[int]], int]:
 @given(ladders(), st.booleans(), st.booleans())
 def test_blocks_and_gradients_match_the_reference_on_random_ladders(ladder, also: bool, batched: bool) -> None:
     """Also with the per-task gradients from the loop (the vmap fallback) instead of the batched backward."""
-    _Engine.force = "batched" if batched else "loop"
+    A.FORCE = "batched" if batched else "loop"
     try:
         _check_ladder(ladder, also)
     finally:
-        _Engine.force = None
+        A.FORCE = None
 
 
 def _check_ladder(ladder: tuple[int, list[list[int]], int], also: bool) -> None:

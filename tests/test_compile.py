@@ -95,7 +95,9 @@ def test_a_wholly_compiled_forward_hides_the_block_and_the_report_shows_it() -> 
     torch._dynamo.reset()
     model, x = make("mlp")
     tasks, also, _ = torch.compile(model.losses, backend="aot_eager")(x)
-    report = impartial.backward(tasks, shared_params(model), solver=Sum(), also=also, keep_norm=False)
+    with pytest.warns(UserWarning, match="compiled as one graph"):
+        report = impartial.backward(tasks, shared_params(model), solver=Sum(), also=also, keep_norm=False)
+    assert len(report.warnings) == 1 and "compiled as one graph" in str(report)
     n_shared = len(shared_params(model))
     assert len(report.blocks) == n_shared
     assert all(b.name.startswith("shared_params[") for b in report.blocks), [b.name for b in report.blocks]

@@ -8,12 +8,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_contract import assert_close
 from torch import Tensor
 
 from impartial.solvers import NSGD, Compose, GradDrop, GradNorm, GradVac, PCGrad, gram
 from rows.projection import _CyclicPCGrad
 from strategies import jacobians
-from test_contract import assert_close
 
 
 def _members(seed: int) -> list:
@@ -77,3 +77,24 @@ def test_compose_state_round_trips_through_all_members() -> None:
     b.load_state_dict(copy.deepcopy(a.state_dict()))
     for J in Js[2:]:
         assert torch.equal(a(J), b(J))
+
+
+def test_compose_reports_the_worst_member_status_and_passes_the_precision() -> None:
+    from impartial.solvers import IMTLG, NashMTL, Status, Sum
+
+    g = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G = gram(torch.stack([g, -g]))
+    assert int(Compose(Sum(), IMTLG()).solve(G).status) == Status.STATIONARY
+    J = torch.randn(5, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * torch.logspace(
+        -3, 3, 5, dtype=torch.float64)[:, None]
+    sol = Compose(IMTLG(), NashMTL(iters=1)).solve(gram(J))
+    assert int(sol.status) == Status.NOT_CONVERGED and sol.weights.isfinite().all()
+    assert int(Compose(IMTLG(), NashMTL()).solve(gram(J)).status) == Status.OK
+    # the members see J's precision (IMTLG's cut-offs differ between float32 and float64 here)
+    gen = torch.Generator().manual_seed(0)
+    a, b, noise = (torch.randn(4096, generator=gen) for _ in range(3))
+    J32 = torch.stack([a, 2 * a, -0.5 * a + 1e-4 * noise, b])
+    G32 = gram(J32)
+    assert torch.allclose(Compose(Sum(), IMTLG()).weights(G32, precision=torch.float32),
+                          IMTLG().weights(G32, precision=torch.float32), rtol=1e-12, atol=0)
+    assert not torch.allclose(Compose(Sum(), IMTLG()).weights(G32), IMTLG().weights(G32, precision=torch.float32))

@@ -155,3 +155,17 @@ def test_quick_demo_writes_table_and_figure(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "worst modality" in table and "worst column" in table and "±" in table
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(records)
+    # what the solver saw at the blocks (seed 0 of each solver run): a picture per model and the summary
+    for model in ("mmvae", "vae"):
+        assert (tmp_path / f"conflicts_{model}.png").stat().st_size > 10_000
+    summary = (tmp_path / "conflicts.md").read_text()
+    assert "## mmvae, imtlg" in summary and "norms differ" in summary and "→" in summary
+
+
+def test_demo_progress_is_plain_lines_off_a_terminal(capsys):
+    import demo
+
+    bar = demo.progress(3)  # pytest captures stderr: not a terminal
+    assert bar.disable
+    demo.finished(bar, {"config": {"model": "vae", "method": "imtlg", "seed": 0}, "seconds": 1.2}, 1, 2)
+    assert capsys.readouterr().err == "[1/2 runs] vae imtlg seed 0 (1 s)\n"

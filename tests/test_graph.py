@@ -172,3 +172,14 @@ def test_blocks_found_before_are_not_reused_when_only_the_task_also_split_differ
     for _ in range(2):
         for split, blocks in want.items():
             assert found(split, fresh=False) == blocks
+
+
+def test_draw_without_matplotlib_names_the_extra(monkeypatch, tmp_path) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    x = torch.randn(4, 3)
+    z = torch.nn.Linear(3, 2)(x)
+    with pytest.raises(ModuleNotFoundError, match=r"impartial\[graph\]"):
+        draw([z.sum(), z.pow(2).sum()], path=tmp_path / "g.png", engine="matplotlib")

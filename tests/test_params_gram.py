@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 import impartial
-import impartial._params_pass as PP
-from impartial.solvers import GradDrop, IMTLG, MGDA, Sum, UPGrad
+import impartial._param_gram as PP
+from impartial.solvers import IMTLG, MGDA, GradDrop, Sum, UPGrad
 
 D = torch.float64
 SOLVERS = {"Sum": Sum, "UPGrad": UPGrad, "MGDA": MGDA, "IMTLG": IMTLG}
@@ -42,16 +42,16 @@ def _run(trunk: nn.Module, heads: list[nn.Module], x: Tensor, gram: bool,
     params = list(trunk.parameters()) + [p for h in heads for p in h.parameters()]
     for p in params:
         p.grad = None
-    orig = PP._linear_plan
+    orig = PP.matrix_layers
     if not gram:
-        PP._linear_plan = lambda g, shared: None
+        PP.matrix_layers = lambda g, shared: None
     try:
         h = trunk(x)
         losses = [loss(i, hd(h)) if loss is not None else (hd(h) - i).pow(2).mean() for i, hd in enumerate(heads)]
         for _ in range(times):
             rep = impartial.backward(losses, block="params", **kw)
     finally:
-        PP._linear_plan = orig
+        PP.matrix_layers = orig
     return [None if p.grad is None else p.grad.clone() for p in params], rep
 
 
@@ -89,11 +89,11 @@ def test_layer_gram_both_ways(N: int, bias: bool, kernel: bool) -> None:
     torch.manual_seed(N)
     Dl, X = torch.randn(5, N, 7, dtype=D), torch.randn(N, 4, dtype=D)
     J = torch.cat([(Dl.transpose(1, 2) @ X).reshape(5, -1)] + ([Dl.sum(1)] if bias else []), dim=1)
-    G, plain = PP._layer_gram(Dl, X, True, bias, kernel=kernel)
+    G, plain = PP.layer_gram(Dl, X, True, bias, kernel=kernel)
     tol = 1e-13 * float((J @ J.T).abs().max())
     assert torch.allclose(G, J @ J.T, rtol=0, atol=tol)
     assert torch.allclose(plain, J.sum(0).pow(2).sum(), rtol=1e-13, atol=0)
-    assert PP._layer_gram(Dl, X, True, bias)[0].allclose(G, rtol=0, atol=tol)
+    assert PP.layer_gram(Dl, X, True, bias)[0].allclose(G, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("task_grads", ["batched", "loop"])

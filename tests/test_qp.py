@@ -58,10 +58,10 @@ def test_nonneg_qp_kkt_conditions_hold(host: bool, J: torch.Tensor, m: int, seed
     # the host schedule runs until every problem is solved; the fixed one must say where it is not
     ok = r <= RESIDUAL_TOL
     assert ok.all() or not host, r
-    for x, c in zip(x[ok], c[ok]):
-        lam = x @ H + c
-        assert lam.min() >= -KKT_TOL * (1 + c.abs().max())
-        assert (lam * x).abs().max() <= KKT_TOL * (1 + c.abs().max()) * (1 + x.abs().max())
+    for xi, ci in zip(x[ok], c[ok]):
+        lam = xi @ H + ci
+        assert lam.min() >= -KKT_TOL * (1 + ci.abs().max())
+        assert (lam * xi).abs().max() <= KKT_TOL * (1 + ci.abs().max()) * (1 + xi.abs().max())
 
 
 @pytest.mark.parametrize("host", PATHS)
@@ -137,13 +137,16 @@ def test_each_method_agrees_with_a_long_active_set_batched(host: bool, k: int, d
     H, Jn = p.H, J / p.s.sqrt()[:, None, None]
     c = torch.randn(3, 2, k, generator=gen, dtype=J.dtype) @ H
     z = torch.zeros(3, 1, k, dtype=J.dtype)
-    for X, R in [(nonneg_qp(H, c, host=host)[0], nonneg_qp(H, c, 3 * default_iters(k), host=False)[0]),
-                 (simplex_qp(H, z, host=host)[0], simplex_qp(H, z, 3 * default_iters(k), host=False)[0])]:
+    for X, R in [
+        (nonneg_qp(H, c, host=host)[0], nonneg_qp(H, c, 3 * default_iters(k), host=False)[0]),
+        (simplex_qp(H, z, host=host)[0], simplex_qp(H, z, 3 * default_iters(k), host=False)[0]),
+    ]:
         _directions_close(X, R, Jn, 1e-8)
     # the host's projected gradient stops at a residual of 1e-12, not at a face minimiser: 1e-10 there
     for b in range(3):
-        _directions_close(nonneg_qp(H, c, host=host)[0][b], nonneg_qp(H[b], c[b], host=host)[0], Jn[b],
-                          1e-10 if host else 1e-12)
+        _directions_close(
+            nonneg_qp(H, c, host=host)[0][b], nonneg_qp(H[b], c[b], host=host)[0], Jn[b], 1e-10 if host else 1e-12
+        )
 
 
 @pytest.mark.parametrize("host", PATHS)
@@ -152,7 +155,9 @@ def test_all_zero_gram_gives_a_simplex_point_and_the_zero_nonneg_point(host: boo
     assert float(p.s) == 1.0
     w, _ = simplex_qp(p.H, torch.zeros(1, 4, dtype=p.H.dtype), host=host)
     assert (w >= 0).all() and abs(float(w.sum()) - 1) <= 1e-12  # every simplex point is optimal
-    assert torch.equal(nonneg_qp(p.H, torch.zeros(2, 4, dtype=p.H.dtype), host=host)[0], torch.zeros(2, 4, dtype=p.H.dtype))
+    assert torch.equal(
+        nonneg_qp(p.H, torch.zeros(2, 4, dtype=p.H.dtype), host=host)[0], torch.zeros(2, 4, dtype=p.H.dtype)
+    )
 
 
 def test_interior_point_path_runs_under_vmap_and_compile() -> None:

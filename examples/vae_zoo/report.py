@@ -114,3 +114,29 @@ def figure(records: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def diagnostics(records: list[dict], out) -> list:
+    """Per model, the first diagnosed run's (seed 0, first solver method) picture ``<out>/conflicts_<model>.png``
+    and every diagnosed run's summary in ``<out>/conflicts.md`` (printed too); returns the paths written."""
+    from pathlib import Path
+
+    from impartial.diagnostics import Recorder
+
+    out = Path(out)
+    done, text, wrote = set(), ["# What the solvers saw at each block (seed 0)", ""], []
+    for r in records:
+        if "diagnostics" not in r:
+            continue
+        c = r["config"]
+        rec = Recorder()
+        rec.load_state_dict(r["diagnostics"])
+        text += [f"## {c['model']}, {c['method']}", "", str(rec.summary()), ""]
+        if c["model"] not in done:
+            done.add(c["model"])
+            wrote.append(rec.plot(out / f"conflicts_{c['model']}.png"))
+    if not wrote:
+        return []
+    (out / "conflicts.md").write_text("\n".join(text))
+    print("\n".join(text))
+    return [*wrote, out / "conflicts.md"]

@@ -11,8 +11,8 @@ where ``tasks`` are the per-modality (per-column) negative log-likelihoods and `
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -51,8 +51,9 @@ class Config:
     extra: dict = field(default_factory=dict)  # model constructor overrides
 
 
-def step(model, batch, opt: torch.optim.Optimizer, solver) -> list[float]:
-    """One optimisation step; returns the task losses (floats, for the training curves)."""
+def step(model, batch, opt: torch.optim.Optimizer, solver, names=None, recorder=None) -> list[float]:
+    """One optimisation step; returns the task losses (floats, for the training curves).  ``names`` label the
+    tasks in the report; ``recorder`` (an :class:`impartial.diagnostics.Recorder`) keeps what each block saw."""
     tasks, also = model.loss(batch)
     opt.zero_grad(set_to_none=True)
     if solver is None:
@@ -60,7 +61,10 @@ def step(model, batch, opt: torch.optim.Optimizer, solver) -> list[float]:
     else:
         import impartial
 
-        impartial.backward(tasks, model.encoder_params, solver=solver, also=also)
+        losses = tasks if names is None else dict(zip(names, tasks))
+        report = impartial.backward(losses, model.encoder_params, solver=solver, also=also)
+        if recorder is not None:
+            recorder.record(report)
     opt.step()
     return [float(t.detach()) for t in tasks]
 
@@ -86,21 +90,40 @@ def batches(d, n_batch: int, gen: torch.Generator):
             yield d.x[ix], d.observed[ix]
 
 
+#: records kept per diagnosed run (the recording goes into runs.jsonl: k² numbers per block and record)
+DIAGNOSTIC_RECORDS = 60
+
+
+def recorder(cfg: Config, n_train: int):
+    """The diagnostics recorder of a run: solver runs of seed 0 only (one picture per model and method), about
+    :data:`DIAGNOSTIC_RECORDS` records spread over the run; None otherwise."""
+    if cfg.method == "vanilla" or cfg.seed != 0:
+        return None
+    from impartial.diagnostics import Recorder
+
+    steps = cfg.epochs * -(-n_train // cfg.batch)
+    return Recorder(every=max(1, steps // DIAGNOSTIC_RECORDS))
+
+
 def run(cfg: Config, tick: Callable[[], None] = lambda: None) -> dict:
-    """Train and evaluate; returns the config, the per-epoch mean task losses and the metrics."""
+    """Train and evaluate; returns the config, the per-epoch mean task losses, the metrics and, for recorded
+    runs (:func:`recorder`), the diagnostics recording (``Recorder.state_dict()``)."""
     torch.manual_seed(cfg.seed)
     model, d, names = build(cfg)
     solver = make_solver(cfg.method)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
+    rec = recorder(cfg, len(d[0]) if isinstance(d, tuple) else len(d.x))
     curves, t0 = [], time.perf_counter()
     for _ in range(cfg.epochs):
-        losses = [step(model, b, opt, solver) for b in batches(d, cfg.batch, gen)]
+        losses = [step(model, b, opt, solver, names, rec) for b in batches(d, cfg.batch, gen)]
         curves.append(np.mean(losses, axis=0).tolist())
         tick()
     if isinstance(d, tuple):
         m = metrics.multimodal(model, *d, key=(cfg.seed, cfg.hard_side))
     else:
         m = metrics.imputation(model, d)
-    return {"config": asdict(cfg), "names": names, "curves": curves, "metrics": m,
-            "seconds": time.perf_counter() - t0}
+    out = {"config": asdict(cfg), "names": names, "curves": curves, "metrics": m, "seconds": time.perf_counter() - t0}
+    if rec is not None:
+        out["diagnostics"] = rec.state_dict()
+    return out

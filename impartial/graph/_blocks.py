@@ -18,12 +18,14 @@ Below a block the tasks it gathers are no longer raw: their gradient arrives alr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
-from ._trace import Graph, Losses, Params, _bits, _Losses, remember, trace
+from .._torch_compat import input_metadata
+from ._inputs import Losses, Params, _Losses
+from ._trace import Graph, _bits, remember, trace
 
 __all__ = ["Block", "find_blocks"]
 
@@ -53,10 +55,55 @@ class Block:
 def _shape(node: Node, nr: int, leaf: Tensor | None) -> tuple[int, ...]:
     if leaf is not None:
         return tuple(leaf.shape)
-    try:  # private but stable since torch 2.0; the shape is only for display
-        return tuple(node._input_metadata[nr].shape)
-    except (AttributeError, IndexError, RuntimeError):
-        return ()
+    return tuple(input_metadata(node, nr)[0])
+
+
+#: ops that take one tensor and return parts of it: a loss reached from a block through these alone is an
+#: entry of the block tensor itself (``list(loss_vector)``), so its gradient there is one-hot
+_SLICES = frozenset({"UnbindBackward0", "SelectBackward0", "SliceBackward0", "IndexBackward0", "SplitBackward0",
+                     "SplitWithSizesBackward0", "UnsafeSplitBackward0", "SqueezeBackward0", "SqueezeBackward1",
+                     "SqueezeBackward2", "ViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0",
+                     "AsStridedBackward0", "NarrowBackward0"})
+
+
+def _check_not_entries(blocks: list[Block], tasks: _Losses, g: Graph) -> None:
+    """Raise where an automatic block is the tensor whose entries are the task losses: each task's gradient
+    there is one-hot, so a solver sees orthogonal unit rows and the call silently equals the plain sum."""
+    for b in blocks:
+        if b.leaf is not None:
+            continue
+        entries = 0
+        for (node, _), mask in tasks.roots:
+            while node is not b.edge.node and node.name() in _SLICES:
+                nxt = [c for c, _ in node.next_functions if c is not None]
+                if len(nxt) != 1:
+                    break
+                node = nxt[0]
+            if node is b.edge.node:
+                entries |= mask
+        if all(entries >> i & 1 for i in b.tasks):
+            names = ", ".join(repr(tasks.names[i]) for i in b.tasks)
+            raise ValueError(f"the losses {names} are entries of one tensor ({b.name}), so the only place their "
+                             "gradients meet is that tensor, where each is one-hot: there is nothing to resolve. "
+                             "Compute each task's loss from the model separately, or mark the blocks (block=[h], "
+                             "h an activation the heads share), or use block='params'")
+
+
+def _renamed(g: Graph, blocks: list[Block]) -> list[Block]:
+    """The blocks with distinct readable names: ``grad_fn`` and shape (a parameter's name for a leaf block),
+    ``#n`` (top-down) where equal."""
+    names = [g.name(b.edge.node) if b.leaf is not None else f"{g.name(b.edge.node)} {list(b.shape)}" for b in blocks]
+    seen: dict[str, int] = {}
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+    count: dict[str, int] = {}
+    out = []
+    for n in names:
+        if seen[n] > 1:
+            count[n] = count.get(n, 0) + 1
+            n = f"{n} #{count[n]}"
+        out.append(n)
+    return [replace(b, name=n) for b, n in zip(blocks, out)]
 
 
 #: automatic blocks by graph structure: ``Graph.key`` → (blocks as ``(position, nr, tasks, above)``, ``raw`` and
@@ -67,7 +114,7 @@ _FOUND_SIZE = 8
 
 
 def _find(g: Graph, tasks: _Losses, explicit: Sequence[Tensor] | None = None) -> None:
-    """Fill ``g.blocks`` and ``g.raw`` (automatic rule, or the user's ``explicit`` block tensors).
+    """Fill ``g.blocks``, ``g.raw`` and ``g.above`` (automatic rule, or the user's ``explicit`` block tensors).
 
     The automatic rule reads only the structure, the masks and the shared leaves, which ``g.key`` holds:
     a graph with a key seen before gets the blocks found then, placed on its own nodes.
@@ -78,35 +125,60 @@ def _find(g: Graph, tasks: _Losses, explicit: Sequence[Tensor] | None = None) ->
         if found is not None:
             _place(g, *found)
             return
-    marked: dict[tuple[Node, int], Tensor] = {}
-    if explicit is not None:
-        for i, t in enumerate(explicit):
-            if not isinstance(t, Tensor) or not t.requires_grad:
-                raise ValueError(f"block[{i}] must be a tensor that requires grad (an activation of the model)")
-            e = get_gradient_edge(t)
-            marked[(e.node, e.output_nr)] = t
-    elif tasks.fused is not None and g.k > 1:
+    if explicit is None and tasks.fused is not None and g.k > 1:
         raise ValueError(f"cannot find blocks automatically: {tasks.fused}; or mark the blocks (block=[z])")
-    shared, next_of = g.shared, [(n, n.next_functions) for n in g.nodes]
-    below_shared: set[Node] = set()  # nodes with a shared parameter at or below them
+    marked = None if explicit is None else _marked(explicit)
+    blocks = _walk(g, tasks, marked)
+    if marked is not None:
+        found_edges = {(b.edge.node, b.edge.output_nr) for b in blocks}
+        for i, key in enumerate(marked):
+            if key not in found_edges:
+                raise ValueError(f"block[{i}] is not on the path of any loss")
+    g.blocks = _renamed(g, blocks)
+    if explicit is None and g.k > 1:
+        _check_not_entries(g.blocks, tasks, g)
+    if cache:
+        remember(_FOUND, g.key, ([(g.index[b.edge.node], b.edge.output_nr, b.tasks, b.above) for b in blocks],
+                                 [g.raw[n] for n in g.nodes], [g.above[n] for n in g.nodes]), _FOUND_SIZE)
+
+
+def _marked(explicit: Sequence[Tensor]) -> dict[tuple[Node, int], Tensor]:
+    """The user's block tensors by edge."""
+    marked: dict[tuple[Node, int], Tensor] = {}
+    for i, t in enumerate(explicit):
+        if not isinstance(t, Tensor) or not t.requires_grad:
+            raise ValueError(f"block[{i}] must be a tensor that requires grad (an activation of the model)")
+        e = get_gradient_edge(t)
+        marked[(e.node, e.output_nr)] = t
+    return marked
+
+
+def _below_shared(g: Graph, next_of: list[tuple[Node, tuple]]) -> set[Node]:
+    """The nodes with a shared parameter at or below them."""
+    out: set[Node] = set()
     for node, nxt in reversed(next_of):  # children first
-        if node in shared or any(c is not None and c in below_shared for c, _ in nxt):
-            below_shared.add(node)
+        if node in g.shared or any(c is not None and c in out for c, _ in nxt):
+            out.add(node)
+    return out
+
+
+def _walk(g: Graph, tasks: _Losses, marked: dict[tuple[Node, int], Tensor] | None) -> list[Block]:
+    """One top-down walk: each edge's raw and above masks, and the blocks (marked, or by the automatic rule)."""
+    next_of = [(n, n.next_functions) for n in g.nodes]
+    below_shared = _below_shared(g, next_of) if marked is None else set()
     raw_edges: dict[Node, dict[int, int]] = {}
     for (node, nr), m in tasks.roots:
         raw_edges.setdefault(node, {})[nr] = raw_edges.get(node, {}).get(nr, 0) | m
     above_edges: dict[Node, dict[int, int]] = {}
     blocks: list[Block] = []
     none: dict[int, int] = {}
-    task_bits, edge_masks, g_raw, g_above = g.task_bits, g.edge_masks, g.raw, g.above
+    task_bits, edge_masks = g.task_bits, g.edge_masks
     for node, nxt in next_of:
         raw_in = above_in = 0
         raws, aboves, items = raw_edges.get(node, none), above_edges.get(node, none), edge_masks.get(node, none)
         for nr, mask in (sorted(items.items()) if len(items) > 1 else items.items()):
-            t = mask & task_bits
-            raw = raws.get(nr, 0)
-            above = aboves.get(nr, 0)
-            if explicit is not None:
+            t, raw, above = mask & task_bits, raws.get(nr, 0), aboves.get(nr, 0)
+            if marked is not None:
                 hit = (node, nr) in marked
             else:
                 hit = raw != 0 and t & (t - 1) != 0 and node in below_shared  # two or more tasks, one raw
@@ -114,34 +186,20 @@ def _find(g: Graph, tasks: _Losses, explicit: Sequence[Tensor] | None = None) ->
                 if not t:
                     raise ValueError(f"block {g.name(node)} is reached by no task loss")
                 leaf = g.leaves.get(node)
-                shape = _shape(node, nr, leaf)
-                name = g.name(node) if leaf is not None else f"{g.name(node)} {list(shape)}"
-                blocks.append(Block(GradientEdge(node, nr), name, shape, _bits(t),
-                                    _bits(above), leaf, marked.get((node, nr))))
+                blocks.append(Block(GradientEdge(node, nr), "", _shape(node, nr, leaf), _bits(t), _bits(above), leaf,
+                                    None if marked is None else marked.get((node, nr))))
                 above |= 1 << (len(blocks) - 1)
                 raw = 0
             raw_in |= raw
             above_in |= above
-        g_raw[node] = raw_in
-        g_above[node] = above_in
-        if raw_in or above_in:  # zero masks need no entry (absent reads as 0)
-            for c, nr in nxt:
-                if c is not None:
-                    if raw_in:
-                        slot = raw_edges.setdefault(c, {})
-                        slot[nr] = slot.get(nr, 0) | raw_in
-                    if above_in:
-                        slot = above_edges.setdefault(c, {})
-                        slot[nr] = slot.get(nr, 0) | above_in
-    if explicit is not None:
-        found = {(b.edge.node, b.edge.output_nr) for b in blocks}
-        for i, key in enumerate(marked):
-            if key not in found:
-                raise ValueError(f"block[{i}] is not on the path of any loss")
-    g.blocks = blocks
-    if cache:
-        remember(_FOUND, g.key, ([(g.index[b.edge.node], b.edge.output_nr, b.tasks, b.above) for b in blocks],
-                                 [g_raw[n] for n in g.nodes], [g_above[n] for n in g.nodes]), _FOUND_SIZE)
+        g.raw[node], g.above[node] = raw_in, above_in
+        for c, nr in nxt if raw_in or above_in else ():  # zero masks need no entry (absent reads as 0)
+            if c is not None:
+                for mask_in, edges in ((raw_in, raw_edges), (above_in, above_edges)):
+                    if mask_in:
+                        slot = edges.setdefault(c, {})
+                        slot[nr] = slot.get(nr, 0) | mask_in
+    return blocks
 
 
 def _place(g: Graph, blocks: list[tuple[int, int, tuple[int, ...], tuple[int, ...]]], raw: list[int],
@@ -154,9 +212,8 @@ def _place(g: Graph, blocks: list[tuple[int, int, tuple[int, ...], tuple[int, ..
     for i, nr, t, a in blocks:
         node = nodes[i]
         leaf = g.leaves.get(node)
-        shape = _shape(node, nr, leaf)
-        name = g.name(node) if leaf is not None else f"{g.name(node)} {list(shape)}"
-        g.blocks.append(Block(GradientEdge(node, nr), name, shape, t, a, leaf))
+        g.blocks.append(Block(GradientEdge(node, nr), "", _shape(node, nr, leaf), t, a, leaf))
+    g.blocks = _renamed(g, g.blocks)
 
 
 def find_blocks(losses: Losses, shared_params: Params = None, *, also: Sequence[Tensor] = ()) -> list[Block]:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 from torch.autograd.graph import Node
 
-from ._trace import Graph, Losses, Params, trace
+from ._inputs import Losses, Params
+from ._trace import Graph, trace
 
 __all__ = ["draw", "to_dot"]
 
@@ -24,7 +26,8 @@ _ALSO = "#bbbbbb"
 
 
 def _rgb(hex_: str) -> tuple[float, float, float]:
-    return tuple(int(hex_[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    r, g, b = (int(hex_[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    return r, g, b
 
 
 def _colour(g: Graph, node: Node) -> str:
@@ -91,8 +94,11 @@ def _layers(g: Graph) -> dict[Node, int]:
 
 
 def _matplotlib(g: Graph, path: Path) -> None:
-    # Figure without pyplot: no GUI backend, no global figure registry.
-    from matplotlib.figure import Figure
+    try:  # Figure without pyplot: no GUI backend, no global figure registry.
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("impartial.graph.draw needs matplotlib (or graphviz with its dot binary): "
+                                  "pip install 'impartial[graph]'") from None
     from matplotlib.lines import Line2D
     from matplotlib.patches import FancyBboxPatch
 
@@ -130,8 +136,8 @@ def _matplotlib(g: Graph, path: Path) -> None:
         ax.text(x, y, _label(g, n)[:22], ha="center", va="center", fontsize=6.5)
         if is_block:
             ax.text(x + 0.46, y, f"block {blocks[n]}", ha="left", va="center", fontsize=7, color="#e00000")
-    handles = [Line2D([], [], color=_PALETTE[i % len(_PALETTE)], lw=6, label=name)
-               for i, name in enumerate(g.task_names)]
+    handles: list[Any] = [Line2D([], [], color=_PALETTE[i % len(_PALETTE)], lw=6, label=name)
+                          for i, name in enumerate(g.task_names)]
     handles += [Line2D([], [], color="#e00000", lw=2, label="block"),
                 FancyBboxPatch((0, 0), 1, 1, fc="white", ec="#333333", hatch="//", label="shared parameter")]
     ax.legend(handles=handles, loc="lower right", fontsize=7, frameon=False)

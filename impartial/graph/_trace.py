@@ -9,102 +9,16 @@ for the ``j``-th ``also`` term.  Tracing costs one Python visit per node and edg
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
-import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
+from ._inputs import Losses, Params, _as_losses, _as_params, _Losses
+
 __all__ = ["Graph", "trace"]
-
-Losses = Union[Sequence[Tensor], Tensor, Mapping[str, Tensor]]
-Params = Union[Iterable[Tensor], Iterable[tuple[str, Tensor]], None]
-
-
-@dataclass
-class _Losses:
-    """Validated losses: scalar ``outs`` for autograd, trace ``roots`` (edge, mask) and display names."""
-
-    outs: list[Tensor]
-    names: list[str]
-    roots: list[tuple[tuple[Node, int], int]]
-    #: why the tasks cannot be told apart in the graph (a 1-D loss made by one op), else None
-    fused: str | None = None
-
-
-def _as_losses(losses: Any, what: str, offset: int = 0, allow_empty: bool = False) -> _Losses:
-    if isinstance(losses, Mapping):
-        names, items = [str(n) for n in losses], list(losses.values())
-    elif isinstance(losses, Tensor) and losses.ndim == 1:
-        return _stacked(losses, what, offset)
-    elif isinstance(losses, Tensor):
-        names, items = [what], [losses]
-    else:
-        items = list(losses)
-        names = [f"{what}[{i}]" for i in range(len(items))]
-    if not items and not allow_empty:
-        raise ValueError(f"{what} is empty: pass at least one scalar loss")
-    roots = []
-    for i, (name, loss) in enumerate(zip(names, items)):
-        if not isinstance(loss, Tensor):
-            raise TypeError(f"{what}: {name!r} is a {type(loss).__name__}, not a tensor")
-        if loss.ndim != 0:
-            raise ValueError(f"{what}: {name!r} has shape {list(loss.shape)}; every loss must be a scalar")
-        if not loss.is_floating_point():
-            raise TypeError(f"{what}: {name!r} has dtype {loss.dtype}; a loss must be floating point")
-        if not loss.requires_grad:
-            raise ValueError(f"{what}: {name!r} does not require grad (no parameter produced it)")
-        roots.append(((loss.grad_fn, loss.output_nr) if loss.grad_fn is not None else _leaf_edge(loss),
-                      1 << (offset + i)))
-    return _Losses(items, names, roots)
-
-
-def _stacked(L: Tensor, what: str, offset: int) -> _Losses:
-    if L.numel() == 0:
-        raise ValueError(f"{what} is an empty tensor: pass at least one loss")
-    if not L.requires_grad:
-        raise ValueError(f"{what}: the loss tensor does not require grad (no parameter produced it)")
-    names = [f"{what}[{i}]" for i in range(L.shape[0])]
-    outs = list(L.unbind(0))
-    fn = L.grad_fn
-    if fn is not None and fn.name() == "StackBackward0" and len(fn.next_functions) == L.shape[0]:
-        roots = []
-        for i, (node, nr) in enumerate(fn.next_functions):
-            if node is None:
-                raise ValueError(f"{what}: {names[i]!r} does not require grad (no parameter produced it)")
-            roots.append(((node, nr), 1 << (offset + i)))
-        return _Losses(outs, names, roots)
-    # One op made all k losses (e.g. a per-column mean): autograd sees a single root.
-    edge = (fn, L.output_nr) if fn is not None else _leaf_edge(L)
-    mask = ((1 << L.shape[0]) - 1) << offset
-    why = (f"{what} is a 1-D tensor made by one operation ({fn.name() if fn else 'a leaf'}), so its tasks share "
-           "every node of the graph; pass a list (or torch.stack) of separately computed losses")
-    return _Losses(outs, names, [(edge, mask)], fused=why)
-
-
-def _leaf_edge(t: Tensor) -> tuple[Node, int]:
-    e = torch.autograd.graph.get_gradient_edge(t)
-    return (e.node, e.output_nr)
-
-
-def _as_params(params: Params, what: str = "shared_params") -> list[tuple[str, Tensor]] | None:
-    if params is None:
-        return None
-    if isinstance(params, Tensor):
-        params = [params]
-    out, seen = [], set()
-    for i, p in enumerate(params):
-        name, t = (str(p[0]), p[1]) if isinstance(p, tuple) else (f"{what}[{i}]", p)
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{what}: entry {name!r} is a {type(t).__name__}, not a tensor")
-        if not t.requires_grad or t.grad_fn is not None:
-            raise ValueError(f"{what}: {name!r} must be a leaf tensor that requires grad (a parameter)")
-        if id(t) not in seen:  # a parameter listed twice is still one parameter
-            seen.add(id(t))
-            out.append((name, t))
-    return out
 
 
 def _topological(starts: Iterable[Node], nexts: dict[Node, tuple] | None = None) -> list[Node]:
@@ -244,6 +158,11 @@ def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | No
         var = getattr(node, "variable", None)
         if isinstance(var, Tensor):
             leaves[node] = var
+    bad = next((n for n in order if type(n).__name__ == "CheckpointFunctionBackward"), None)
+    if bad is not None:
+        raise ValueError("the graph holds a reentrant activation checkpoint (torch.utils.checkpoint with "
+                         "use_reentrant=True), which runs its own backward inside autograd and so cannot give "
+                         "per-task gradients; use torch.utils.checkpoint.checkpoint(..., use_reentrant=False)")
     names: dict[Node, str] = {}
     g = Graph(len(tasks.outs), tasks.names, extra.names, order, edge_masks, leaves, names,
               roots=[(node, m) for (node, _), m in tasks.roots + extra.roots], masks=masks, index=index)
@@ -252,13 +171,13 @@ def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | No
         g.shared = {n for n in leaves if len(g.tasks(n)) >= 2}
     else:
         for name, p in params:
-            node = by_id.get(id(p))
-            if node is None or not g.tasks(node):
+            found = by_id.get(id(p))
+            if found is None or not g.tasks(found):
                 if not strict:
                     continue
                 raise ValueError(f"shared_params: {name!r} is not reached by any task loss (nothing to share)")
-            names[node] = name
-            g.shared.add(node)
+            names[found] = name
+            g.shared.add(found)
     g.key = (g.k, tuple((index[node], nr, m) for (node, nr), m in tasks.roots + extra.roots), tuple(sig),
              tuple(sorted(index[n] for n in g.shared)))
     return g
@@ -267,6 +186,7 @@ def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | No
 def trace(losses: Losses, shared_params: Params = None, *, also: Sequence[Tensor] = ()) -> Graph:
     """Trace the autograd graph of ``losses`` (and ``also`` terms); its ``blocks`` are the automatic blocks.
 
+    >>> import torch
     >>> x = torch.randn(4, 3)
     >>> lin = torch.nn.Linear(3, 2)
     >>> z = lin(x)

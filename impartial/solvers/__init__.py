@@ -1,7 +1,8 @@
 """Gradient-conflict solvers: task gradients ``J [..., k, d]`` → one update direction ``[..., d]``.
 
-Gram-space solvers (most of them) also expose ``weights(G)`` and ``mixing(G)`` for ``G = J Jᵀ``; see
-:mod:`impartial.solvers._base` for the protocol and :class:`Compose` for chaining methods.
+Gram-space solvers (most of them) also expose ``solve(G)`` (weights, status, residual), ``weights(G)`` and
+``mixing(G)`` for ``G = J Jᵀ``; see :mod:`impartial.solvers._base` for the protocol (precision, status,
+capabilities, state per block) and :class:`Compose` for chaining methods.
 """
 
 from __future__ import annotations
@@ -24,22 +25,76 @@ from ._simple import Mean, Random, Sum
 from ._upgrad import DualProj, UPGrad
 
 __all__ = [
-    "Solver", "GramSolver", "Solution", "Status", "gram", "combine", "solve_dtype", "get",
-    "Sum", "Mean", "PCGrad", "GradVac", "IMTLG", "MGDA", "CAGrad", "NSGD", "GradNorm", "GradDrop", "Compose",
-    "UPGrad", "DualProj", "NashMTL", "AlignedMTL", "ConFIG", "FairGrad", "Random",
+    "IMTLG",
+    "MGDA",
+    "NSGD",
+    "AlignedMTL",
+    "CAGrad",
+    "Compose",
+    "ConFIG",
+    "DualProj",
+    "FairGrad",
+    "GradDrop",
+    "GradNorm",
+    "GradVac",
+    "GramSolver",
+    "Mean",
+    "NashMTL",
+    "PCGrad",
+    "Random",
+    "Solution",
+    "Solver",
+    "Status",
+    "Sum",
+    "UPGrad",
+    "combine",
+    "get",
+    "gram",
+    "solve_dtype",
 ]
 
 _BY_NAME: dict[str, type[Solver]] = {
     cls.__name__.lower(): cls
-    for cls in (Sum, Mean, PCGrad, GradVac, IMTLG, MGDA, CAGrad, NSGD, GradNorm, GradDrop, UPGrad, DualProj,
-                NashMTL, AlignedMTL, ConFIG, FairGrad, Random)
+    for cls in (
+        Sum,
+        Mean,
+        PCGrad,
+        GradVac,
+        IMTLG,
+        MGDA,
+        CAGrad,
+        NSGD,
+        GradNorm,
+        GradDrop,
+        UPGrad,
+        DualProj,
+        NashMTL,
+        AlignedMTL,
+        ConFIG,
+        FairGrad,
+        Random,
+    )
 }
-_BY_NAME.update({"imtl-g": IMTLG, "imtl_g": IMTLG, "nash-mtl": NashMTL, "nash_mtl": NashMTL, "rlw": Random,
-                 "aligned-mtl": AlignedMTL, "aligned_mtl": AlignedMTL, "mgda-ub": MGDA, "mgda_ub": MGDA})
+_BY_NAME.update(
+    {
+        "imtl-g": IMTLG,
+        "imtl_g": IMTLG,
+        "nash-mtl": NashMTL,
+        "nash_mtl": NashMTL,
+        "rlw": Random,
+        "aligned-mtl": AlignedMTL,
+        "aligned_mtl": AlignedMTL,
+        "mgda-ub": MGDA,
+        "mgda_ub": MGDA,
+    }
+)
 
 
 def get(name: str, **kwargs: Any) -> Solver:
     """A solver by name (case-insensitive, e.g. ``"imtlg"``, ``"IMTL-G"``, ``"pcgrad"``), built with ``kwargs``.
+
+    Its ``stateless`` attribute says whether it keeps state between calls (``"gradnorm"``, ``"nsgd"``,
+    ``"gradvac"`` do): such a solver must be built once and kept, not looked up again at every step.
 
     >>> get("IMTL-G")
     IMTLG()

@@ -1,18 +1,38 @@
-"""The two solver abstractions and the Gram-space plumbing they share.
+"""The solver protocol: what a solver maps, what it returns, what it declares and how it keeps state.
 
 A *solver* maps the task gradients of one block, ``J`` of shape ``[..., k, d]`` (``k`` tasks, ``d``
-coordinates, any leading batch dims), to one update direction ``[..., d]``.  Most methods are *linear in
-J*: the direction is ``wᵀJ`` with weights ``w = f(G)`` that depend only on the Gram matrix ``G = J Jᵀ``
-``[..., k, k]``.  Those subclass :class:`GramSolver` and implement ``_weights``; the whole call then costs
-one pass over ``J`` to form ``G`` (:func:`gram`), an ``O(k³)`` problem on ``G`` (run in float64 for float32
-and lower inputs) and one pass to combine (:func:`combine`).  The few methods that need coordinates
-(GradDrop) subclass :class:`Solver` and implement ``_apply`` on ``J`` directly.  Solvers whose numerical
-cut-offs (ranks, stationarity) must follow the input's precision subclass :class:`_PrecisionGramSolver`.
+coordinates, any leading batch dims of independent problems), to one update direction ``[..., d]``.  Most
+methods are *linear in J*: the direction is ``wᵀJ`` with weights ``w = f(G)`` of the Gram matrix
+``G = J Jᵀ`` ``[..., k, k]``.  Those subclass :class:`GramSolver`; a call costs one pass over ``J`` to form
+``G`` (:func:`gram`), an ``O(k³)`` problem on ``G`` in :func:`solve_dtype`, and one pass to combine.  The few
+methods that need coordinates (GradDrop) subclass :class:`Solver` and implement ``_apply`` on ``J``.
 
-Composition (see :class:`~impartial.solvers.Compose`) needs more than a direction: every solver also maps
-the task gradients to *new* task gradients whose sum is its direction.  For a Gram-space solver that map is
-a ``k × k`` *mixing matrix* ``M`` (new task gradients ``M J``, new Gram ``M G Mᵀ``); a weighting method's
-mixing matrix is ``diag(w)``, PCGrad's is its projection coefficients.
+**Solutions.** :meth:`GramSolver.solve` returns a :class:`Solution`: the weights, a :class:`Status` per
+problem (read only when reported: no host sync), the method's residual and, when asked, the *mixing matrix*
+``M`` (new task gradients ``M J``; ``diag(w)`` for a weighting method, PCGrad's projection coefficients),
+which :class:`~impartial.solvers.Compose` chains.  A direction that is 0 because the tasks are
+Pareto-stationary says ``STATIONARY``; an iterative method that ran out of budget says ``NOT_CONVERGED``
+(and returns its last iterate, never a silent 0).  ``weights``, ``mixing``, ``__call__`` and ``apply`` all
+go through ``solve``; subclasses override ``_solve`` (or, for closed forms, ``_weights`` / ``_mixing``).
+
+**Precision.** ``solve(G, precision=...)`` takes the dtype of the ``J`` that ``G`` came from: ``G`` is
+float64 for a float32 ``J``, but rank and convergence cut-offs must follow the precision of ``J``.
+
+**Non-finite input.** A problem whose ``G`` (or ``losses``) holds a NaN or an infinity gets NaN weights and
+status ``NONFINITE``, for every solver and with no host sync; its kept state, if any, stays as it was.
+
+**Capabilities.** ``gram_space`` (the direction depends on ``J`` only through ``G``), ``stateless`` (keeps
+nothing between calls: safe to rebuild at every call and to share between blocks), ``deterministic`` (no
+random draws) and the derived ``batchable`` (a batch of independent problems may share one call).
+
+**State per block.** As ``torch.optim`` keeps state per parameter, a stateful solver keeps it per block:
+``solver.for_block(key)`` returns the solver serving block ``key``, a child created at first use with fresh
+state that shares the hyperparameters and the random generator (the draws form one sequence, as for one
+solver).  A stateless solver returns itself.  A direct call on the parent uses the parent's own state.
+``state_dict()`` holds the parent's state, the generator's once, and every child's under ``"blocks"``;
+``load_state_dict`` into a freshly built solver restores them all, so training resumes bit-identically;
+``reset()`` forgets them all.  Subclasses keep their per-problem state through ``_state_dict``,
+``_load_state_dict`` and ``_reset``; a solver that draws stores its generator as ``self.generator``.
 
 Extra context a few methods need is passed by keyword: ``losses`` ``[..., k]`` (the current task losses,
 used by loss-based GradNorm) and, for GradDrop, ``inputs`` (the block's input activations).
@@ -20,23 +40,38 @@ used by loss-based GradNorm) and, for GradDrop, ``inputs`` (the block's input ac
 
 from __future__ import annotations
 
+import copy
 import enum
+import operator
 from abc import ABC, abstractmethod
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Solver", "GramSolver", "Solution", "Status", "gram", "combine", "solve_dtype"]
+from ._gram import _LOW, combine, gram, mix, solve_dtype, sync_free
 
-_LOW = (torch.float16, torch.bfloat16)
+__all__ = [
+    "GramSolver",
+    "Solution",
+    "Solver",
+    "Status",
+    "closed_form",
+    "combine",
+    "gram",
+    "is_low",
+    "keep_where",
+    "mix",
+    "nonfinite_problems",
+    "solve_dtype",
+    "sync_free",
+    "weighting_solution",
+]
 
 
-def solve_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the ``k × k`` work runs in: float64 for float32 and lower, else ``dtype`` itself."""
-    if dtype in _LOW or dtype == torch.float32:
-        return torch.float64
-    return dtype
+def is_low(precision: torch.dtype) -> bool:
+    """Whether cut-offs for ``precision`` are float32's (float32 and lower), not float64's."""
+    return precision in _LOW or precision == torch.float32
 
 
 def _check_jacobian(J: Tensor, who: str) -> None:
@@ -62,13 +97,13 @@ def _check_gram(G: Tensor, who: str) -> None:
 
 
 class Status(enum.IntEnum):
-    """How a solve ended, per problem (a tensor of these codes, read only when reported: no host sync)."""
+    """How a solve ended, per problem (a tensor of these codes; the worst of several is their maximum)."""
 
     #: solved to the method's documented tolerance
     OK = 0
-    #: Pareto-stationary: the exact direction is 0 (e.g. 0 lies in the convex hull of the task gradients)
+    #: Pareto-stationary: the exact direction is 0 (0 is a nonnegative combination of the task gradients)
     STATIONARY = 1
-    #: the iteration budget ended before the residual met the method's tolerance
+    #: the iteration budget ended before the residual met the method's tolerance (weights: the last iterate)
     NOT_CONVERGED = 2
     #: the input had a NaN or an infinity; the weights are NaN
     NONFINITE = 3
@@ -79,7 +114,7 @@ class Solution(NamedTuple):
 
     #: ``[..., k]``: the direction is ``wᵀJ``
     weights: Tensor
-    #: ``[...]`` int codes of :class:`Status`
+    #: ``[...]`` int8 codes of :class:`Status`
     status: Tensor
     #: ``[...]`` the method's optimality residual (relative; 0 for closed forms)
     residual: Tensor
@@ -87,94 +122,45 @@ class Solution(NamedTuple):
     mixing: Tensor | None = None
 
 
-def _ok(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Status and residual of a closed-form solve: OK where the weights are finite, NONFINITE elsewhere."""
-    finite = w.isfinite().all(-1)
-    status = torch.where(finite, int(Status.OK), int(Status.NONFINITE)).to(torch.int8)
-    return status, torch.zeros(w.shape[:-1], dtype=w.dtype, device=w.device)
+def closed_form(w: Tensor, G: Tensor, M: Tensor | None = None) -> Solution:
+    """The solution of a closed-form method: status OK, or STATIONARY where every task gradient is 0."""
+    zero = G.diagonal(dim1=-2, dim2=-1).amax(-1) <= 0
+    status = zero.to(torch.int8) * int(Status.STATIONARY)  # OK (0) elsewhere
+    return Solution(w, status, torch.zeros_like(zero, dtype=w.dtype), M)
 
 
-#: chunk length of the chunked float32 Gram (4 KiB per row: a [k, c] chunk stays in L1/L2 for k < 16)
-_CHUNK = 1024
+def weighting_solution(w: Tensor, status: Tensor, residual: Tensor, mixing: bool) -> Solution:
+    """A weighting method's solution, with its mixing matrix ``diag(w)`` when ``mixing``."""
+    return Solution(w, status, residual, torch.diag_embed(w) if mixing else None)
 
 
-def _chunked(J: Tensor) -> bool:
-    """Whether :func:`gram` forms ``J Jᵀ`` by chunks of ``d``: decided by the static shape and dtype alone.
-
-    For float32 with a few tasks (``2 < k < 16``) and a large ``J`` (``k d ≥ 6e5``) one ``sgemm`` with
-    ``k`` rows streams ``J`` several times (measured 1.7 to 6 passes at ``k = 5 … 15``); a batch of
-    ``[k, 1024] × [1024, k]`` products summed over the chunks takes about one.  Elsewhere (float64, one or
-    two tasks, ``k ≥ 16``, small ``J``, leading batch dims) the single matmul is as fast or faster.
-    """
-    k, d = J.shape[-2], J.shape[-1]
-    return J.ndim == 2 and J.dtype == torch.float32 and 2 < k < 16 and k * d >= 600_000
-
-
-def gram(J: Tensor) -> Tensor:
-    """``G = J Jᵀ`` ``[..., k, k]`` of task gradients ``J`` ``[..., k, d]``, in :func:`solve_dtype`.
-
-    One pass over ``J``.  Float32 and half-precision inputs are accumulated in float32 (half precision is
-    cast first); a large float32 ``J`` with a few tasks is summed over chunks of ``d`` (see :func:`_chunked`),
-    still in float32.
-    """
-    if J.dtype in _LOW:
-        # float32 accumulation: a bf16 dot product of 1e6 terms would lose all its digits.
-        J = J.float()
-    if _chunked(J):
-        k, d = J.shape
-        n = d // _CHUNK
-        blocks = J[:, : n * _CHUNK].view(k, n, _CHUNK).transpose(0, 1)  # [n, k, c]: a view, no copy
-        G = torch.bmm(blocks, blocks.mT).sum(0)
-        if n * _CHUNK < d:
-            rest = J[:, n * _CHUNK:]
-            G = torch.addmm(G, rest, rest.T)
-        return G.to(torch.float64)
-    return (J @ J.mT).to(solve_dtype(J.dtype))
-
-
-def combine(w: Tensor, J: Tensor) -> Tensor:
-    """The direction ``wᵀJ`` ``[..., d]`` for weights ``w`` ``[..., k]`` and ``J`` ``[..., k, d]``."""
-    if J.dtype in _LOW:
-        return (w.float().unsqueeze(-2) @ J.float()).squeeze(-2).to(J.dtype)
-    return (w.to(J.dtype).unsqueeze(-2) @ J).squeeze(-2)
-
-
-def mix(M: Tensor, J: Tensor) -> Tensor:
-    """New task gradients ``M J`` ``[..., k, d]`` for a mixing matrix ``M`` ``[..., k, k]``."""
-    if J.dtype in _LOW:
-        return (M.float() @ J.float()).to(J.dtype)
-    return M.to(J.dtype) @ J
-
-
-def _rng_state(generator: torch.Generator | None) -> dict[str, Any]:
-    """The checkpointable part of a solver's randomness: its generator's state (none for the global RNG)."""
-    return {"generator": generator.get_state()} if generator is not None else {}
-
-
-def _load_rng_state(solver: Any, generator: torch.Generator | None, state: dict[str, Any]) -> None:
-    unknown = set(state) - {"generator"}
-    if unknown:
-        raise ValueError(f"{type(solver).__name__}: unexpected state keys {sorted(unknown)}")
-    if "generator" in state:
-        if generator is None:
-            raise ValueError(f"{type(solver).__name__} draws from the global RNG; it cannot load a generator state")
-        generator.set_state(state["generator"])
+def _nonfinite(sol: Solution, finite: Tensor) -> Solution:
+    """NaN weights (and mixing, residual) and status NONFINITE where ``finite`` is False; torch.where: no sync."""
+    nan = float("nan")
+    return Solution(
+        torch.where(finite.unsqueeze(-1), sol.weights, nan),
+        torch.where(finite, sol.status, int(Status.NONFINITE)),
+        torch.where(finite, sol.residual, nan),
+        None if sol.mixing is None else torch.where(finite[..., None, None], sol.mixing, nan),
+    )
 
 
 class Solver(ABC):
     """A gradient-conflict solver: task gradients ``J [..., k, d]`` → one direction ``[..., d]``.
 
     Subclasses implement :meth:`_apply` (new task gradients whose sum is the direction).  Hyperparameters are
-    constructor arguments; mutable state is explicit (:meth:`state_dict` / :meth:`load_state_dict`).
+    constructor arguments; mutable state is explicit (:meth:`state_dict`), kept per block (:meth:`for_block`).
     """
 
-    #: whether the direction depends on ``J`` only through ``G = J Jᵀ`` (then ``weights`` exists).
+    #: whether the direction depends on ``J`` only through ``G = J Jᵀ`` (then ``solve`` and ``weights`` exist)
     gram_space: bool = False
-    #: whether the solver keeps nothing between calls (then one instance may serve any number of blocks, and
-    #: it may be given by name)
+    #: whether the solver keeps nothing between calls (then one instance may serve any number of blocks,
+    #: and it may be rebuilt at every call, e.g. given by name)
     stateless: bool = True
     #: whether equal inputs give equal outputs (no random draws)
     deterministic: bool = True
+    #: the generator of a solver that draws (None: the global RNG, or no draws); shared with its children
+    generator: torch.Generator | None = None
 
     @property
     def batchable(self) -> bool:
@@ -182,14 +168,27 @@ class Solver(ABC):
         return self.stateless and self.deterministic
 
     def for_block(self, key: int) -> Solver:
-        """The solver that serves problem ``key`` (block ``key`` of :func:`impartial.backward`): itself for a
-        stateless solver; a stateful one keeps a separate state per key, included in its ``state_dict``."""
-        return self
+        """The solver that serves block ``key``: itself when stateless, else a child with its own state, created
+        at first use (same hyperparameters and generator, fresh state) and kept in :meth:`state_dict`."""
+        key = operator.index(key)
+        if self.stateless:
+            return self
+        blocks = self.__dict__.setdefault("_blocks", {})
+        if key not in blocks:
+            blocks[key] = self._spawn()
+        return blocks[key]
+
+    def _spawn(self) -> Solver:
+        """A solver with this one's hyperparameters and generator, and fresh state."""
+        child = copy.copy(self)
+        child.__dict__.pop("_blocks", None)
+        child._reset()
+        return child
 
     def __call__(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
         """The update direction ``[..., d]`` for task gradients ``J`` ``[..., k, d]``."""
         _check_jacobian(J, type(self).__name__)
-        return self.apply(J, losses=losses, **context).sum(-2)
+        return self._apply(J, losses=losses, **context).sum(-2)
 
     def apply(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
         """The task gradients after this method, ``[..., k, d]``; their sum is the direction."""
@@ -200,16 +199,50 @@ class Solver(ABC):
     def _apply(self, J: Tensor, *, losses: Tensor | None, **context: Tensor) -> Tensor: ...
 
     def state_dict(self) -> dict[str, Any]:
-        """Mutable state (EMAs, learned weights, RNG-free counters); empty for stateless solvers."""
-        return {}
+        """The mutable state: per-problem state, the generator's state, and every block's (``"blocks"``)."""
+        state = self._state_dict()
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        blocks = self.__dict__.get("_blocks")
+        if blocks:  # the children share the generator: its state is kept once, above
+            state["blocks"] = {
+                key: {n: v for n, v in child.state_dict().items() if n != "generator"} for key, child in blocks.items()
+            }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        if state:
-            raise ValueError(f"{type(self).__name__} is stateless, but got state with keys {sorted(state)}")
+        """Restore what :meth:`state_dict` returned (the blocks' states included)."""
+        state = dict(state)
+        rng, blocks = state.pop("generator", None), state.pop("blocks", None)
+        name = type(self).__name__
+        if rng is not None and self.generator is None:
+            raise ValueError(f"{name} draws from the global RNG (or not at all); it cannot load a generator state")
+        if blocks and self.stateless:
+            raise ValueError(
+                f"{name} is stateless: it keeps no per-block state, but got some for blocks {sorted(blocks)}"
+            )
+        self._load_state_dict(state)
+        self.__dict__.pop("_blocks", None)
+        for key, child_state in (blocks or {}).items():
+            self.for_block(key).load_state_dict(child_state)
+        if rng is not None and self.generator is not None:
+            self.generator.set_state(rng)
 
     def reset(self) -> None:
-        """Forget mutable state (a no-op for stateless solvers)."""
+        """Forget all mutable state, the blocks' included (the generator is left as it is)."""
+        self._reset()
+        self.__dict__.pop("_blocks", None)
+
+    def _state_dict(self) -> dict[str, Any]:
+        """This solver's own per-problem state (tensors detached); empty when it keeps none."""
+        return {}
+
+    def _load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but got state with keys {sorted(state)}")
+
+    def _reset(self) -> None:
+        """Forget this solver's own per-problem state."""
 
     def _hparams(self) -> dict[str, Any]:
         return {}
@@ -222,77 +255,84 @@ class Solver(ABC):
 class GramSolver(Solver):
     """A solver whose direction is ``wᵀJ`` with weights ``w = f(G)`` of the Gram matrix alone.
 
-    Subclasses implement :meth:`_weights` (``G`` arrives in :func:`solve_dtype`) and, where the method
-    produces new task gradients other than ``diag(w) J`` (PCGrad, GradVac), :meth:`_mixing`.
+    Subclasses override :meth:`_solve` (status and residual of their own), or, for a closed form,
+    :meth:`_weights` and, where the new task gradients are not ``diag(w) J`` (PCGrad, GradVac), :meth:`_mixing`.
     """
 
     gram_space = True
 
-    def solve(self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None,
-              mixing: bool = False) -> Solution:
+    def __new__(cls, *args: Any, **kwargs: Any) -> GramSolver:  # noqa: PYI034
+        if cls is GramSolver:  # abstract, though every hook has a default: only its subclasses are methods
+            raise TypeError("GramSolver is a base class: subclass it and override _solve (or _weights / _mixing)")
+        return super().__new__(cls)
+
+    def solve(
+        self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None, mixing: bool = False
+    ) -> Solution:
         """Weights, status and residual (and the mixing matrix when ``mixing``) for ``G = J Jᵀ`` ``[..., k, k]``;
         ``precision`` is the dtype of the ``J`` that ``G`` came from (None: ``G.dtype``)."""
         _check_gram(G, type(self).__name__)
-        return self._solve(G.to(solve_dtype(G.dtype)), losses=losses, precision=precision or G.dtype, mixing=mixing)
+        precision = G.dtype if precision is None else precision
+        G = G.to(solve_dtype(G.dtype))
+        if not sync_free(G) and bool(G.isfinite().all()) and (losses is None or bool(losses.isfinite().all())):
+            # on the CPU, not traced, a host read is free: all finite (the usual case) needs no masking
+            return self._solve(G, losses=losses, precision=precision, mixing=mixing)
+        finite = G.isfinite().all(-1).all(-1)
+        if losses is not None:
+            finite = finite & losses.isfinite().all(-1)
+            losses = torch.where(losses.isfinite(), losses, 1.0)
+        # a non-finite problem is solved on the identity (no eigh failure, no sync), then its answer is NaN
+        G = torch.where(finite[..., None, None], G, torch.eye(G.shape[-1], dtype=G.dtype, device=G.device))
+        return _nonfinite(self._solve(G, losses=losses, precision=precision, mixing=mixing), finite)
 
     def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> Solution:
-        """The override point of :meth:`solve` (``G`` in :func:`solve_dtype`): by default the weights (or the mixing
-        matrix) of a closed-form method, status OK where finite.  Iterative methods return their own status."""
+        """The override point of :meth:`solve` (``G`` finite, in :func:`solve_dtype`): by default the weights (or
+        the mixing matrix) of a closed-form method, status OK.  Iterative methods return their own status."""
         if mixing:
             M = self._mixing(G, losses=losses)
-            w = M.sum(-2)
-        else:
-            M, w = None, self._weights(G, losses=losses)
-        return Solution(w, *_ok(w), M)
+            return closed_form(M.sum(-2), G, M)
+        return closed_form(self._weights(G, losses=losses), G)
 
-    def weights(self, G: Tensor, *, losses: Tensor | None = None) -> Tensor:
+    def weights(self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None) -> Tensor:
         """Weights ``w`` ``[..., k]`` such that the direction is ``wᵀJ`` for ``G = J Jᵀ`` ``[..., k, k]``."""
-        _check_gram(G, type(self).__name__)
-        return self._weights(G.to(solve_dtype(G.dtype)), losses=losses)
+        return self.solve(G, losses=losses, precision=precision).weights
 
-    def mixing(self, G: Tensor, *, losses: Tensor | None = None) -> Tensor:
+    def mixing(self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None) -> Tensor:
         """Mixing matrix ``M`` ``[..., k, k]``: the method's new task gradients are ``M J``, and ``w = 1ᵀM``."""
-        _check_gram(G, type(self).__name__)
-        return self._mixing(G.to(solve_dtype(G.dtype)), losses=losses)
+        M = self.solve(G, losses=losses, precision=precision, mixing=True).mixing
+        assert M is not None
+        return M
 
-    @abstractmethod
-    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor: ...
+    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
+        if type(self)._mixing is GramSolver._mixing:
+            raise NotImplementedError(f"{type(self).__name__} implements none of _solve, _weights and _mixing")
+        return self._mixing(G, losses=losses).sum(-2)
 
     def _mixing(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
         return torch.diag_embed(self._weights(G, losses=losses))
 
     def __call__(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
         _check_jacobian(J, type(self).__name__)
-        return combine(self._weights(gram(J), losses=losses), J)
+        return combine(self.solve(gram(J), losses=losses, precision=J.dtype).weights, J)
 
     def _apply(self, J: Tensor, *, losses: Tensor | None, **context: Tensor) -> Tensor:
-        return mix(self._mixing(gram(J), losses=losses), J)
+        M = self.solve(gram(J), losses=losses, precision=J.dtype, mixing=True).mixing
+        assert M is not None
+        return mix(M, J)
 
 
-class _PrecisionGramSolver(GramSolver):
-    """A Gram-space solver whose numerical cut-offs follow the precision of its input.
+def keep_where(bad: Tensor, old: Tensor | None, new: Tensor) -> Tensor:
+    """``new``, with the problems where ``bad`` (``[...]``, a prefix of ``new``'s shape) taken from ``old``
+    (a stateful solver's rule for non-finite problems: their state stays as it was); ``new`` when no ``old``."""
+    if old is None:
+        return new
+    return torch.where(bad.reshape(bad.shape + (1,) * (new.ndim - bad.ndim)), old.to(new.dtype), new)
 
-    ``_weights`` always receives ``G`` in float64, which hides whether ``J`` (or a user's ``G``) was float32:
-    a float32 Gram carries ~1e-7 relative noise, so rank and stationarity cut-offs must be looser.  Every
-    entry point routes through :meth:`_solve` with ``low`` set from the input dtype.
-    """
 
-    @abstractmethod
-    def _solve(self, G: Tensor, low: bool) -> Tensor: ...
-
-    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
-        return self._solve(G, G.dtype != torch.float64)
-
-    def __call__(self, J: Tensor, *, losses: Tensor | None = None, **context: Tensor) -> Tensor:
-        _check_jacobian(J, type(self).__name__)
-        return combine(self._solve(gram(J), J.dtype != torch.float64), J)
-
-    def _apply(self, J: Tensor, *, losses: Tensor | None, **context: Tensor) -> Tensor:
-        return mix(torch.diag_embed(self._solve(gram(J), J.dtype != torch.float64)), J)
-
-    def weights(self, G: Tensor, *, losses: Tensor | None = None) -> Tensor:
-        _check_gram(G, type(self).__name__)
-        return self._solve(G.to(solve_dtype(G.dtype)), G.dtype != torch.float64)
-
-    def mixing(self, G: Tensor, *, losses: Tensor | None = None) -> Tensor:
-        return torch.diag_embed(self.weights(G, losses=losses))
+def nonfinite_problems(status: Tensor) -> Tensor | None:
+    """The problems of a solve whose input was not finite (``[...]`` bool), for a stateful solver to keep their
+    state; None when there is none, which is known without a sync only on the CPU, untraced."""
+    bad = status == int(Status.NONFINITE)
+    if not sync_free(status) and not bool(bad.any()):
+        return None
+    return bad

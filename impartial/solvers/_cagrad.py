@@ -93,13 +93,18 @@ def cagrad_dual(H: Tensor, c: float, iters: int | None, host: bool) -> tuple[Ten
         cap = 4 * default_iters(k) if iters is None else iters
         w, free = ones / k, ones > 0
         if host:
-            w = host_active_set(lambda idx: _row_step(H, b, r, idx), w.reshape(-1, 1, k), free.reshape(-1, 1, k),
-                                cap).reshape(b.shape)
+            w = host_active_set(
+                lambda idx: _row_step(H, b, r, idx), w.reshape(-1, 1, k), free.reshape(-1, 1, k), cap
+            ).reshape(b.shape)
         else:
             for _ in range(cap):
                 w, free, _ = as_step(_grad(H, b, r), _face(H, b, r, w), w, free, _objective(H, b, r), simplex=True)
     g = _grad(H, b, r)(w)
-    return w.squeeze(-2), _norm(H, w).squeeze(-2).squeeze(-1), residual(g - (g * w).sum(-1, keepdim=True), w).squeeze(-1)
+    return (
+        w.squeeze(-2),
+        _norm(H, w).squeeze(-2).squeeze(-1),
+        residual(g - (g * w).sum(-1, keepdim=True), w).squeeze(-1),
+    )
 
 
 def _row_step(H: Tensor, b: Tensor, r: Tensor, idx: Tensor):
@@ -109,8 +114,9 @@ def _row_step(H: Tensor, b: Tensor, r: Tensor, idx: Tensor):
     Hr, br, rr = (Hr[idx] if Hr.shape[0] > 1 else Hr.expand(idx.numel(), k, k)), br[idx], rr[idx]
 
     def step(w: Tensor, free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        w, free, settled = as_step(_grad(Hr, br, rr), _face(Hr, br, rr, w), w, free, _objective(Hr, br, rr),
-                                   simplex=True)
+        w, free, settled = as_step(
+            _grad(Hr, br, rr), _face(Hr, br, rr, w), w, free, _objective(Hr, br, rr), simplex=True
+        )
         return w, free, settled.squeeze(-1)
 
     return step
@@ -162,9 +168,6 @@ class CAGrad(GramSolver):
             w = torch.where(stationary.unsqueeze(-1), 0.0, w)
             r = torch.where(stationary, 0.0, r)  # the residual of the formula's 0/0 means nothing there
         return Solution(w, status(r, stationary), r, torch.diag_embed(w) if mixing else None)
-
-    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
-        return self._solve(G, losses=losses, precision=G.dtype, mixing=False).weights
 
     def _hparams(self) -> dict[str, Any]:
         return {"c": self.c} | ({} if self.iters is None else {"iters": self.iters})

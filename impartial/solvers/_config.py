@@ -7,13 +7,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import _PrecisionGramSolver
-from ._imtlg import _RTOL, _equal_projection
+from ._base import GramSolver, Solution, is_low, weighting_solution
+from ._imtlg import _ROUNDOFF, _RTOL, _equal_projection, _stationary_where
 
 __all__ = ["ConFIG"]
 
 
-class ConFIG(_PrecisionGramSolver):
+class ConFIG(GramSolver):
     r"""Conflict-free inverse gradients: ``d = (Σ_i g_i·ĝ) ĝ``, ``ĝ = Ũ⁺1 / ‖Ũ⁺1‖`` (``Ũ``: unit gradients).
 
     Liu, Chu, Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks",
@@ -29,7 +29,8 @@ class ConFIG(_PrecisionGramSolver):
     same through ``C``, whose rank is cut at ``rtol · λ_max(C)`` (``1e-10`` for float64 input, ``1e-6`` for
     float32 and lower): singular values of ``Ũ`` below ``√rtol`` of the largest are dropped.  Zero
     gradients have no unit vector: they take no part (weight 0, as the official ``nan_to_num`` gives).
-    When ``1`` has no component in the span of ``C`` (an antiparallel pair), ``x = 0`` and so is ``d``.
+    When ``1`` has no component in the span of ``C`` (an antiparallel pair), ``x = 0`` and so is ``d``
+    (status STATIONARY).
     Positively homogeneous; ``k = 1`` returns the gradient.
 
     >>> J = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
@@ -40,14 +41,16 @@ class ConFIG(_PrecisionGramSolver):
     def __init__(self, *, rtol: float | None = None) -> None:
         self.rtol = rtol
 
-    def _solve(self, G: Tensor, low: bool) -> Tensor:
-        gamma, C, inv = _equal_projection(G, self.rtol if self.rtol is not None else _RTOL[low])
+    def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> Solution:
+        low = is_low(precision)
+        gamma, C, inv = _equal_projection(G, self.rtol if self.rtol is not None else _RTOL[low], _ROUNDOFF[low])
         n = torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(0).sqrt()
         Cg = (C @ gamma.unsqueeze(-1)).squeeze(-1)
         xx = (gamma * Cg).sum(-1, keepdim=True)  # ‖x‖²
         length = (n * Cg).sum(-1, keepdim=True)  # Σ_i g_i·x
         # x = 0 (no equal-projection direction at all): d = 0; torch.where, no host sync
-        return torch.where(xx > 0, length / torch.where(xx > 0, xx, 1.0) * gamma * inv, 0.0)
+        w = torch.where(xx > 0, length / torch.where(xx > 0, xx, 1.0) * gamma * inv, 0.0)
+        return weighting_solution(w, _stationary_where(gamma), torch.zeros_like(xx.squeeze(-1)), mixing)
 
     def _hparams(self) -> dict[str, Any]:
         return {} if self.rtol is None else {"rtol": self.rtol}

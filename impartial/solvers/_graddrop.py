@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import _LOW, Solver, _check_jacobian, _load_rng_state, _rng_state
+from ._base import _LOW, Solver, _check_jacobian
 
 __all__ = ["GradDrop"]
 
@@ -32,11 +32,13 @@ def _row_chunks(X: Tensor) -> list[slice]:
 
 def _task_sum(X: Tensor, W: Tensor, dim: int) -> Tensor:
     """``Σ_i W_i ⊙ X_i`` over the tasks (``dim``), a chunk of rows at a time (see :func:`_row_chunks`)."""
-    out = None
+    parts = []
     for rows in _row_chunks(X.movedim(dim, -2)):
         i, n = rows.start, min(rows.stop, X.shape[dim]) - rows.start
-        part = (X.narrow(dim, i, n) * W.narrow(dim, i, n)).sum(dim)
-        out = part if out is None else out + part
+        parts.append((X.narrow(dim, i, n) * W.narrow(dim, i, n)).sum(dim))
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
     return out
 
 
@@ -82,6 +84,8 @@ class GradDrop(Solver):
     tensor(4.)
     """
 
+    deterministic = False
+
     def __init__(self, leakage: float | Sequence[float] = 0.0, *, generator: torch.Generator | None = None) -> None:
         leak = (float(leakage),) if isinstance(leakage, (int, float)) else tuple(float(x) for x in leakage)
         if not leak or not all(0.0 <= x <= 1.0 for x in leak):
@@ -120,18 +124,20 @@ class GradDrop(Solver):
             return X, X, None
         d = J.shape[-1]
         if inputs.ndim != J.ndim or inputs.shape[:-2] != J.shape[:-2] or inputs.shape[-2] * inputs.shape[-1] != d:
-            raise ValueError(f"GradDrop: inputs must have shape [..., B, F] with [...] = {tuple(J.shape[:-2])} "
-                             f"(J's leading dims) and B·F = d = {d}; got {tuple(inputs.shape)}")
+            raise ValueError(
+                f"GradDrop: inputs must have shape [..., B, F] with [...] = {tuple(J.shape[:-2])} "
+                f"(J's leading dims) and B·F = d = {d}; got {tuple(inputs.shape)}"
+            )
         sign, Xb = torch.sign(inputs).to(X.dtype).unsqueeze(-3), X.unflatten(-1, inputs.shape[-2:])
         return X, torch.cat([(Xb[..., rows, :, :] * sign).sum(-2) for rows in _row_chunks(X)], -2), inputs
 
     def _side(self, S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``Σ S_i``, ``Σ |S_i|`` and the kept side ``sign(P − U)`` (1 positive, −1 negative, 0 none)."""
-        total = mass = None
-        for rows in _row_chunks(S):  # Σ S_i over the same rows in the same order: P is 0 or 1 exactly at one sign
+        chunks = _row_chunks(S)  # Σ S_i over the same rows in the same order: P is 0 or 1 exactly at one sign
+        total, mass = S[..., chunks[0], :].sum(-2), S[..., chunks[0], :].abs().sum(-2)
+        for rows in chunks[1:]:
             part = S[..., rows, :]
-            total = part.sum(-2) if total is None else total + part.sum(-2)
-            mass = part.abs().sum(-2) if mass is None else mass + part.abs().sum(-2)
+            total, mass = total + part.sum(-2), mass + part.abs().sum(-2)
         # The least subnormal: every mass > 0 stays as it is (P to the bit), and a zero mass, where total is 0
         # too, gives P = ½ with no NaN; clamp_min, not an `if`: no host sync.
         least = torch.finfo(S.dtype).tiny * torch.finfo(S.dtype).eps
@@ -155,12 +161,6 @@ class GradDrop(Solver):
     def _draw_uniform(self, P: Tensor) -> Tensor:
         where = self.generator.device if self.generator is not None else P.device
         return torch.rand(P.shape, generator=self.generator, dtype=P.dtype, device=where).to(P.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return _rng_state(self.generator)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_rng_state(self, self.generator, state)
 
     def _hparams(self) -> dict[str, Any]:
         return {"leakage": self.leakage} | ({"generator": self.generator} if self.generator is not None else {})

@@ -12,9 +12,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._base import GramSolver
+from ._base import GramSolver, Solution, keep_where, nonfinite_problems
 
-__all__ = ["GradNorm", "NSGD"]
+__all__ = ["NSGD", "GradNorm"]
 
 
 def _safe_div(a: Tensor, b: Tensor, default: float) -> Tensor:
@@ -26,6 +26,7 @@ def _safe_div(a: Tensor, b: Tensor, default: float) -> Tensor:
 class _Stateful(GramSolver):
     """Shared state plumbing: named tensors created at the first call with the batch shape of ``G``."""
 
+    stateless = False
     _state_names: tuple[str, ...] = ()
 
     def __init__(self) -> None:
@@ -35,23 +36,44 @@ class _Stateful(GramSolver):
         if not self._state:
             ones = torch.ones(G.shape[:-1], dtype=G.dtype, device=G.device)
             return {name: ones for name in self._state_names if name != "step"} | {
-                "step": torch.zeros((), dtype=torch.int64, device=G.device)}
+                "step": torch.zeros((), dtype=torch.int64, device=G.device)
+            }
         held = self._state[self._state_names[0]]
         if held.shape != G.shape[:-1]:
-            raise ValueError(f"{type(self).__name__} holds state of shape {tuple(held.shape)} (batch dims, k) but got "
-                             f"G of shape {tuple(G.shape)}; call reset() when the tasks or batch shape change")
+            raise ValueError(
+                f"{type(self).__name__} holds state of shape {tuple(held.shape)} (batch dims, k) but got "
+                f"G of shape {tuple(G.shape)}; call reset() when the tasks or batch shape change"
+            )
         return {name: t.to(G.dtype) if t.is_floating_point() else t for name, t in self._state.items()}
 
-    def state_dict(self) -> dict[str, Any]:
+    def _set(self, **state: Tensor) -> None:
+        self._state = {name: t.detach() for name, t in state.items()}  # state holds no autograd graph
+
+    def solve(
+        self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None, mixing: bool = False
+    ) -> Solution:
+        before = self._state
+        sol = super().solve(G, losses=losses, precision=precision, mixing=mixing)
+        # a non-finite problem keeps its state (on a first call the identity it was solved on leaves the
+        # initial values); the call counter counts every call
+        bad = nonfinite_problems(sol.status)
+        if bad is not None:
+            self._state = {
+                name: t if name == "step" else keep_where(bad, before.get(name), t) for name, t in self._state.items()
+            }
+        return sol
+
+    def _state_dict(self) -> dict[str, Any]:
         return {name: t.clone() for name, t in self._state.items()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _load_state_dict(self, state: dict[str, Any]) -> None:
         if state and set(state) != set(self._state_names):
-            raise ValueError(f"{type(self).__name__}: expected state keys {sorted(self._state_names)}, "
-                             f"got {sorted(state)}")
+            raise ValueError(
+                f"{type(self).__name__}: expected state keys {sorted(self._state_names)}, got {sorted(state)}"
+            )
         self._state = {name: t.clone() for name, t in state.items()}
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self._state = {}
 
 
@@ -101,8 +123,14 @@ class GradNorm(_Stateful):
 
     _state_names = ("weights", "reference", "step")
 
-    def __init__(self, alpha: float = 1.5, lr: float = 0.025, *, progress: Literal["loss", "grad"] = "loss",
-                 reference_step: int | None = None) -> None:
+    def __init__(
+        self,
+        alpha: float = 1.5,
+        lr: float = 0.025,
+        *,
+        progress: Literal["loss", "grad"] = "loss",
+        reference_step: int | None = None,
+    ) -> None:
         super().__init__()
         if progress not in ("loss", "grad"):
             raise ValueError(f"GradNorm: progress must be 'loss' or 'grad', got {progress!r}")
@@ -119,14 +147,17 @@ class GradNorm(_Stateful):
             values = norms
         elif losses is not None:
             if losses.shape != norms.shape:
-                raise ValueError(f"GradNorm: losses must have shape {tuple(norms.shape)} (batch dims, k), "
-                                 f"got {tuple(losses.shape)}")
+                raise ValueError(
+                    f"GradNorm: losses must have shape {tuple(norms.shape)} (batch dims, k), got {tuple(losses.shape)}"
+                )
             values = losses.detach().to(G.dtype)
         elif self.alpha == 0.0:
             values = torch.ones_like(norms)  # α = 0: r^α = 1 whatever the losses
         else:
-            raise ValueError("GradNorm(progress='loss') needs the task losses: call it with losses=[..., k] "
-                             "(or use progress='grad', or alpha=0)")
+            raise ValueError(
+                "GradNorm(progress='loss') needs the task losses: call it with losses=[..., k] "
+                "(or use progress='grad', or alpha=0)"
+            )
         state = self._get(G)
         w, step = state["weights"], state["step"]
         reference = torch.where(step == self.reference_step, values, state["reference"])
@@ -138,7 +169,7 @@ class GradNorm(_Stateful):
         grad = torch.sign(weighted - g_bar * r.pow(self.alpha)) * _safe_div(weighted, g_bar, 0.0)
         new = w * torch.exp(-self.lr * grad)
         new = G.shape[-1] * new / new.sum(-1, keepdim=True)  # Σ > 0: the weights stay positive
-        self._state = {"weights": new, "reference": reference, "step": step + 1}
+        self._set(weights=new, reference=reference, step=step + 1)
         return w
 
     def _hparams(self) -> dict[str, Any]:
@@ -177,7 +208,7 @@ class NSGD(_Stateful):
         state = self._get(G)
         step = state["step"]
         reference = torch.where(step == self.reference_step, norms, state["reference"])
-        self._state = {"reference": reference, "step": step + 1}
+        self._set(reference=reference, step=step + 1)
         rho = _safe_div(norms, reference, 1.0)
         a = _safe_div(rho, rho.sum(-1, keepdim=True), 0.0)
         S = (a * norms).sum(-1, keepdim=True)

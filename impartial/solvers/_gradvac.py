@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramSolver, _load_rng_state, _rng_state
+from ._base import GramSolver, Solution, keep_where, nonfinite_problems
 from ._pcgrad import partner_indices, random_orders
 
 __all__ = ["GradVac", "vaccinate"]
@@ -125,6 +125,9 @@ class GradVac(GramSolver):
             [-0.3536,  0.0000]], dtype=torch.float64)
     """
 
+    stateless = False
+    deterministic = False
+
     def __init__(self, beta: float = 1e-2, *, generator: torch.Generator | None = None) -> None:
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"GradVac: beta must be in [0, 1], got {beta}")
@@ -135,33 +138,41 @@ class GradVac(GramSolver):
     def _draw_orders(self, G: Tensor) -> Tensor:
         return random_orders(tuple(G.shape[:-2]), G.shape[-1], self.generator, G.device)
 
+    def solve(
+        self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None, mixing: bool = False
+    ) -> Solution:
+        before = self.phi_hat
+        sol = super().solve(G, losses=losses, precision=precision, mixing=mixing)
+        assert self.phi_hat is not None
+        bad = nonfinite_problems(sol.status)
+        if bad is not None:
+            self.phi_hat = keep_where(bad, before, self.phi_hat)
+        return sol
+
     def _mixing(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
         if self.phi_hat is None:
             phi_hat = torch.zeros_like(G)
         elif self.phi_hat.shape != G.shape:
-            raise ValueError(f"GradVac holds targets of shape {tuple(self.phi_hat.shape)} (batch dims, k, k) but got "
-                             f"G of shape {tuple(G.shape)}; call reset() when the tasks or batch shape change")
+            raise ValueError(
+                f"GradVac holds targets of shape {tuple(self.phi_hat.shape)} (batch dims, k, k) but got "
+                f"G of shape {tuple(G.shape)}; call reset() when the tasks or batch shape change"
+            )
         else:
             phi_hat = self.phi_hat.to(G.dtype)
-        W, self.phi_hat = vaccinate(G, phi_hat, self._draw_orders(G), self.beta)
+        W, phi_hat = vaccinate(G, phi_hat, self._draw_orders(G), self.beta)
+        self.phi_hat = phi_hat.detach()  # state holds no autograd graph
         return W
 
-    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
-        return self._mixing(G, losses=losses).sum(-2)
+    def _state_dict(self) -> dict[str, Any]:
+        return {} if self.phi_hat is None else {"phi_hat": self.phi_hat.clone()}
 
-    def state_dict(self) -> dict[str, Any]:
-        state = _rng_state(self.generator)
-        if self.phi_hat is not None:
-            state["phi_hat"] = self.phi_hat.clone()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        phi_hat = state.pop("phi_hat", None)
-        _load_rng_state(self, self.generator, state)
+    def _load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) - {"phi_hat"}:
+            raise ValueError(f"GradVac: unexpected state keys {sorted(set(state) - {'phi_hat'})}")
+        phi_hat = state.get("phi_hat")
         self.phi_hat = None if phi_hat is None else phi_hat.clone()
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self.phi_hat = None
 
     def _hparams(self) -> dict[str, Any]:

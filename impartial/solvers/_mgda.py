@@ -20,8 +20,7 @@ __all__ = ["MGDA"]
 
 
 def _two_tasks(G: Tensor) -> Tensor:
-    """The paper's closed form for ``k = 2``: ``w = (γ, 1 − γ)``, ``γ = clip((g₂ − g₁)·g₂ / ‖g₁ − g₂‖², 0, 1)``.
-    """
+    """The paper's closed form for ``k = 2``: ``w = (γ, 1 − γ)``, ``γ = clip((g₂ − g₁)·g₂ / ‖g₁ − g₂‖², 0, 1)``."""
     num = G[..., 1, 1] - G[..., 0, 1]
     den = G[..., 0, 0] + G[..., 1, 1] - 2 * G[..., 0, 1]
     # g₁ = g₂ (den = 0): every γ gives the same direction; take the middle.  torch.where: no host sync.
@@ -72,9 +71,6 @@ class MGDA(GramSolver):
         # Pareto-stationary: the min-norm point is 0 but for the ridge and what the precision cannot resolve
         stationary = norm2 <= cutoff(precision, k) + 2 * REG
         return Solution(w, status(r, stationary), r, torch.diag_embed(w) if mixing else None)
-
-    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
-        return self._solve(G, losses=losses, precision=G.dtype, mixing=False).weights
 
     def _hparams(self) -> dict[str, Any]:
         return {} if self.iters is None else {"iters": self.iters}

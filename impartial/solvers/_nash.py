@@ -1,24 +1,4 @@
-"""Nash-MTL and FairGrad: bargaining weights from one damped-Newton solve on the cosine matrix of ``G``.
-
-Both methods ask for weights ``β > 0`` whose direction ``d = βᵀJ`` gives every task the utility
-``g_i·d = (Gβ)_i = β_i^{-1/α}`` (α-fair allocation; ``α = 1`` is the Nash bargaining solution).  That is the
-stationarity condition of the strictly convex
-
-    F(β) = ½ βᵀGβ − Σ_i φ(β_i),   φ(x) = log x (α = 1),   φ(x) = x^{1−1/α} / (1 − 1/α) (α ≠ 1).
-
-Substituting ``β_i = γ_i/‖g_i‖`` turns it into the same problem on the cosine matrix ``C`` (unit diagonal)
-with ``φ`` weighted by ``c_i = ‖g_i‖^{-(1−1/α)}``: the conditioning no longer depends on the gradient norms.
-We run a fixed number (24) of Newton steps (none for ``k = 1`` and for Nash at ``k = 2``, which have closed
-forms), each followed by a search over a geometric grid of step sizes along ``γ ⊙ exp(tΔ/γ)``, which stays
-positive and matches the Newton step to second order (so the final steps converge quadratically); ``F``
-along it is a quadratic plus a separable term, so all candidates are scored by a handful of batched ops
-(about 20 ops and one ``k × k`` solve a step): no cvxpy, no host sync.
-
-``F`` has no minimiser exactly when some nonnegative combination of the task gradients vanishes (the tasks
-are at a Pareto-stationary point: no direction improves them all).  Then ``γ`` runs off to infinity along
-that combination; the certificate ``‖Σ v_i u_i‖`` with ``v = γ/Σγ`` and unit gradients ``u_i`` measures how
-close the tasks are to it and decides the stationary case.
-"""
+"""Nash-MTL and FairGrad: the bargaining solvers (the Newton machinery and its statuses: :mod:`._bargain`)."""
 
 from __future__ import annotations
 
@@ -28,172 +8,126 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import _PrecisionGramSolver
+from ._bargain import bargain
+from ._base import GramSolver, Solution, is_low, keep_where, nonfinite_problems, weighting_solution
 
-__all__ = ["NashMTL", "FairGrad"]
-
-_ITERS = 24
-#: line-search step sizes 2^3 … 2^-10, and 0 (keep γ when no step lowers F: round-off reached)
-_STEPS = [2.0**j for j in range(3, -11, -1)] + [0.0]
-#: cap on log(γ_new/γ_i) in one step (e^40 ≈ 2e17): keeps exp finite on a wild step
-_GROWTH = 40.0
-#: Pareto-stationarity threshold on ‖Σ v_i u_i‖ (v on the simplex): float64 input, float32 and lower
-_STATIONARY = (1e-5, 1e-2)
-_RESIDUAL = (1e-6, 1e-3)
+__all__ = ["FairGrad", "NashMTL"]
 
 
-def _bargain(G: Tensor, p: float, low: bool, iters: int = _ITERS) -> Tensor:
-    """``β ≥ 0`` with ``(Gβ)_i = β_i^{p−1}`` for ``p = 1 − 1/α``, or 0 at a Pareto-stationary ``G``."""
-    k = G.shape[-1]
-    n = torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(0).sqrt()
-    nonzero = n > torch.finfo(G.dtype).tiny ** 0.5
-    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, n, 1.0), 0.0)
-    eye = torch.eye(k, dtype=G.dtype, device=G.device)
-    # A zero gradient's utility is 0 whatever d is: it has no stake in the bargain.  Its row of C is made a
-    # decoupled unit (its own γ converges on its own) and its weight is set to 0 at the end.
-    C = torch.where(eye > 0, 1.0, G * inv.unsqueeze(-1) * inv.unsqueeze(-2))
-    nz = nonzero.unsqueeze(-1)  # γ, c and the other per-task vectors are columns [..., k, 1] below
-    if p == 0:  # Nash: c ≡ 1 (every c_i = ‖g_i‖^0), the start is a common factor
-        shift = torch.zeros_like(n[..., :1])
-        c = None
-        b = torch.ones_like(nz, dtype=G.dtype)
-    else:
-        logc = torch.where(nonzero, -p * torch.log(torch.where(nonzero, n, 1.0)), 0.0)
-        # a common factor of c only rescales γ (by its 1/(2−p) power): remove it for the iteration's sake
-        shift = (logc * nonzero).sum(-1, keepdim=True) / nonzero.sum(-1, keepdim=True).clamp_min(1)
-        c = torch.exp(torch.where(nonzero, logc - shift, 0.0)).unsqueeze(-1)
-        b = c ** (1 / (2 - p))
-    # start: b_i = c_i^{1/(2−p)} (exact for C = I) times the best common factor for the tasks that bargain
-    bz = b * nz
-    bCb = (bz * (C @ bz)).sum(-2, keepdim=True)
-    cbp = nz.sum(-2, keepdim=True, dtype=G.dtype) if c is None else (torch.where(nz, c * b**p, 0.0)).sum(-2, keepdim=True)
-    tau = (cbp / bCb.clamp_min(1e-3 * k)) ** (1 / (2 - p))
-    g = torch.where(nz, tau * b, b)
-    if k == 1:  # C = I: the start is the solution
-        iters = 0
-    elif k == 2 and p == 0:  # Nash, two tasks: γ_1 = γ_2 = (1 + cos)^{-1/2} solves γ ⊙ Cγ = 1 exactly
-        # (an antiparallel pair, cos = −1, has no solution: γ is left large and the checks below say so)
-        g = (1 + C[..., :1, 1:]).clamp_min(torch.finfo(G.dtype).eps).rsqrt().expand_as(g)
-        iters = 0
-    steps = torch.tensor(_STEPS, dtype=G.dtype, device=G.device)
-    one = torch.ones((), dtype=G.dtype, device=G.device)
-    for _ in range(iters):  # fixed count: no data-dependent stopping, so vmap / compile see one graph
-        Cg = C @ g
-        # Newton system (C + diag h) Δ = −∇F = u − Cγ with u = c γ^{p−1} (the utilities γ asks for) and
-        # h = (1 − p) u/γ, scaled by s = h^{-1/2} = γ a, a = ((1 − p) c γ^p)^{-1/2}: the matrix S C S + I has
-        # eigenvalues ≥ 1 however large γ grows, and Δ/γ = a x for its solution x.  Nash: s = γ, a = 1.
-        if c is None:
-            s = g
-            rhs = torch.addcmul(one, g, Cg, value=-1.0)  # s (u − Cγ) = 1 − γ Cγ
-        else:
-            w = c * g**p  # u γ
-            a = ((1 - p) * w).rsqrt()
-            s = g * a
-            rhs = s * (w / g - Cg)
-        M = torch.addcmul(eye, s * C, s.mT)
-        x = torch.linalg.solve_ex(M, rhs)[0]  # _ex: no check, no sync
-        # Line search, all candidates at once, over two paths written as γ_new = γ ⊙ exp(L), L = log(γ_new/γ):
-        # - γ ⊙ exp(tΔ/γ): tangent Δ at t = 0 (a descent path) and equal to γ + tΔ to second order near the
-        #   solution (quadratic convergence kept), but never leaves γ > 0, so a γ_i that must shrink by decades
-        #   does so in one step; steps above 1 let γ run off fast along a Pareto-stationary combination;
-        # - the plain Newton points γ + tΔ (a coordinate that would cross 0 is cut to 1% of itself): far from
-        #   the solution neither path is uniformly better.
-        # Each candidate's change of F is exact, with δ = γ ⊙ expm1(L) and no difference of large values (so
-        # the search still tells steps apart at round-off):
-        #   F(γ + δ) − F(γ) = (Cγ + ½Cδ)·δ − Σ c_i γ_i^p expm1(p L_i)/p     (Σ c_i L_i at p = 0)
-        q = (x if c is None else a * x) * steps  # [..., k, steps]
-        q = q.clamp_max(_GROWTH)
-        q = torch.cat([q, torch.log1p(q.clamp_min(-0.99))], -1)  # L on both paths
-        delta = g * torch.expm1(q)
-        half = torch.add(Cg, C @ delta, alpha=0.5)
-        # the decrease of F, −(F(γ + δ) − F(γ)), summed over the tasks: the best candidate has the largest
-        gain = q if c is None else (w / p) * torch.expm1(p * q)
-        best = torch.addcmul(gain, half, delta, value=-1.0).sum(-2, keepdim=True).argmax(-1, keepdim=True)
-        g = g + delta.gather(-1, best.expand_as(g))  # gather, not take_along_dim (which checks on the host)
-    # converged: every task's utility equation holds to a relative residual
-    g = g.squeeze(-1)
-    c = torch.ones_like(g) if c is None else c.squeeze(-1)
-    Cg = (C @ g.unsqueeze(-1)).squeeze(-1)
-    target = c * g ** (p - 1)
-    # Cγ carries a rounding error of at most about k·eps·(|C|γ)_i, which can exceed a relative 1e-6 of a small
-    # utility when γ is large and its terms cancel (nearly Pareto-stationary tasks): that part is not a miss.
-    # But where it reaches a tenth of the utility, the equation cannot be checked at all: no solution.
-    slack = 16 * k * torch.finfo(G.dtype).eps * (C.abs() @ g.unsqueeze(-1)).squeeze(-1)
-    residual = (((Cg - target).abs() - slack).clamp_min(0) / target).amax(-1)
-    residual = torch.where((slack <= 0.1 * target).all(-1), residual, torch.inf)
-    gz = g * nonzero
-    cert = (gz * (C @ gz.unsqueeze(-1)).squeeze(-1)).sum(-1).clamp_min(0).sqrt() / gz.sum(-1)
-    solved = (residual <= _RESIDUAL[low]) & (cert > _STATIONARY[low]) & nonzero.any(-1)
-    beta = g * torch.exp(shift / (2 - p)) * inv
-    return torch.where(solved.unsqueeze(-1), beta, 0.0)
+class _Bargaining(GramSolver):
+    #: calls so far, and the kept (weights, status, residual) of the last solve (``update_weights_every > 1``)
+    step: int
+    last: tuple[Tensor, Tensor, Tensor] | None
 
-
-class _Bargaining(_PrecisionGramSolver):
-    def __init__(self, *, update_weights_every: int = 1) -> None:
+    def __init__(self, *, update_weights_every: int = 1, iters: int | None = None) -> None:
         if not isinstance(update_weights_every, int) or update_weights_every < 1:
             raise ValueError(f"update_weights_every must be a positive int, got {update_weights_every!r}")
+        if iters is not None and (not isinstance(iters, int) or iters < 0):
+            raise ValueError(f"{type(self).__name__}: iters must be None or a non-negative int, got {iters!r}")
         self.update_weights_every = update_weights_every
-        self.reset()
+        self.iters = iters
+        self._reset()
+
+    @property
+    def stateless(self) -> bool:  # type: ignore[override]
+        return self.update_weights_every == 1
 
     @abstractmethod
-    def _fresh(self, G: Tensor, low: bool) -> Tensor: ...
+    def _fresh(self, G: Tensor, low: bool) -> tuple[Tensor, Tensor, Tensor]: ...
 
-    def _solve(self, G: Tensor, low: bool) -> Tensor:
+    def solve(
+        self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None, mixing: bool = False
+    ) -> Solution:
+        before = self.last
+        sol = super().solve(G, losses=losses, precision=precision, mixing=mixing)
+        bad = nonfinite_problems(sol.status)
+        if bad is not None and self.last is not None and self.last is not before:  # fresh: a bad problem keeps its old
+            kept = [None, None, None] if before is None else list(before)
+            w, status, residual = (keep_where(bad, o, n) for o, n in zip(kept, (sol.weights, sol.status, sol.residual)))
+            self.last = (w, status, residual)
+        return sol
+
+    def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> Solution:
         if self.update_weights_every == 1:  # stateless: nothing kept between calls
-            return self._fresh(G, low)
+            return weighting_solution(*self._fresh(G, is_low(precision)), mixing)
         # the official code solves every `update_weights_every` steps and reuses the weights in between
         if self.step % self.update_weights_every == 0 or self.last is None:
-            self.last = self._fresh(G, low)
-        elif self.last.shape != G.shape[:-1]:
-            raise ValueError(f"{type(self).__name__}: kept weights of shape {tuple(self.last.shape)} do not fit "
-                             f"a Gram of shape {tuple(G.shape)}; call reset() when the task set changes")
+            w, status, residual = (t.detach() for t in self._fresh(G, is_low(precision)))
+            self.last = (w, status, residual)
+        elif self.last[0].shape != G.shape[:-1]:
+            raise ValueError(
+                f"{type(self).__name__}: kept weights of shape {tuple(self.last[0].shape)} do not fit "
+                f"a Gram of shape {tuple(G.shape)}; call reset() when the task set changes"
+            )
         self.step += 1
-        return self.last.to(G.dtype)
+        w, status, residual = self.last
+        return weighting_solution(w.to(G.dtype), status, residual.to(G.dtype), mixing)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "weights": self.last}
+    def _state_dict(self) -> dict[str, Any]:
+        if self.update_weights_every == 1:
+            return {}
+        if self.last is None:
+            return {"step": self.step, "weights": None, "status": None, "residual": None}
+        w, status, residual = self.last
+        return {"step": self.step, "weights": w, "status": status, "residual": residual}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"step", "weights"}:
-            raise ValueError(f"{type(self).__name__}: expected state keys ['step', 'weights'], got {sorted(state)}")
-        self.step, self.last = int(state["step"]), state["weights"]
+    def _load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.update_weights_every == 1:
+            super()._load_state_dict(state)
+            return
+        if set(state) != {"step", "weights", "status", "residual"}:
+            raise ValueError(
+                f"{type(self).__name__}: expected state keys ['residual', 'status', 'step', 'weights'], "
+                f"got {sorted(state)}"
+            )
+        self.step = int(state["step"])
+        kept = (state["weights"], state["status"], state["residual"])
+        self.last = None if kept[0] is None else kept  # type: ignore[assignment]
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self.step = 0
-        self.last: Tensor | None = None
+        self.last = None
 
     def _hparams(self) -> dict[str, Any]:
-        return {} if self.update_weights_every == 1 else {"update_weights_every": self.update_weights_every}
+        return ({} if self.update_weights_every == 1 else {"update_weights_every": self.update_weights_every}) | (
+            {} if self.iters is None else {"iters": self.iters}
+        )
 
 
 class NashMTL(_Bargaining):
-    r"""Nash bargaining weights: ``α > 0`` with ``α_i (Ĝα)_i = 1`` for ``Ĝ = G/‖G‖_F``.
+    r"""Nash bargaining weights ``w = √‖G‖_F · α*``, where ``α* > 0`` solves ``α*_i (Gα*)_i = 1``.
 
     Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya, "Multi-Task Learning as a Bargaining
-    Game", ICML 2022.  The direction ``d = αᵀJ`` maximises ``Σ log(g_i·d)`` over the ball; its utilities are
-    ``g_i·d = ‖G‖_F / α_i``.  The paper's ``α*`` solves ``α ⊙ Gα = 1`` (then ``‖α*ᵀJ‖ = √k`` whatever the
-    scale); like the official code we solve on ``G/‖G‖_F``, i.e. ``α = √‖G‖_F · α*``, which makes the
-    direction positively homogeneous and ``k = 1`` return the gradient itself (``α*`` alone gives
-    ``g/‖g‖``).  The official solver (sequential convex approximations in cvxpy, 20 rounds, stopped at a
-    residual of 1e-3) approaches the same point; we reach it to a relative residual of 1e-9 (1e-5 for
-    float32 input) by damped Newton (see the module docstring).
+    Game", ICML 2022.  The Nash bargaining solution is the direction ``∝ α*ᵀJ``: it maximises
+    ``Σ log(g_i·d)`` over a ball, and gives task ``i`` the utility ``g_i·(α*ᵀJ) = 1/α*_i``.
 
-    - ``update_weights_every``: solve every n-th call and reuse the weights in between (official option;
-      state is ``step`` and the kept weights, see :meth:`state_dict`).
-    - The official ``max_norm = 1`` clips the gradient of *all* shared parameters after backward: a training
-      step, left to ``torch.nn.utils.clip_grad_norm_`` (clipping per block would be a different method).
+    **Scale.**  The paper updates with ``α*ᵀJ`` itself, and so does the official code (its normalisation
+    factor ``‖G‖_F`` only conditions the convex program: its constraint ``α_i ‖G‖_F (Ĝα)_i ≥ 1`` with
+    ``Ĝ = G/‖G‖_F`` is ``α_i (Gα)_i ≥ 1``), followed by clipping the gradient of all shared parameters to
+    ``max_norm = 1``; TorchJD's port returns ``α*ᵀJ`` clipped to norm 1.  That direction has norm ``√k``
+    whatever the gradients' scale (``α*(cJ) = α*(J)/c``).  We return ``√‖G‖_F · α*``: the same direction,
+    scaled with the gradients, so the method is positively homogeneous like every other solver here (a
+    learning rate means the same thing; ``k = 1`` returns ``g``, where ``α*`` gives ``g/‖g‖``) and
+    ``NashMTL`` composes and compares with them.  The paper's weights are ``weights(G) / √‖G‖_F``.
+
+    - ``update_weights_every``: solve every n-th call and reuse the weights in between (the official code's
+      option; state is ``step`` and the kept weights, status and residual, see :meth:`state_dict`).
+    - ``iters``: the Newton steps of the sync-free schedule (default 32), or the cap of the CPU loop, which
+      stops at convergence (default 200).
+    - ``max_norm`` is a training step, left to ``torch.nn.utils.clip_grad_norm_`` (clipping per block would
+      be a different method).
     - Zero task gradients have no stake (utility 0 whatever ``d``): weight 0, the others bargain.
-    - Pareto-stationary tasks (a nonnegative combination ``Σ v_i u_i`` of the unit gradients has norm at most
-      1e-5, 1e-2 for float32 input, e.g. an antiparallel pair) have no bargaining solution: the weights are
-      0 and the direction is 0 (the disagreement point).  So is a solve that does not reach its residual.
+    - Pareto-stationary tasks (e.g. an antiparallel pair) have no bargaining solution: the weights are 0
+      (the disagreement point) and the status STATIONARY; see the module docstring for the statuses.
 
     >>> J = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
     >>> NashMTL()(J)  # α* = (1/3, 1/4), times √‖G‖_F = 337^{1/4}
     tensor([4.2846, 4.2846])
     """
 
-    def _fresh(self, G: Tensor, low: bool) -> Tensor:
-        return _bargain(G, 0.0, low) * torch.linalg.matrix_norm(G).sqrt().unsqueeze(-1)
+    def _fresh(self, G: Tensor, low: bool) -> tuple[Tensor, Tensor, Tensor]:
+        beta, status, residual = bargain(G, 0.0, low, self.iters)
+        return beta * torch.linalg.matrix_norm(G).sqrt().unsqueeze(-1), status, residual
 
 
 class FairGrad(_Bargaining):
@@ -207,21 +141,21 @@ class FairGrad(_Bargaining):
     multiplies the direction by ``k`` ("to match the sum loss") and clips the shared gradient to
     ``max_norm``; we follow the paper, ``d = wᵀJ``, with neither.  Scale: ``A(cJ) = c^{(1−α)/(1+α)} A(J)``
     (not 1-homogeneous unless ``α → 0``); ``k = 1`` returns ``‖g‖^{(1−α)/(1+α)} g/‖g‖``.  Zero gradients,
-    Pareto-stationary tasks and ``update_weights_every`` are handled as in :class:`NashMTL`.
+    Pareto-stationary tasks, ``update_weights_every`` and ``iters`` are handled as in :class:`NashMTL`.
 
     >>> J = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
     >>> FairGrad(alpha=1.0)(J)  # α = 1: w_i = 1/‖g_i‖ here, so both utilities g_i·d = 1/w_i = ‖g_i‖
     tensor([1., 1.])
     """
 
-    def __init__(self, alpha: float = 1.0, *, update_weights_every: int = 1) -> None:
+    def __init__(self, alpha: float = 1.0, *, update_weights_every: int = 1, iters: int | None = None) -> None:
         if not alpha > 0:
             raise ValueError(f"FairGrad: alpha must be positive, got {alpha!r}")
         self.alpha = float(alpha)
-        super().__init__(update_weights_every=update_weights_every)
+        super().__init__(update_weights_every=update_weights_every, iters=iters)
 
-    def _fresh(self, G: Tensor, low: bool) -> Tensor:
-        return _bargain(G, 1.0 - 1.0 / self.alpha, low)
+    def _fresh(self, G: Tensor, low: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return bargain(G, 1.0 - 1.0 / self.alpha, low, self.iters)
 
     def _hparams(self) -> dict[str, Any]:
         return {"alpha": self.alpha, **super()._hparams()}

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramSolver, _load_rng_state, _rng_state
+from ._base import GramSolver
 
 __all__ = ["PCGrad", "partner_indices", "project_conflicts", "random_orders"]
 
 
-def random_orders(batch_shape: tuple[int, ...], k: int, generator: torch.Generator | None,
-                  device: torch.device | str | None = None) -> Tensor:
+def random_orders(
+    batch_shape: tuple[int, ...], k: int, generator: torch.Generator | None, device: torch.device | str | None = None
+) -> Tensor:
     """For each task, a uniformly random order of the *other* tasks: ``[*batch_shape, k, k - 1]`` (int64).
 
     Row ``i`` lists the tasks ``j ≠ i``; each batch element and each task get an independent draw.  Drawn
@@ -89,6 +90,8 @@ class PCGrad(GramSolver):
     tensor([0.5000, 1.5000])
     """
 
+    deterministic = False
+
     def __init__(self, *, generator: torch.Generator | None = None) -> None:
         self.generator = generator
 
@@ -98,15 +101,5 @@ class PCGrad(GramSolver):
     def _mixing(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
         return project_conflicts(G, self._draw_orders(G))
 
-    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
-        return self._mixing(G, losses=losses).sum(-2)
-
-    def state_dict(self) -> dict[str, Any]:
-        return _rng_state(self.generator)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_rng_state(self, self.generator, state)
-
     def _hparams(self) -> dict[str, Any]:
         return {"generator": self.generator} if self.generator is not None else {}
-

@@ -33,12 +33,38 @@ import torch
 from torch import Tensor
 
 from ._base import Status
-from ._qp_faces import (IPM_K, POLISH, Face, active_set, all_faces, as_step, default_iters, enumerates,
-                        face_minimisers, interior_point, masked_solve, pick_feasible, quadratic, simplex_point)
+from ._qp_faces import (
+    IPM_K,
+    POLISH,
+    Face,
+    active_set,
+    all_faces,
+    as_step,
+    default_iters,
+    enumerates,
+    face_minimisers,
+    interior_point,
+    masked_solve,
+    pick_feasible,
+    quadratic,
+    simplex_point,
+)
 from ._qp_host import host_active_set, host_iters, projected_gradient, residual
 
-__all__ = ["Prepared", "prepare", "cutoff", "min_norm", "nonneg_qp", "simplex_qp", "nonneg_residual",
-           "simplex_residual", "status", "check_iters", "REG", "RESIDUAL_TOL"]
+__all__ = [
+    "Prepared",
+    "prepare",
+    "cutoff",
+    "min_norm",
+    "nonneg_qp",
+    "simplex_qp",
+    "nonneg_residual",
+    "simplex_residual",
+    "status",
+    "check_iters",
+    "REG",
+    "RESIDUAL_TOL",
+]
 
 #: relative Tikhonov term added to the normalised Gram matrix (see the module docstring).
 REG = 1e-12
@@ -183,8 +209,15 @@ def _nonneg_fixed(H: Tensor, c: Tensor, iters: int | None) -> Tensor:
     if iters is None and k >= IPM_K:
         x, free = interior_point(H, c, simplex=False)
         return active_set(grad, face, torch.where(free, x, 0.0), free, POLISH, search, scale=_units(H))
-    return active_set(grad, face, torch.zeros_like(c), torch.ones_like(c, dtype=torch.bool),
-                      default_iters(k) if iters is None else iters, search, scale=_units(H))
+    return active_set(
+        grad,
+        face,
+        torch.zeros_like(c),
+        torch.ones_like(c, dtype=torch.bool),
+        default_iters(k) if iters is None else iters,
+        search,
+        scale=_units(H),
+    )
 
 
 def _nonneg_host(H: Tensor, c: Tensor, iters: int | None) -> tuple[Tensor, Tensor]:
@@ -255,8 +288,9 @@ def simplex_qp(H: Tensor, c: Tensor, iters: int | None = None, host: bool = Fals
     elif host:
         rows = torch.arange(c[..., 0].numel(), device=c.device)
         step_for = _row_steps(H, c, rows, _simplex_face, simplex=True)
-        x = host_active_set(step_for, (ones / k).reshape(-1, k), ones.reshape(-1, k) > 0,
-                            host_iters(k) if iters is None else iters).reshape(c.shape)
+        x = host_active_set(
+            step_for, (ones / k).reshape(-1, k), ones.reshape(-1, k) > 0, host_iters(k) if iters is None else iters
+        ).reshape(c.shape)
     else:
         x = _simplex_fixed(H, c, iters)
     return x, simplex_residual(H, c, x)
@@ -278,9 +312,11 @@ def _simplex_fixed(H: Tensor, c: Tensor, iters: int | None) -> Tensor:
         x, free = interior_point(H, c, simplex=True)
         free = free | (x == x.amax(-1, keepdim=True))  # never empty (x sums to 1): the largest entry is in it
         x = torch.where(free, x, 0.0)
-        return active_set(lambda x: x @ H + c, _simplex_face(H, c), x / x.sum(-1, keepdim=True), free, POLISH,
-                          simplex=True)
+        return active_set(
+            lambda x: x @ H + c, _simplex_face(H, c), x / x.sum(-1, keepdim=True), free, POLISH, simplex=True
+        )
     vertex = (0.5 * H.diagonal(dim1=-2, dim2=-1).unsqueeze(-2) + c).argmin(-1)
     x = (torch.arange(k, device=c.device) == vertex.unsqueeze(-1)).to(c.dtype)  # one_hot would sync
-    return active_set(lambda x: x @ H + c, _simplex_face(H, c), x, x > 0, default_iters(k) if iters is None else iters,
-                      simplex=True)
+    return active_set(
+        lambda x: x @ H + c, _simplex_face(H, c), x, x > 0, default_iters(k) if iters is None else iters, simplex=True
+    )

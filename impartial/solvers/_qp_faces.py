@@ -82,7 +82,10 @@ def face_minimisers(H: Tensor, F: Tensor, rhs: Tensor) -> Tensor:
 
 
 def quadratic(H: Tensor, c: Tensor, X: Tensor) -> Tensor:
-    """``½ xᵀHx + cᵀx`` for candidates ``X`` ``[..., m, n, k]`` of the problems ``c`` ``[..., m, k]`` → ``[..., m, n]``."""
+    """``½ xᵀHx + cᵀx`` for candidates ``X`` ``[..., m, n, k]`` of the problems ``c`` ``[..., m, k]``.
+
+    Returns ``[..., m, n]``.
+    """
     return ((X @ H.unsqueeze(-3)) * X).sum(-1) / 2 + (X * c.unsqueeze(-2)).sum(-1)
 
 
@@ -118,9 +121,15 @@ def masked_solve(H: Tensor, free: Tensor, rhs: Tensor) -> Tensor:
     return chol_solve(L, rhs * f.unsqueeze(-1))
 
 
-def as_step(grad: Callable[[Tensor], Tensor], face: Face, x: Tensor, free: Tensor,
-            objective: Callable[[Tensor], Tensor] | None = None, simplex: bool = False,
-            scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def as_step(
+    grad: Callable[[Tensor], Tensor],
+    face: Face,
+    x: Tensor,
+    free: Tensor,
+    objective: Callable[[Tensor], Tensor] | None = None,
+    simplex: bool = False,
+    scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """One active-set iteration (see the module docstring): ``(x, free, settled [..., m])``.
 
     ``grad(x)`` is the objective's gradient ``[..., m, k]``; the multipliers of the bounds ``x ≥ 0`` are
@@ -167,13 +176,36 @@ def as_step(grad: Callable[[Tensor], Tensor], face: Face, x: Tensor, free: Tenso
     return x, free | enter, settled
 
 
-def active_set(grad: Callable[[Tensor], Tensor], face: Face, x: Tensor, free: Tensor, iters: int,
-               objective: Callable[[Tensor], Tensor] | None = None, simplex: bool = False,
-               scale: Tensor | None = None) -> Tensor:
+def active_set(
+    grad: Callable[[Tensor], Tensor],
+    face: Face,
+    x: Tensor,
+    free: Tensor,
+    iters: int,
+    objective: Callable[[Tensor], Tensor] | None = None,
+    simplex: bool = False,
+    scale: Tensor | None = None,
+) -> Tensor:
     """``iters`` fixed iterations of :func:`as_step`, batched, with no host sync."""
     for _ in range(iters):
         x, free, _ = as_step(grad, face, x, free, objective, simplex, scale)
     return x
+
+
+def _newton(
+    L: Tensor, rd: Tensor, rc: Tensor, y: Tensor, z: Tensor, e: Tensor, side: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One Newton direction ``(Δy, Δz, Δν)`` of :func:`interior_point` (``side``: ``(M⁻¹e, eᵀy − 1)`` on the simplex).
+
+    ``Ĥ Δy − Δz − Δν e = −rd``, ``z Δy + y Δz = −rc``, ``eᵀΔy = −rp`` ⇒ ``(Ĥ + Z/Y) Δy = −rd − rc/y + Δν e``.
+    """
+    dy = chol_solve(L, (-rd - rc / y).unsqueeze(-1)).squeeze(-1)
+    dnu = torch.zeros_like(y[..., :1])
+    if side is not None:
+        a, rp = side
+        dnu = (-rp - (e * dy).sum(-1, keepdim=True)) / (e * a).sum(-1, keepdim=True)
+        dy = dy + dnu * a
+    return dy, (-rc - z * dy) / y, dnu
 
 
 def interior_point(H: Tensor, c: Tensor, simplex: bool, iters: int = IPM_ITERS) -> tuple[Tensor, Tensor]:
@@ -204,24 +236,18 @@ def interior_point(H: Tensor, c: Tensor, simplex: bool, iters: int = IPM_ITERS) 
         rd = y @ H + c - z - nu * e  # stationarity residual (ν = 0 without the simplex)
         M = plus_diag(H.unsqueeze(-3).expand(*y.shape, k).clone(), z / y)
         L, _ = torch.linalg.cholesky_ex(M)  # positive definite: no check, no sync
-        if simplex:
-            a = chol_solve(L, e.expand_as(c).unsqueeze(-1)).squeeze(-1)  # M⁻¹e
-            rp = (e * y).sum(-1, keepdim=True) - 1
-
-        def newton(rc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            # Ĥ Δy − Δz − Δν e = −rd,  z Δy + y Δz = −rc,  eᵀΔy = −rp  ⇒  (Ĥ + Z/Y) Δy = −rd − rc/y + Δν e
-            dy = chol_solve(L, (-rd - rc / y).unsqueeze(-1)).squeeze(-1)
-            dnu = torch.zeros_like(nu)
-            if simplex:
-                dnu = (-rp - (e * dy).sum(-1, keepdim=True)) / (e * a).sum(-1, keepdim=True)
-                dy = dy + dnu * a
-            return dy, (-rc - z * dy) / y, dnu
+        # the simplex's M⁻¹e and primal residual eᵀy − 1
+        side = (
+            (chol_solve(L, e.expand_as(c).unsqueeze(-1)).squeeze(-1), (e * y).sum(-1, keepdim=True) - 1)
+            if simplex
+            else None
+        )
 
         mu = (y * z).sum(-1, keepdim=True) / k
-        dy, dz, _ = newton(y * z)  # predictor (affine scaling)
+        dy, dz, _ = _newton(L, rd, y * z, y, z, e, side)  # predictor (affine scaling)
         t = torch.minimum(longest(y, dy), longest(z, dz))
         sigma = (((y + t * dy) * (z + t * dz)).sum(-1, keepdim=True) / k / mu) ** 3
-        dy, dz, dnu = newton(y * z + dy * dz - sigma * mu)  # corrector, centred
+        dy, dz, dnu = _newton(L, rd, y * z + dy * dz - sigma * mu, y, z, e, side)  # corrector, centred
         t = 0.99 * torch.minimum(longest(y, dy), longest(z, dz))
         y, z, nu = y + t * dy, z + t * dz, nu + t * dnu
     return y / h, y > z

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramSolver, _check_jacobian, _load_rng_state, _rng_state, combine, solve_dtype
+from ._base import GramSolver, _check_jacobian, combine, solve_dtype
 
-__all__ = ["Sum", "Mean", "Random"]
+__all__ = ["Mean", "Random", "Sum"]
 
 
 class Sum(GramSolver):
@@ -52,13 +52,17 @@ class Random(GramSolver):
 
     Lin, Ye, Xu, Shi, Zhang, "Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task
     Learning", TMLR 2022.  Weights sum to 1, so k = 1 returns the gradient.  Pass a ``torch.Generator`` for
-    reproducible draws; each batch element gets its own draw.  ``torch.compile`` cannot trace a
-    ``torch.Generator``: compiled code uses ``generator=None`` (the global RNG, seeded by ``torch.manual_seed``).
+    reproducible draws; each batch element gets its own draw.  ``ε`` is drawn in :func:`solve_dtype` (float64
+    for a float32 or half-precision ``J``, like every solver's ``k × k`` work), so a float32 and a float64 run
+    with the same generator draw the same weights.  ``torch.compile`` cannot trace a ``torch.Generator``:
+    compiled code uses ``generator=None`` (the global RNG, seeded by ``torch.manual_seed``).
 
     >>> g = torch.Generator().manual_seed(0)
     >>> Random(generator=g).weights(torch.eye(3)).sum().item()
     1.0
     """
+
+    deterministic = False
 
     def __init__(self, *, generator: torch.Generator | None = None) -> None:
         self.generator = generator
@@ -74,13 +78,6 @@ class Random(GramSolver):
         _check_jacobian(J, "Random")
         # the same draw as weights(J Jᵀ) (same shape and dtype), without forming the Gram
         return combine(self._draw(J.shape[:-1], solve_dtype(J.dtype), J.device), J)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The generator's state (nothing for the global RNG): a resumed run draws what the original would."""
-        return _rng_state(self.generator)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_rng_state(self, self.generator, state)
 
     def _hparams(self) -> dict[str, Any]:
         return {"generator": self.generator}

@@ -21,8 +21,9 @@ from ._qp_host import on_host
 __all__ = ["UPGrad", "DualProj", "project_weights"]
 
 
-def _project(G: Tensor, U: Tensor | None, iters: int | None, precision: torch.dtype,
-             host: bool) -> tuple[Tensor, Tensor, Prepared]:
+def _project(
+    G: Tensor, U: Tensor | None, iters: int | None, precision: torch.dtype, host: bool
+) -> tuple[Tensor, Tensor, Prepared]:
     """``(V, r, prepared)`` for the rows of ``U`` (None: the identity, UPGrad's ``k`` problems)."""
     prep = prepare(G, precision, host)
     # c = H u: the objective ½(u + x)ᵀH(u + x) in x, up to a constant (c = H for U = I: H is symmetric)
@@ -61,9 +62,6 @@ class _DualCone(GramSolver):
             # the mean of the projections, as the weights of least norm that give its direction
             w, r = min_norm(V.mean(-2), prep), r.amax(-1)
         return Solution(w, status(r), r, torch.diag_embed(w) if mixing else None)
-
-    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
-        return self._solve(G, losses=losses, precision=G.dtype, mixing=False).weights
 
     def _hparams(self) -> dict[str, Any]:
         return {} if self.iters is None else {"iters": self.iters}

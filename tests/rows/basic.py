@@ -6,19 +6,22 @@ import torch
 
 from impartial.solvers import Compose, Mean, Random, Sum
 from reference.simple import mean_ref, sum_ref
-from registry import SolverInfo
-
-_GENERIC = frozenset({"k1", "permutation", "homogeneous", "rotation", "batched", "vmap", "compile", "gram_path", "checkpoint",
-                      "reference"})
+from registry import GENERATOR, RANDOM_DRAW, SolverInfo
 
 ROWS: list[SolverInfo] = [
-    SolverInfo("Sum", Sum, _GENERIC, k1=lambda g: g, reference=sum_ref),
-    SolverInfo("Mean", Mean, _GENERIC, k1=lambda g: g, reference=mean_ref),
-    SolverInfo("Compose(Mean,Sum)", lambda: Compose(Mean(), Sum()), _GENERIC, k1=lambda g: g, reference=mean_ref),
-    # Random draws differ between one batched draw and B small ones, and between task orders: it claims
-    # only what holds for a fixed draw.  Dynamo cannot trace a torch.Generator, so the compiled form uses the
-    # global RNG (generator=None).
+    SolverInfo("Sum", Sum, {}, k1=lambda g: g, reference=sum_ref),
+    SolverInfo("Mean", Mean, {}, k1=lambda g: g, reference=mean_ref),
+    SolverInfo("Compose(Mean,Sum)", lambda: Compose(Mean(), Sum()), {}, k1=lambda g: g,
+               reference=mean_ref),
+    # Random claims what holds for a fixed draw; its generator's state is its checkpoint.
     SolverInfo("Random", lambda: Random(generator=torch.Generator().manual_seed(0)),
-               frozenset({"k1", "homogeneous", "rotation", "gram_path", "checkpoint"}), k1=lambda g: g),
-    SolverInfo("Random(global-rng)", Random, frozenset({"k1", "compile"}), k1=lambda g: g),
+               {"permutation": RANDOM_DRAW, "batched": RANDOM_DRAW, "vmap": RANDOM_DRAW, "compile": GENERATOR,
+                "reference": "no loop to compare: the weights are the draw itself"}, k1=lambda g: g),
+    SolverInfo("Random(global-rng)", Random,
+               {"permutation": RANDOM_DRAW, "batched": RANDOM_DRAW, "vmap": RANDOM_DRAW,
+                "homogeneous": "two calls draw different weights from the global RNG (the seeded row claims it)",
+                "rotation": "two calls draw different weights from the global RNG (the seeded row claims it)",
+                "gram_path": "two calls draw different weights from the global RNG (the seeded row claims it)",
+                "checkpoint": "the global RNG is the user's to checkpoint (torch.get_rng_state)",
+                "reference": "no loop to compare: the weights are the draw itself"}, k1=lambda g: g),
 ]

@@ -2,13 +2,9 @@
 
 Randomised solvers claim what holds for a *fixed draw*: a fresh solver with a seeded generator draws the
 same orders / uniforms for the same shape, so homogeneity, rotation, the Gram path, checkpointing and the
-reference loop (fed the same draw) all hold.  They do not claim ``permutation`` (the draw is tied to task
-positions; test_pcgrad checks equivariance with relabelled orders), ``batched`` (one batched draw differs
-from B small ones) or ``vmap`` (a random op under vmap needs ``randomness=``).  Those three are claimed by
-rows whose draw is replaced by a fixed one (``_Cyclic*``, ``_HalfGradDrop``): the same hot path, no draw.
-Compiled rows use the global RNG (dynamo cannot trace a ``torch.Generator``).  Stateful solvers do not
-claim ``vmap`` here: the generic test keeps one solver outside vmap, whose state would capture batched
-tensors; the method tests vmap a whole run (solver created inside) instead.
+reference loop (fed the same draw) all hold.  ``permutation``, ``batched`` and ``vmap`` are claimed by rows
+whose draw is replaced by a fixed one (``_Cyclic*``, ``_HalfGradDrop``): the same hot path, no draw.
+Compiled rows use the global RNG (dynamo cannot trace a ``torch.Generator``).
 """
 
 from __future__ import annotations
@@ -18,8 +14,8 @@ from torch import Tensor
 
 from impartial.solvers import NSGD, Compose, GradDrop, GradNorm, GradVac, PCGrad
 from impartial.solvers._pcgrad import random_orders
-from reference.projection import cyclic_orders, gradnorm_ref, gradvac_ref, graddrop_ref, nsgd_ref, pcgrad_ref
-from registry import SolverInfo
+from reference.projection import cyclic_orders, graddrop_ref, gradnorm_ref, gradvac_ref, nsgd_ref, pcgrad_ref
+from registry import COORDINATES, GENERATOR, RANDOM_DRAW, STATEFUL_VMAP, SolverInfo
 
 
 def _gen() -> torch.Generator:
@@ -77,47 +73,47 @@ def _graddrop_half_ref(J: Tensor, inputs: Tensor | None = None, **kw: Tensor) ->
     return graddrop_ref(J, torch.full((F,), 0.5, dtype=J.dtype), 0.0, inputs)
 
 
-_SEEDED = frozenset({"k1", "homogeneous", "rotation", "gram_path", "checkpoint", "reference"})
-_FIXED_DRAW = frozenset({"k1", "homogeneous", "rotation", "batched", "vmap", "compile", "gram_path", "checkpoint",
-                         "reference"})
-_STATEFUL = frozenset({"k1", "permutation", "homogeneous", "rotation", "batched", "compile", "gram_path", "checkpoint",
-                       "reference"})
-_DROP = frozenset({"k1", "permutation", "homogeneous", "checkpoint", "reference"})
+_POSITIONS = "the fixed orders i+1, i+2, … are tied to task positions (test_pcgrad checks relabelled orders)"
+_SEEDED = {"permutation": RANDOM_DRAW, "batched": RANDOM_DRAW, "vmap": RANDOM_DRAW, "compile": GENERATOR}
+_GLOBAL = "draws from the global RNG: two calls differ (the seeded row claims it)"
+#: rows drawing from the global RNG claim what only they can show: k1 and compile
+_GLOBAL_RNG = {c: _GLOBAL for c in ("permutation", "homogeneous", "rotation", "batched", "vmap", "gram_path",
+                                    "checkpoint", "reference")}
+_DROP = {"rotation": COORDINATES, "gram_path": COORDINATES, "batched": RANDOM_DRAW, "vmap": RANDOM_DRAW,
+         "compile": GENERATOR}
 
 ROWS: list[SolverInfo] = [
     SolverInfo("PCGrad", lambda: PCGrad(generator=_gen()), _SEEDED, k1=lambda g: g, reference=_pcgrad_seeded_ref),
-    SolverInfo("PCGrad(global-rng)", PCGrad, frozenset({"k1", "compile"}), k1=lambda g: g),
-    SolverInfo("PCGrad(cyclic)", _CyclicPCGrad, _FIXED_DRAW, k1=lambda g: g,
+    SolverInfo("PCGrad(global-rng)", PCGrad, _GLOBAL_RNG, k1=lambda g: g),
+    SolverInfo("PCGrad(cyclic)", _CyclicPCGrad, {"permutation": _POSITIONS}, k1=lambda g: g,
                reference=lambda J, **kw: pcgrad_ref(J, cyclic_orders((), J.shape[0]))),
     SolverInfo("GradVac", lambda: GradVac(generator=_gen()), _SEEDED, k1=lambda g: g,
                reference=_gradvac_ref(lambda k: random_orders((), k, _gen()))),
-    SolverInfo("GradVac(global-rng)", GradVac, frozenset({"k1", "compile"}), k1=lambda g: g),
-    # vmap: stateful (see the module docstring); test_gradvac vmaps `vaccinate` and whole runs.
-    SolverInfo("GradVac(cyclic)", _CyclicGradVac, _FIXED_DRAW - {"vmap"}, k1=lambda g: g,
+    SolverInfo("GradVac(global-rng)", GradVac, _GLOBAL_RNG, k1=lambda g: g),
+    SolverInfo("GradVac(cyclic)", _CyclicGradVac, {"permutation": _POSITIONS, "vmap": STATEFUL_VMAP}, k1=lambda g: g,
                reference=_gradvac_ref(lambda k: cyclic_orders((), k))),
-    # GradDrop is coordinate-wise: no rotation equivariance, no Gram path.  A scalar leakage and a draw per
-    # feature make it permutation invariant even for a fixed draw.
+    # A scalar leakage and a draw per feature make GradDrop permutation invariant even for a fixed draw.
     SolverInfo("GradDrop", lambda: GradDrop(generator=_gen()), _DROP, k1=lambda g: g,
                reference=_graddrop_seeded_ref),
     SolverInfo("GradDrop(inputs)", lambda: GradDrop(generator=_gen()), _DROP, k1=lambda g: g,
                reference=_graddrop_seeded_ref, context=_inputs),
-    SolverInfo("GradDrop(inputs,global-rng)", GradDrop, frozenset({"k1", "compile"}), k1=lambda g: g,
-               context=_inputs),
-    SolverInfo("GradDrop(inputs,U=1/2)", _HalfGradDrop, _DROP | {"batched", "vmap", "compile"}, k1=lambda g: g,
-               reference=_graddrop_half_ref, context=_inputs),
-    # GradNorm / NSGD: vmap left out as stateful (test_gradnorm vmaps whole runs).
-    SolverInfo("GradNorm", GradNorm, _STATEFUL, k1=lambda g: g, needs_losses=True,
+    SolverInfo("GradDrop(inputs,global-rng)", GradDrop, _GLOBAL_RNG | {"rotation": COORDINATES,
+                                                                       "gram_path": COORDINATES},
+               k1=lambda g: g, context=_inputs),
+    SolverInfo("GradDrop(inputs,U=1/2)", _HalfGradDrop, {"rotation": COORDINATES, "gram_path": COORDINATES},
+               k1=lambda g: g, reference=_graddrop_half_ref, context=_inputs),
+    SolverInfo("GradNorm", GradNorm, {"vmap": STATEFUL_VMAP}, k1=lambda g: g, needs_losses=True,
                reference=lambda J, losses=None, **kw: gradnorm_ref([J], [losses], 1.5, 0.025)[0]),
-    SolverInfo("GradNorm(grad)", lambda: GradNorm(progress="grad"), _STATEFUL, k1=lambda g: g,
+    SolverInfo("GradNorm(grad)", lambda: GradNorm(progress="grad"), {"vmap": STATEFUL_VMAP}, k1=lambda g: g,
                reference=lambda J, **kw: gradnorm_ref([J], None, 1.5, 0.025, "grad", 20)[0]),
-    SolverInfo("NSGD", NSGD, _STATEFUL, k1=lambda g: g, reference=lambda J, **kw: nsgd_ref([J])[0]),
+    SolverInfo("NSGD", NSGD, {"vmap": STATEFUL_VMAP}, k1=lambda g: g, reference=lambda J, **kw: nsgd_ref([J])[0]),
     # GradNorm's first weights are 1, so a fresh Compose(GradNorm, PCGrad) is PCGrad (test_compose runs
     # longer sequences against the members applied in turn).
     SolverInfo("Compose(GradNorm(alpha=0),PCGrad)", lambda: Compose(GradNorm(alpha=0.0), PCGrad(generator=_gen())),
                _SEEDED, k1=lambda g: g, reference=_pcgrad_seeded_ref),
     SolverInfo("Compose(GradNorm(alpha=0),PCGrad)(global-rng)", lambda: Compose(GradNorm(alpha=0.0), PCGrad()),
-               frozenset({"k1", "compile"}), k1=lambda g: g),
+               _GLOBAL_RNG, k1=lambda g: g),
     SolverInfo("Compose(GradNorm(alpha=0),PCGrad(cyclic))", lambda: Compose(GradNorm(alpha=0.0), _CyclicPCGrad()),
-               _STATEFUL - {"permutation"}, k1=lambda g: g,
+               {"vmap": STATEFUL_VMAP, "permutation": _POSITIONS}, k1=lambda g: g,
                reference=lambda J, **kw: pcgrad_ref(J, cyclic_orders((), J.shape[0]))),
 ]

@@ -4,33 +4,38 @@ from __future__ import annotations
 
 from impartial.solvers import IMTLG, AlignedMTL, ConFIG, FairGrad, NashMTL
 from reference.weighting import aligned_ref, config_ref, fairgrad_ref, imtlg_ref, nash_ref
-from registry import SolverInfo
+from registry import STATEFUL_VMAP, SolverInfo
 
-_ALL = frozenset({"k1", "permutation", "homogeneous", "rotation", "batched", "vmap", "compile", "gram_path",
-                  "reference"})
-# FairGrad's direction scales as c^{(1−α)/(1+α)} under J → cJ: not 1-homogeneous (the paper's α-fair
-# utilities w^{-1/α} fix the scale), so it claims everything else.
-_NOT_HOMOGENEOUS = _ALL - {"homogeneous"}
+# FairGrad's direction scales as c^{(1−α)/(1+α)} under J → cJ: the paper's α-fair utilities w^{-1/α} fix the scale.
+_FAIR_SCALE = "A(cJ) = c^{(1−α)/(1+α)} A(J): the α-fair utilities w^{-1/α} fix the scale (not 1-homogeneous)"
 
 
 def _fair_k1(alpha: float):
     return lambda g: g.norm() ** ((1 - alpha) / (1 + alpha)) * g / g.norm()
 
 
+# IMTLG and ConFIG on rank-deficient inputs (k > d): round-off is amplified by the kept part of C's spectrum
+# (down to rtol = 1e-10 of its top).  Under permutation, seen on 3,000 random inputs: 7e-9 (IMTLG), 1.1e-8
+# (ConFIG); against the reference, 1.0e-9 (ConFIG, a thorough-profile draw).
+_TOL_EQUAL = 1e-7
+
 ROWS: list[SolverInfo] = [
-    SolverInfo("IMTLG", IMTLG, _ALL, k1=lambda g: g, reference=imtlg_ref, tol=1e-9, ref_tol=1e-9),
-    SolverInfo("NashMTL", NashMTL, _ALL | {"checkpoint"}, k1=lambda g: g, reference=nash_ref, tol=1e-8,
+    SolverInfo("IMTLG", IMTLG, {}, k1=lambda g: g, reference=imtlg_ref, tol=_TOL_EQUAL,
+               ref_tol=1e-9),
+    SolverInfo("NashMTL", NashMTL, {}, k1=lambda g: g, reference=nash_ref, tol=1e-8,
                ref_tol=1e-7),
-    # Reusing kept weights between solves: every claim that starts from a fresh solver still holds; vmap
-    # would keep a batched tracer as state, so it is not claimed.
-    SolverInfo("NashMTL(update_weights_every=3)", lambda: NashMTL(update_weights_every=3),
-               _ALL - {"vmap"} | {"checkpoint"}, k1=lambda g: g, reference=nash_ref, tol=1e-8, ref_tol=1e-7),
-    SolverInfo("FairGrad", FairGrad, _NOT_HOMOGENEOUS | {"checkpoint"}, k1=_fair_k1(1.0),
+    # Reusing kept weights between solves: every claim that starts from a fresh solver still holds.
+    SolverInfo("NashMTL(update_weights_every=3)", lambda: NashMTL(update_weights_every=3), {"vmap": STATEFUL_VMAP},
+               k1=lambda g: g, reference=nash_ref, tol=1e-8, ref_tol=1e-7),
+    SolverInfo("FairGrad", FairGrad, {"homogeneous": _FAIR_SCALE}, k1=_fair_k1(1.0),
                reference=fairgrad_ref(1.0), tol=1e-8, ref_tol=1e-7),
-    SolverInfo("FairGrad(alpha=2)", lambda: FairGrad(alpha=2.0), _NOT_HOMOGENEOUS, k1=_fair_k1(2.0),
-               reference=fairgrad_ref(2.0), tol=1e-8, ref_tol=1e-7),
-    SolverInfo("FairGrad(alpha=0.5)", lambda: FairGrad(alpha=0.5), _NOT_HOMOGENEOUS, k1=_fair_k1(0.5),
-               reference=fairgrad_ref(0.5), tol=1e-8, ref_tol=1e-7),
-    SolverInfo("AlignedMTL", AlignedMTL, _ALL, k1=lambda g: g, reference=aligned_ref, tol=1e-9, ref_tol=1e-8),
-    SolverInfo("ConFIG", ConFIG, _ALL, k1=lambda g: g, reference=config_ref, tol=1e-9, ref_tol=1e-9),
+    SolverInfo("FairGrad(alpha=2)", lambda: FairGrad(alpha=2.0), {"homogeneous": _FAIR_SCALE},
+               k1=_fair_k1(2.0), reference=fairgrad_ref(2.0), tol=1e-8, ref_tol=1e-7),
+    SolverInfo("FairGrad(alpha=0.5,update_weights_every=2)", lambda: FairGrad(alpha=0.5, update_weights_every=2),
+               {"homogeneous": _FAIR_SCALE, "vmap": STATEFUL_VMAP}, k1=_fair_k1(0.5), reference=fairgrad_ref(0.5),
+               tol=1e-8, ref_tol=1e-7),
+    SolverInfo("AlignedMTL", AlignedMTL, {}, k1=lambda g: g, reference=aligned_ref, tol=1e-9,
+               ref_tol=1e-8),
+    SolverInfo("ConFIG", ConFIG, {}, k1=lambda g: g, reference=config_ref, tol=_TOL_EQUAL,
+               ref_tol=1e-8),
 ]
