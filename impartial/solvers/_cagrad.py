@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._base import GramSolver, Solution
-from ._qp import REG, check_iters, cutoff, prepare, status
+from ._qp import REG, check_iters, cutoff, prepare, status, zero_direction
 from ._qp_faces import Face, all_faces, as_step, default_iters, enumerates, face_minimisers, masked_solve, pick_feasible
 from ._qp_host import host_active_set, on_host, residual
 
@@ -138,7 +138,7 @@ class CAGrad(GramSolver):
     :mod:`._qp`, the instance solved is that of the gradients ``[J, √δ·diag(‖g_i‖)]`` (``δ = 1e-12``).
     At a Pareto-stationary point (0 in the hull: ``g_{w*} = 0``) the paper's ``g_w/‖g_w‖`` is 0/0: for
     ``c ≥ 1`` every optimal ``d`` lies in the dual cone, and the one of least norm, ``d = 0``, is returned
-    (status STATIONARY); for ``c < 1``, ``g_{w*} ≠ 0``.
+    (status STATIONARY); for ``c < 1``, ``g_{w*} ≠ 0``.  STATIONARY also wherever ``d = 0`` (``g₀ = 0``).
 
     >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])
     >>> CAGrad(c=0.5)(J)
@@ -157,7 +157,7 @@ class CAGrad(GramSolver):
         k = G.shape[-1]
         mean = torch.full_like(G[..., 0], 1.0 / k)
         if self.c == 0.0:  # a hyperparameter, not a tensor value: no host sync
-            w, r, stationary = mean, torch.zeros_like(G[..., 0, 0]), None
+            w, r, stationary = mean, torch.zeros_like(G[..., 0, 0]), zero_direction(G, mean)
         else:
             H = prepare(G, precision, host).H
             u, q, r = cagrad_dual(H, self.c, self.iters, host)
@@ -167,6 +167,7 @@ class CAGrad(GramSolver):
             stationary = (q * q <= cutoff(precision, k) + 2 * REG) & (self.c >= 1.0)
             w = torch.where(stationary.unsqueeze(-1), 0.0, w)
             r = torch.where(stationary, 0.0, r)  # the residual of the formula's 0/0 means nothing there
+            stationary = stationary | zero_direction(G, w)  # g₀ = 0: d = g₀ + 0 (every task gradient 0, say)
         return Solution(w, status(r, stationary), r, torch.diag_embed(w) if mixing else None)
 
     def _hparams(self) -> dict[str, Any]:

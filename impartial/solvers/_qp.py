@@ -61,6 +61,7 @@ __all__ = [
     "nonneg_residual",
     "simplex_residual",
     "status",
+    "zero_direction",
     "check_iters",
     "REG",
     "RESIDUAL_TOL",
@@ -154,6 +155,13 @@ def status(r: Tensor, stationary: Tensor | None = None) -> Tensor:
     if stationary is not None:
         code = torch.where(stationary & (code == int(Status.OK)), int(Status.STATIONARY), code)
     return code.to(torch.int8)
+
+
+def zero_direction(G: Tensor, w: Tensor) -> Tensor:
+    """Where the direction ``wᵀJ`` is 0 ``[...]``: ``wᵀGw ≤ 2δ max diag G`` (the ridge's level; all of it when
+    every task gradient is 0).  Those problems are Pareto-stationary: the exact answer is 0."""
+    norm2 = ((w.unsqueeze(-2) @ G).squeeze(-2) * w).sum(-1)
+    return norm2 <= 2 * REG * G.diagonal(dim1=-2, dim2=-1).amax(-1)
 
 
 def nonneg_residual(H: Tensor, c: Tensor, x: Tensor) -> Tensor:

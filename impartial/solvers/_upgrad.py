@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._base import GramSolver, Solution
-from ._qp import Prepared, check_iters, min_norm, nonneg_qp, prepare, status
+from ._qp import Prepared, check_iters, min_norm, nonneg_qp, prepare, status, zero_direction
 from ._qp_host import on_host
 
 __all__ = ["UPGrad", "DualProj", "project_weights"]
@@ -61,7 +61,7 @@ class _DualCone(GramSolver):
             V, r, prep = _project(G, self._preferences(G), self.iters, precision, host)
             # the mean of the projections, as the weights of least norm that give its direction
             w, r = min_norm(V.mean(-2), prep), r.amax(-1)
-        return Solution(w, status(r), r, torch.diag_embed(w) if mixing else None)
+        return Solution(w, status(r, zero_direction(G, w)), r, torch.diag_embed(w) if mixing else None)
 
     def _hparams(self) -> dict[str, Any]:
         return {} if self.iters is None else {"iters": self.iters}
@@ -77,6 +77,8 @@ class UPGrad(_DualCone):
     ``J d ≥ 0``.  The ``k`` box QPs share ``G`` and run as one batch, solved exactly (see :mod:`._qp`), where
     TorchJD regularises ``G`` by 1e-4 before its QP.  Among the weights giving ``d`` (many, when the task
     gradients are linearly dependent) the ones of least norm are returned.  ``k = 1`` returns the gradient.
+    Status STATIONARY where ``d = 0`` (e.g. an antiparallel pair), NOT_CONVERGED where a QP's residual is
+    over its tolerance (the weights are then the last iterate).
 
     >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
     >>> UPGrad()(J)
@@ -94,7 +96,7 @@ class DualProj(_DualCone):
 
     Quinton & Rey 2024 (DualProj with the mean preference).  Non-conflicting: ``J d ≥ 0``; equals the
     mean when no task conflicts with it.  The weights of least norm that give ``d`` are returned.  ``k = 1``
-    returns the gradient.
+    returns the gradient.  Status as for :class:`UPGrad`.
 
     >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
     >>> DualProj()(J)
