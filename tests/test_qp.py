@@ -149,6 +149,20 @@ def test_each_method_agrees_with_a_long_active_set_batched(host: bool, k: int, d
         )
 
 
+def test_simplex_host_takes_the_hull_point_where_feasible_and_the_active_set_elsewhere() -> None:
+    """A batch of two: near-orthogonal tasks (the affine hull's minimiser is ≥ 0, hence optimal) and tasks
+    where it is not (one row shared by the others: weights 0 there); both equal the fixed schedule's answer."""
+    gen = torch.Generator().manual_seed(9)
+    J = torch.randn(2, 20, 400, generator=gen, dtype=torch.float64)
+    J[1, 1:] += 3 * J[1, :1]  # every other task has g₀'s component: the min-norm point drops some of them
+    p = prepare(J @ J.mT, host=True)
+    z = torch.zeros(2, 1, 20, dtype=J.dtype)
+    x, r = simplex_qp(p.H, z, host=True)
+    assert (x[0] > 0).all() and (x[1] == 0).any()
+    assert (r <= RESIDUAL_TOL).all()
+    _directions_close(x, simplex_qp(p.H, z, 3 * default_iters(20), host=False)[0], J / p.s.sqrt()[:, None, None], 1e-8)
+
+
 @pytest.mark.parametrize("host", PATHS)
 def test_all_zero_gram_gives_a_simplex_point_and_the_zero_nonneg_point(host: bool) -> None:
     p = prepare(torch.zeros(4, 4, dtype=torch.float64), host=host)

@@ -17,7 +17,8 @@ boundary).
 **Methods** (:mod:`._qp_faces`, :mod:`._qp_host`).  Small problems enumerate every face (exact, no
 iteration).  Otherwise, on the CPU outside any trace (:func:`._qp_host.on_host`), box QPs run accelerated
 projected gradient until the KKT residual is at round-off, and the problems where it stalls run exact
-active-set iterations until they settle; simplex QPs run the active set from the centre of the simplex.
+active-set iterations until they settle; simplex QPs take the affine hull's minimiser where it is feasible
+and run the active set from the centre of the simplex elsewhere.
 Elsewhere (CUDA, ``vmap``, ``torch.compile``) a fixed, sync-free schedule runs: an interior point then
 active-set iterations for ``k ≥ IPM_K``, ``2k + 8`` active-set iterations below.  Both return the KKT
 residual (:func:`nonneg_residual`, :func:`simplex_residual`), which the solvers report as their status:
@@ -40,6 +41,7 @@ from ._qp_faces import (
     active_set,
     all_faces,
     as_step,
+    chol_solve,
     default_iters,
     enumerates,
     face_minimisers,
@@ -294,14 +296,38 @@ def simplex_qp(H: Tensor, c: Tensor, iters: int | None = None, host: bool = Fals
         X, _ = simplex_point(face_minimisers(H, F, torch.stack([ones, c], dim=-1)))  # [..., m, n, k]
         x = pick_feasible(X, quadratic(H, c, X))
     elif host:
-        rows = torch.arange(c[..., 0].numel(), device=c.device)
-        step_for = _row_steps(H, c, rows, _simplex_face, simplex=True)
-        x = host_active_set(
-            step_for, (ones / k).reshape(-1, k), ones.reshape(-1, k) > 0, host_iters(k) if iters is None else iters
-        ).reshape(c.shape)
+        x = _simplex_host(H, c, iters)
     else:
         x = _simplex_fixed(H, c, iters)
     return x, simplex_residual(H, c, x)
+
+
+def _simplex_host(H: Tensor, c: Tensor, iters: int | None) -> Tensor:
+    """The host schedule of :func:`simplex_qp`: the affine hull's minimiser where it is feasible, else the
+    active set from the centre on the other problems.
+
+    With every variable free the minimiser of the hull ``1ᵀx = 1`` satisfies ``Hx + c = μ1``: where it is
+    also ``≥ 0`` it is the solution (every bound multiplier is 0).  That is the usual case for task
+    gradients far from collinear, and costs one Cholesky and no search.
+    """
+    k = H.shape[-1]
+    ones = torch.ones_like(c)
+    x = c.new_full(c.shape, 1.0 / k)
+    todo = torch.ones_like(c[..., 0], dtype=torch.bool)
+    if iters is None:
+        L, info = torch.linalg.cholesky_ex(H)  # positive definite after prepare's ridge: info is 0
+        hull, _ = simplex_point(chol_solve(L.unsqueeze(-3), torch.stack([ones, c], dim=-1)))
+        todo = (hull.amin(-1) < 0) | (info != 0).unsqueeze(-1)
+        if not bool(todo.any()):
+            return hull
+        x = torch.where(todo.unsqueeze(-1), x, hull)
+    rows = todo.reshape(-1).nonzero().squeeze(-1)
+    x = x.reshape(-1, k).clone()
+    step_for = _row_steps(H, c, rows, _simplex_face, simplex=True)
+    x[rows] = host_active_set(
+        step_for, x[rows], ones.reshape(-1, k)[rows] > 0, host_iters(k) if iters is None else iters
+    )
+    return x.reshape(c.shape)
 
 
 def _simplex_face(H: Tensor, c: Tensor) -> Face:
