@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramSolver, Solution
+from ._base import GramSolver, Solution, Status
 from ._qp import REG, check_iters, cutoff, prepare, simplex_qp, status
 from ._qp_host import on_host
 
@@ -58,18 +58,18 @@ class MGDA(GramSolver):
     def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> Solution:
         host = on_host(G)
         k = G.shape[-1]
-        if k <= 2:  # a shape, not a value: no host sync
+        # Pareto-stationary: the min-norm point is 0 but for the ridge and what the precision cannot resolve
+        tol = cutoff(precision, k) + 2 * REG
+        if k <= 2:  # a shape, not a value: no host sync.  Closed form: no residual, the fewest ops
             w = torch.ones_like(G[..., 0]) if k == 1 else _two_tasks(G)
             s = G.diagonal(dim1=-2, dim2=-1).amax(-1)
-            norm2 = ((w.unsqueeze(-2) @ G).squeeze(-2) * w).sum(-1) / torch.where(s > 0, s, torch.ones_like(s))
-            r = torch.zeros_like(norm2)
-        else:
-            prep = prepare(G, precision, host)
-            w, r = simplex_qp(prep.H, torch.zeros_like(G[..., :1, :]), self.iters, host)
-            w, r = w.squeeze(-2), r.squeeze(-1)
-            norm2 = ((w.unsqueeze(-2) @ prep.H).squeeze(-2) * w).sum(-1)
-        # Pareto-stationary: the min-norm point is 0 but for the ridge and what the precision cannot resolve
-        stationary = norm2 <= cutoff(precision, k) + 2 * REG
+            stationary = ((w.unsqueeze(-2) @ G).squeeze(-2) * w).sum(-1) <= tol * s  # all-zero G: 0 ≤ 0
+            code = stationary.to(torch.int8) * int(Status.STATIONARY)
+            return Solution(w, code, torch.zeros_like(s), torch.diag_embed(w) if mixing else None)
+        prep = prepare(G, precision, host)
+        w, r = simplex_qp(prep.H, torch.zeros_like(G[..., :1, :]), self.iters, host)
+        w, r = w.squeeze(-2), r.squeeze(-1)
+        stationary = ((w.unsqueeze(-2) @ prep.H).squeeze(-2) * w).sum(-1) <= tol
         return Solution(w, status(r, stationary), r, torch.diag_embed(w) if mixing else None)
 
     def _hparams(self) -> dict[str, Any]:
