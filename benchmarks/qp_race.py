@@ -4,10 +4,12 @@
     python benchmarks/qp_race.py --solvers UPGrad --ks 256 --ds 1e4 --reps 3 --out -  # one point, to stdout
 
 For each solver, ``k`` and ``d``: ``J = randn(k, d)`` in float32 (the solver grid's input), one torch thread.
-Each round times ours, then TorchJD's same-named aggregator, then the floor ``J.mean(0)`` and one
-``J @ J.T``, in that order, so a burst of load from other processes hits both libraries alike; the JSON keeps
-the min and the median over rounds.  Accuracy is computed in float64 from the same float32 ``J`` (the exact
-answer is that of the float32 values), for both libraries by the same code:
+Each round times ours, then TorchJD's same-named aggregator, then the floor ``J.mean(0)`` (the cost of the
+combination ``wᵀJ``) and one ``J @ J.T``, in that order, so a burst of load from other processes hits both
+libraries alike; the JSON keeps the min and the median over rounds.  ``TorchJD / (floor + Gram)`` bounds the
+speed-up any solver can have over TorchJD (TorchJD's time includes its own Gram and combination).  Accuracy
+is computed in float64 from the same float32 ``J`` (the exact answer is that of the float32 values), for
+both libraries by the same code:
 
 - UPGrad / DualProj: ``err`` = ‖d − d*‖ / ‖d*‖ against the exact projections (Lawson–Hanson NNLS in the
   Cholesky coordinates of ``G``), and ``conflict`` = max_j −g_j·d / (‖g_j‖ ‖d‖) (0 when no task conflicts);
@@ -35,7 +37,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _bench_registry import Entry, versions  # noqa: E402
-
 from impartial.solvers import CAGrad, gram  # noqa: E402
 
 SOLVERS = ("UPGrad", "DualProj", "MGDA", "CAGrad", "NashMTL")
@@ -127,7 +128,9 @@ def race(name: str, k: int, d: int, reps: int) -> dict[str, Any]:
     rec["acc_ours"] = _accuracy(name, J, w_ours)
     if w_theirs is not None:
         rec["acc_torchjd"] = _accuracy(name, J, w_theirs)
-    rec["direction_diff"] = float((d_ours.double() - d_theirs.double()).norm() / d_ours.double().norm().clamp(min=1e-300))
+    rec["direction_diff"] = float(
+        (d_ours.double() - d_theirs.double()).norm() / d_ours.double().norm().clamp(min=1e-300)
+    )
     return rec
 
 
@@ -139,7 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--no-extra", action="store_true", help="skip the UPGrad k = 256 target point")
     ap.add_argument("--out", default="-", help="JSON file, or - for stdout")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="print the markdown table of these results instead")
     a = ap.parse_args(argv)
+    if a.table:
+        print(table([r for p in a.table for r in json.loads(Path(p).read_text())["records"]]))
+        return
     torch.set_num_threads(1)
     points = [(s, k, int(d)) for s in a.solvers for d in a.ds for k in a.ks]
     if not a.no_extra:
@@ -149,15 +156,61 @@ def main(argv: list[str] | None = None) -> None:
         slow = k >= 256 or (s == "UPGrad" and k >= 128)
         rec = race(s, k, d, max(3, a.reps // 2) if slow else a.reps)
         out.append(rec)
-        print(f"{s:9s} k={k:4d} d={d:7d}  ours {rec['ours_min'] * 1e3:9.2f} ms  TorchJD {rec['torchjd_min'] * 1e3:9.2f} ms"
-              f"  ratio {rec['torchjd_min'] / rec['ours_min']:6.2f}  gram {rec['gram_min'] * 1e3:7.2f} ms"
-              f"  acc {rec['acc_ours']} vs {rec.get('acc_torchjd')}", file=sys.stderr, flush=True)
+        fg = rec["floor_min"] + rec["gram_min"]
+        print(
+            f"{s:9s} k={k:4d} d={d:7d}  ours {rec['ours_min'] * 1e3:9.2f} ms"
+            f"  TorchJD {rec['torchjd_min'] * 1e3:9.2f} ms  ratio {rec['torchjd_min'] / rec['ours_min']:6.2f}"
+            f"  floor+gram {fg * 1e3:7.2f} ms  ours/(floor+gram) {rec['ours_min'] / fg:5.2f}"
+            f"  bound {rec['torchjd_min'] / fg:6.2f}  acc {rec['acc_ours']} vs {rec.get('acc_torchjd')}",
+            file=sys.stderr,
+            flush=True,
+        )
     doc = {"kind": "qp_race", "machine": _machine(), "records": out}
     text = json.dumps(doc, indent=1)
     if a.out == "-":
         print(text)
     else:
         Path(a.out).write_text(text)
+
+
+def _acc(acc: dict[str, float] | None) -> str:
+    if acc is None:
+        return "–"
+    key = "err" if "err" in acc else "gap"
+    return f"{acc[key]:.0e}"
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """Markdown.  The target grid (``d < 1e6``): one row per solver, one column per ``(k, d)``; each cell
+    TorchJD / ours (min over rounds), the accuracy of ours and TorchJD's (``err`` or ``gap``, see the module
+    docstring), and, below the 3× target (bold), the bound ``TorchJD / (floor + Gram)`` that no solver can
+    beat.  Then ``d ≥ 1e6`` (memory-bound): ours / (floor + Gram)."""
+    by = {(r["solver"], r["k"], r["d"]): r for r in records}
+    names = [s for s in SOLVERS if any(r["solver"] == s for r in records)]
+    out = []
+    for big in (False, True):
+        cols = sorted({(r["k"], r["d"]) for r in records if (r["d"] >= 10**6) == big}, key=lambda kd: (kd[1], kd[0]))
+        if not cols:
+            continue
+        out.append("| solver | " + " | ".join(f"k={k} d=1e{len(str(d)) - 1}" for k, d in cols) + " |")
+        out.append("|---" * (len(cols) + 1) + "|")
+        for s in names:
+            cells = [_cell(by.get((s, k, d)), big) for k, d in cols]
+            if any(cells):
+                out.append(f"| {s} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _cell(r: dict[str, Any] | None, big: bool) -> str:
+    if r is None:
+        return ""
+    fg = r["floor_min"] + r["gram_min"]
+    if big:
+        return f"{r['ours_min'] / fg:.2f}"
+    ratio = r["torchjd_min"] / r["ours_min"]
+    cell = f"{ratio:.3g}× ({_acc(r['acc_ours'])} vs {_acc(r.get('acc_torchjd'))})"
+    return cell if ratio >= 3 else f"**{cell}**, bound {r['torchjd_min'] / fg:.3g}×"
 
 
 def _machine() -> str:
