@@ -23,6 +23,7 @@ from .graph._trace import Graph
 
 __all__ = ["NonFinite", "Blame", "Check", "rows_check", "first_bad", "freed", "guard", "said"]
 
+
 class NonFinite(FloatingPointError):
     """A gradient is not finite; ``task`` is the index of the loss to blame (a task, or ``k + j`` for the ``j``-th
     ``also`` term), or None where no single loss can be blamed."""
@@ -65,8 +66,11 @@ def rows_check(rows: Tensor | list[Tensor | None], blame: Sequence[Blame | None]
         one = torch.ones((), device=dev)
         flags = torch.stack([one if r is None else next(norms) for r in rows]).isfinite()
     else:
-        flags = rows.reshape(rows.shape[0], -1).sum(1).isfinite() if rows.numel() else torch.ones(
-            rows.shape[:1], dtype=torch.bool, device=rows.device)
+        flags = (
+            rows.reshape(rows.shape[0], -1).sum(1).isfinite()
+            if rows.numel()
+            else torch.ones(rows.shape[:1], dtype=torch.bool, device=rows.device)
+        )
     return Check(flags, blame, lambda i: rows[i] is None or bool(rows[i].isfinite().all()))  # type: ignore[union-attr]
 
 
@@ -106,8 +110,10 @@ def freed(err: BaseException, g: Graph, tasks: _Losses, extra: _Losses) -> Runti
             torch.autograd.grad(out, leaves, retain_graph=True, allow_unused=True)
         except RuntimeError as probe:
             if is_freed_graph(probe):
-                return RuntimeError(f"the autograd graph of {name!r} has already been freed (a backward ran "
-                                    "through it without retain_graph=True); no gradient was written")
+                return RuntimeError(
+                    f"the autograd graph of {name!r} has already been freed (a backward ran "
+                    "through it without retain_graph=True); no gradient was written"
+                )
     return RuntimeError("part of the autograd graph has already been freed; no gradient was written")
 
 
