@@ -186,3 +186,34 @@ def test_draw_without_matplotlib_names_the_extra(monkeypatch, tmp_path) -> None:
     z = torch.nn.Linear(3, 2)(x)
     with pytest.raises(ModuleNotFoundError, match=r"impartial\[graph\]"):
         draw([z.sum(), z.pow(2).sum()], path=tmp_path / "g.png", engine="matplotlib")
+
+
+def test_the_node_names_the_backward_layer_matches_are_ones_torch_makes() -> None:
+    """The graph code recognises some autograd nodes by their type's name (torch's codegen names, not an API): each
+    name must still be made by the op it stands for, or the match would silently never fire."""
+    from impartial.graph._blocks import _SLICES
+
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    makers = {
+        "UnbindBackward0": lambda: x.unbind(1)[0],
+        "SelectBackward0": lambda: x[:, 1],
+        "SliceBackward0": lambda: x.narrow(1, 0, 2),
+        "IndexBackward0": lambda: x[torch.tensor([0, 2])],
+        "SplitBackward0": lambda: x.split(1, 1)[0],
+        "SplitWithSizesBackward0": lambda: x.split([1, 2], 1)[0],
+        "UnsafeSplitBackward0": lambda: torch.ops.aten.unsafe_split(x, 1, 1)[0],
+        "SqueezeBackward0": lambda: x[:, :1].squeeze(),
+        "SqueezeBackward1": lambda: x[:, :1].squeeze(1),
+        "SqueezeBackward2": lambda: x[:, :1].squeeze((1,)),
+        "ViewBackward0": lambda: x.view(4, 15),
+        "ReshapeAliasBackward0": lambda: torch.ops.aten._reshape_alias(x, (4, 15), (15, 1)),
+        "UnsqueezeBackward0": lambda: x.unsqueeze(0),
+        "AsStridedBackward0": lambda: x.as_strided((2,), (1,)),
+        # graph/_trace.py (reentrant checkpoints are refused) and graph/_inputs.py (a stacked loss vector)
+        "CheckpointFunctionBackward": lambda: torch.utils.checkpoint.checkpoint(lambda t: t * 2, x, use_reentrant=True),
+        "StackBackward0": lambda: torch.stack([x, x]),
+    }
+    assert _SLICES <= set(makers), sorted(_SLICES - set(makers))
+    for name, op in makers.items():
+        assert type(op().grad_fn).__name__ == name
+    # "CompiledFunctionBackward" (_backward.py's warning): tests/test_compile.py checks it on a compiled forward

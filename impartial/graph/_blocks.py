@@ -76,7 +76,6 @@ _SLICES = frozenset(
         "ReshapeAliasBackward0",
         "UnsqueezeBackward0",
         "AsStridedBackward0",
-        "NarrowBackward0",
     }
 )
 
