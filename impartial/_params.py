@@ -17,7 +17,7 @@ block, so the whole model is "above" it, and hooks there see per-task gradients.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -30,6 +30,7 @@ from ._autograd import Log, Rows, SparseGradient, checked, choose, rows, zeros
 from ._call import Call
 from ._checks import Check, rows_check, said
 from ._param_gram import linear_layers, params_gram
+from ._per_sample import per_sample_stage
 from ._plan import plan
 from ._report import BlockReport
 from ._solve import solve_pieces
@@ -60,6 +61,9 @@ def params_stage(call: Call, g: Graph,
     leaf_tensors = [g.leaves[n] for n in g.nodes if n in g.leaves]
     with quiet(leaf_tensors):
         parts = _also(call, g)
+        sampled = per_sample_stage(call, g, log, shared, others)  # a 1-D loss tensor: every task one sample
+        if isinstance(sampled, tuple):
+            return [sampled[0]], parts + sampled[1], {}
         cut = _cut(call, g, shared, others)
         layers = linear_layers(call, g, cut, shared, others) if cut is not None else None
         if layers is not None:
@@ -69,7 +73,8 @@ def params_stage(call: Call, g: Graph,
             owner = {n: _bits(g.raw[n]) for n in cut.heads if n not in also}
             return [rep], parts + got, owner
         rep, got = _j_path(call, g, log, cut, shared, others)
-    return [rep], parts + got, {}
+    note = None if sampled is None else f"per-sample Gram not used: {sampled}"
+    return [replace(rep, note=note)], parts + got, {}
 
 
 def _also(call: Call, g: Graph) -> list[tuple[Node, Tensor]]:
