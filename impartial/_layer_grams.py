@@ -26,108 +26,16 @@ True
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import GradientEdge, Node
 
-from ._autograd import Log, rows
-from ._sample_ops import Lay, axis, lay, norm_dim
+from ._gram_base import Rule, Unreadable, budget, per_sample_sum, reduce_to, samples, sq, total
+from ._sample_ops import axis, lay
 from ._samples import Layer
-from ._torch_compat import input_metadata, linear_saved, saved, saved_input
+from ._torch_compat import linear_saved, saved, saved_input
 
-__all__ = ["Unreadable", "Rule", "Generic", "DEDICATED", "samples", "per_sample_sum", "budget", "sq", "unchain"]
-
-#: elements a chunk of per-sample gradients may take (one layer at a time)
-_BUDGET = 2**22
-
-
-def budget(B: int) -> int:
-    return max(_BUDGET, 4 * B * B)
-
-
-class Unreadable(Exception):
-    """A layer's saved tensors cannot be read (saved through a hook, or a kind the rule does not cover): the generic
-    rule serves it."""
-
-
-def samples(t: Tensor, where: Lay, B: int) -> Tensor:
-    """``t`` as ``[B, O, I]``: each sample's entries (a view where ``O = 1``)."""
-    outer, inner = where
-    return t.reshape(outer, B, inner).transpose(0, 1)
-
-
-def per_sample_sum(t: Tensor, where: Lay, B: int, keep: list[int]) -> Tensor:
-    """``[B, *t.shape[keep]]``: each sample's entries of ``t`` summed over every dim but those in ``keep`` (ascending,
-    none of them the sample dim)."""
-    found = axis(tuple(t.shape), where, B)
-    assert found is not None  # the proof placed the samples in one dim of every layer's output
-    d, a, f = found
-    S = list(t.shape)
-    x = t.reshape(S[:d] + [a, B, f] + S[d + 1 :])
-    kx = [j if j < d else j + 2 for j in keep]
-    drop = [j for j in range(x.dim()) if j != d + 1 and j not in kx]
-    if drop:
-        x = x.sum(drop)
-    return x.movedim(sorted(kx + [d + 1]).index(d + 1), 0)
-
-
-def _reduce_to(t: Tensor, where: Lay, B: int, shape: tuple[int, ...]) -> Tensor:
-    """``[B, *shape]``: the per-sample gradient of a tensor of ``shape`` that was broadcast to ``t``'s shape."""
-    off = t.dim() - len(shape)
-    keep = [off + j for j, s in enumerate(shape) if s != 1]
-    return per_sample_sum(t, where, B, keep).reshape(B, *shape)
-
-
-def sq(J: Tensor) -> Tensor:
-    """``J Jᵀ`` of per-sample gradients ``[B, ...]``."""
-    J = J.reshape(J.shape[0], -1)
-    return J @ J.T
-
-
-class Rule:
-    """One layer's per-sample gradients at its broadcast inputs (``slots``), from its saved tensors (read at
-    construction, before any pass frees them) and its output gradient (:meth:`bind`)."""
-
-    kind = "rule"
-
-    def __init__(self, layer: Layer, B: int) -> None:
-        self.layer, self.node, self.B = layer, layer.node, B
-        self.kept: Tensor | None = None
-        self._jac: dict[int, Tensor] = {}
-
-    def bind(self, delta: dict[int, Tensor], kept: Tensor | None) -> None:
-        """The output gradients (each output's whole tensor) and the samples that are tasks (None: all)."""
-        self.delta, self.kept = delta, kept
-
-    def sel(self, t: Tensor) -> Tensor:
-        return t if self.kept is None else t.index_select(0, self.kept)
-
-    def jac(self, slot: int) -> Tensor:
-        """``[B', *slot shape]``: the per-sample gradients of the tensor at input ``slot``."""
-        if slot not in self._jac:
-            self._jac[slot] = self._jacobian(slot)
-        return self._jac[slot]
-
-    def gram(self, slots: list[int]) -> Tensor:
-        """``Σ_slots J_slot J_slotᵀ`` ``[B', B']``."""
-        return _total(sq(self.jac(j)) for j in slots)
-
-    def directions(self, slots: list[int], w: Tensor) -> list[Tensor]:
-        """``wᵀ J_slot`` per slot (``w`` ``[B']`` in the layer's dtype)."""
-        return [torch.tensordot(w, self.jac(j), dims=1) for j in slots]
-
-    def _jacobian(self, slot: int) -> Tensor:
-        raise NotImplementedError
-
-
-def _total(parts: Iterable[Tensor]) -> Tensor:
-    out: Tensor | None = None
-    for p in parts:
-        out = p if out is None else out + p
-    assert out is not None
-    return out
+__all__ = ["DEDICATED"]
 
 
 class Linear(Rule):
@@ -161,7 +69,7 @@ class Linear(Rule):
             return torch.bmm(self.Xs.transpose(1, 2), self.Ds) * self.alpha
         shape = self.layer.shapes[slot]
         assert shape is not None
-        return self.sel(_reduce_to(self.delta[0] * self.beta, self.layer.outs[0], self.B, shape))
+        return self.sel(reduce_to(self.delta[0] * self.beta, self.layer.outs[0], self.B, shape))
 
     def gram(self, slots: list[int]) -> Tensor:
         if self.wslot not in slots:
@@ -177,7 +85,7 @@ class Linear(Rule):
             rest = [j for j in slots if j != self.wslot and not (fold and j == 0)]
         else:  # per-sample products, a chunk of output features at a time
             step = max(1, budget(n) // (n * K))
-            G = _total(sq(torch.bmm(Xs.transpose(1, 2), Ds[:, :, m : m + step])) for m in range(0, M, step))
+            G = total(sq(torch.bmm(Xs.transpose(1, 2), Ds[:, :, m : m + step])) for m in range(0, M, step))
             G = G * self.alpha**2
             rest = [j for j in slots if j != self.wslot]
         return G + super().gram(rest) if rest else G
@@ -260,7 +168,7 @@ class Conv(Rule):
             return super().gram(slots)
         C, n = shape[0], self.ds.shape[0]
         step = C if self.args[5] != 1 else max(1, budget(n) // (n * math.prod(shape[1:])))
-        G = _total(sq(self._per_sample(c, min(C, c + step))) for c in range(0, C, step))
+        G = total(sq(self._per_sample(c, min(C, c + step))) for c in range(0, C, step))
         rest = [j for j in slots if j != 1]
         return G + super().gram(rest) if rest else G
 
@@ -321,7 +229,7 @@ class Embedding(Rule):
         step = max(1, budget(b) // (b * m))
         if step >= U:
             return sq(self._sums(inv, U))
-        return _total(sq(self._sums(inv - u, step, (inv >= u) & (inv < u + step))) for u in range(0, U, step))
+        return total(sq(self._sums(inv - u, step, (inv >= u) & (inv < u + step))) for u in range(0, U, step))
 
     def directions(self, slots: list[int], w: Tensor) -> list[Tensor]:
         m = self.Ds.shape[-1]
@@ -392,126 +300,7 @@ class Broadcast(Rule):
     def _jacobian(self, slot: int) -> Tensor:
         shape = self.layer.shapes[slot]
         assert shape is not None
-        return self.sel(_reduce_to(self.delta[0] * self.factor[slot], self.layer.outs[0], self.B, shape))
-
-
-class Generic:
-    """Any node: the per-sample gradients at its broadcast inputs from the node's own backward seeded with one
-    sample's rows of its output gradients at a time (``n`` samples per batched backward, the other rows zero; the
-    pass stops at those inputs), then down the parameter side to the shared leaves (re-indexed, or one batched
-    backward from those inputs).  Costs ``B`` backwards of that node (batched), so it serves the nodes no closed
-    form covers."""
-
-    kind = "generic"
-
-    def __init__(self, layer: Layer, B: int, leaves: dict[Node, Tensor]) -> None:
-        self.layer, self.B, self.leaves = layer, B, leaves
-        self.kept: Tensor | None = None
-        self._J: dict[Node, Tensor] | None = None
-
-    def bind(self, delta: dict[int, Tensor], kept: Tensor | None) -> None:
-        self.delta, self.kept = delta, kept
-
-    def jacobians(self, log: Log) -> dict[Node, Tensor]:
-        """Shared leaf → ``[B', *leaf shape]``, summed over this node's inputs that reach it."""
-        if self._J is None:
-            self._J = {}
-            nexts = self.layer.node.next_functions
-            for j, J in zip(self.layer.slots, self._at_slots(log)):
-                if j in self.layer.chains:
-                    leaf, chain = self.layer.chains[j]
-                    got = {leaf: unchain(J, chain, 1)}
-                else:
-                    got = self._down(log, _edge(nexts[j]), J, self.layer.slots[j])
-                for n, t in got.items():
-                    self._J[n] = t if n not in self._J else self._J[n] + t
-        return self._J
-
-    def _at_slots(self, log: Log) -> list[Tensor]:
-        """``[B', *slot shape]`` per broadcast input: one sample's rows of the output gradients at a time."""
-        B, node = self.B, self.layer.node
-        outs = list(self.layer.outs.items())
-        nexts = node.next_functions
-        edges = [_edge(nexts[j]) for j in self.layer.slots]
-        which = torch.arange(B) if self.kept is None else self.kept.cpu()
-        size = sum(self.delta[nr].numel() for nr, _ in outs) + sum(
-            math.prod(s) for j, s in enumerate(self.layer.shapes) if j in self.layer.slots and s is not None
-        )
-        step = max(1, budget(B) // max(1, size))
-        parts: list[list[Tensor]] = [[] for _ in edges]
-        for s in range(0, len(which), step):
-            chunk = which[s : s + step]
-            seeds = []
-            for nr, (outer, inner) in outs:
-                D = self.delta[nr]
-                mask = torch.nn.functional.one_hot(chunk.to(D.device), B).to(D.dtype)  # [n, B]
-                seeds.append((D.reshape(1, outer, B, inner) * mask.view(-1, 1, B, 1)).reshape(-1, *D.shape))
-            got = rows(
-                log,
-                [GradientEdge(node, nr) for nr, _ in outs],
-                edges,
-                seeds,
-                n=len(chunk),
-                onehot=0,
-                dense=len(edges),
-                needs=None,
-                batched=True,
-                retain=True,
-            )
-            log.passes.pop()
-            for p, r in zip(parts, got.dense):
-                p.append(r)
-        return [torch.cat(p) for p in parts]
-
-    def _down(self, log: Log, edge: GradientEdge, J: Tensor, found: list[Node]) -> dict[Node, Tensor]:
-        """The leaves' per-sample gradients from those at ``edge`` (a batched backward down the parameter side)."""
-        tensors = [self.leaves[n] for n in found]
-        step = max(1, budget(self.B) // max(1, J[0].numel() + sum(t.numel() for t in tensors)))
-        parts: list[list[Tensor]] = [[] for _ in found]
-        for s in range(0, J.shape[0], step):
-            got = rows(
-                log,
-                [edge],
-                tensors,
-                [J[s : s + step]],
-                n=min(step, J.shape[0] - s),
-                onehot=0,
-                dense=len(tensors),
-                needs=None,
-                batched=True,
-                retain=True,
-            )
-            log.passes.pop()
-            for p, r in zip(parts, got.dense):
-                p.append(r)
-        return {n: torch.cat(p) for n, p in zip(found, parts)}
-
-
-def _edge(nxt: tuple[Node | None, int]) -> GradientEdge:
-    node, nr = nxt
-    assert node is not None  # a slot is an input that requires grad
-    return GradientEdge(node, nr)
-
-
-def unchain(t: Tensor, chain: list[Node], lead: int) -> Tensor:
-    """Gradients at the top of a re-indexing chain (``lead`` leading per-sample dims) → at the leaf below it: each
-    node's backward (a reshape, transpose, permute or cast), in order."""
-    for node in chain:
-        ((c, nr),) = [(c, nr) for c, nr in node.next_functions if c is not None]
-        shape, dtype, _ = input_metadata(c, nr)
-        name, r = node.name(), len(shape)
-        if name == "TBackward0":
-            t = t.transpose(lead, lead + 1) if r == 2 else t
-        elif name == "TransposeBackward0":
-            t = t.transpose(norm_dim(saved(node, "dim0"), r) + lead, norm_dim(saved(node, "dim1"), r) + lead)
-        elif name == "PermuteBackward0":
-            dims = [norm_dim(x, r) for x in saved(node, "dims")]
-            t = t.permute(*range(lead), *[lead + i for i in sorted(range(r), key=dims.__getitem__)])
-        elif name == "ToCopyBackward0":
-            t = t.to(dtype)
-        elif name not in ("CloneBackward0", "AliasBackward0"):  # views: the leaf's shape, same order
-            t = t.reshape(*t.shape[:lead], *shape)
-    return t
+        return self.sel(reduce_to(self.delta[0] * self.factor[slot], self.layer.outs[0], self.B, shape))
 
 
 #: node name → its closed-form rule (every other layer is served by :class:`Generic`)

@@ -23,7 +23,9 @@ from torch.autograd.graph import GradientEdge, Node
 from ._autograd import Log, checked
 from ._call import Call
 from ._checks import Check, said
-from ._layer_grams import DEDICATED, Generic, Rule, Unreadable, sq, unchain
+from ._generic_gram import Generic, unchain
+from ._gram_base import Rule, Unreadable, sq
+from ._layer_grams import DEDICATED
 from ._report import BlockReport
 from ._sample_ops import Refuse
 from ._samples import Layer, Proof, prove

@@ -294,16 +294,16 @@ def _nll(node: Node, outs: dict[int, Lay], oshapes: list[Shape], ishapes: list[S
 
 
 _ELEMENTWISE = (
-    "AbsBackward0 AddBackward0 AddBackward1 AliasBackward0 Atan2Backward0 AtanBackward0 BinaryCrossEntropyBackward0 "
-    "BinaryCrossEntropyWithLogitsBackward0 CeluBackward0 ClampBackward0 ClampBackward1 ClampMaxBackward0 "
-    "ClampMinBackward0 CloneBackward0 CosBackward0 DivBackward0 DivBackward1 DivBackward2 DivBackward3 EluBackward0 "
-    "ErfBackward0 Exp2Backward0 ExpBackward0 ExpandBackward0 Expm1Backward0 GeluBackward0 HardsigmoidBackward0 "
-    "HardswishBackward0 HardtanhBackward0 HuberLossBackward0 LeakyReluBackward0 Log1pBackward0 LogBackward0 "
+    "AbsBackward0 AddBackward0 AliasBackward0 Atan2Backward0 AtanBackward0 BinaryCrossEntropyBackward0 "
+    "BinaryCrossEntropyWithLogitsBackward0 CeluBackward0 ClampBackward0 ClampBackward1 ClampMaxBackward1 "
+    "ClampMinBackward1 CloneBackward0 CosBackward0 DivBackward0 DivBackward2 EluBackward0 ErfBackward0 "
+    "Exp2Backward0 ExpBackward0 ExpandBackward0 Expm1Backward0 GeluBackward0 HardsigmoidBackward0 "
+    "HardswishBackward0 HardtanhBackward0 HuberLossBackward0 LeakyReluBackward0 Log1PBackward0 LogBackward0 "
     "LogSigmoidBackward0 MaskedFillBackward0 MaskedFillBackward1 MaximumBackward0 MinimumBackward0 MishBackward0 "
-    "MseLossBackward0 MulBackward0 MulBackward1 NativeDropoutBackward0 NegBackward0 PowBackward0 PowBackward1 "
-    "PowBackward2 ReciprocalBackward0 ReluBackward0 RsqrtBackward0 RsubBackward0 RsubBackward1 SigmoidBackward0 "
-    "SiluBackward0 SinBackward0 SmoothL1LossBackward0 SoftplusBackward0 SqrtBackward0 SubBackward0 SubBackward1 "
-    "TanhBackward0 ThresholdBackward0 ToCopyBackward0 WhereBackward0"
+    "MseLossBackward0 MulBackward0 NativeDropoutBackward0 NegBackward0 PowBackward0 PowBackward1 PowBackward2 "
+    "ReciprocalBackward0 ReluBackward0 RsqrtBackward0 RsubBackward0 RsubBackward1 SigmoidBackward0 SiluBackward0 "
+    "SinBackward0 SmoothL1LossBackward0 SoftplusBackward0 SqrtBackward0 SubBackward0 TanhBackward0 "
+    "ThresholdBackward0 ToCopyBackward0 WhereBackward0"
 ).split()
 _VIEWS = (
     "ViewBackward0 UnsafeViewBackward0 ReshapeAliasBackward0 SqueezeBackward0 SqueezeBackward1 "

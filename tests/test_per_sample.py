@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import impartial
+import impartial._generic_gram as GG
+import impartial._gram_base as GB
 import impartial._layer_grams as LG
 import impartial._params as PM
 from impartial.solvers import IMTLG, MGDA, GradDrop, Sum, UPGrad
@@ -230,7 +232,8 @@ def test_each_layer_kind_matches_J(name: str) -> None:
 def test_chunked_computations_match_J(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every chunk loop (kernels by samples, products by features, convolutions by channels, tokens, the generic
     rule by samples) gives the same Gram as in one piece."""
-    monkeypatch.setattr(LG, "budget", lambda B: 1)
+    for module in (GB, LG, GG):
+        monkeypatch.setattr(module, "budget", lambda B: 1)
     model, x, kinds = _case(name)
     _paths(model, x, _ce(), kinds, solver=Sum())
 
