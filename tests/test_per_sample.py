@@ -386,3 +386,56 @@ def test_report_at_hundreds_of_tasks_is_a_summary() -> None:
     assert s["norm_max"] == pytest.approx(float(G.diagonal().max().sqrt()))
     assert s["effective_tasks"] == pytest.approx(float(b.weights.abs().sum() ** 2 / b.weights.pow(2).sum()))
     assert f"{100 * s['conflicting']:.1f}% conflicting" in str(rep) and b.gram.shape == (k, k)
+
+
+class _Op(nn.Module):
+    """``op(lin(x))`` for ``x`` ``[B, 4, 5]``, summed to one loss per sample."""
+
+    def __init__(self, op: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.lin, self.op = nn.Linear(5, 6), op
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(self.lin(x)).reshape(B, -1).sum(1)
+
+
+KEEP_APART: dict[str, Callable[[Tensor], Tensor]] = {
+    "softmax-features": lambda h: h.softmax(-1) * h,
+    "logsumexp-time": lambda h: h.logsumexp(1),
+    "var-std-norm": lambda h: h.var(1).sum(1) + h.std(2, keepdim=True).squeeze(2).sum(1) + h.norm(dim=2).sum(1),
+    "amax-cumsum-flip-roll": lambda h: h.amax(2) + h.cumsum(1).flip(2).roll(1, 1).sum(2),
+    "cat-stack-split-unbind": lambda h: (
+        torch.cat(h.split([2, 2], 1), 2).sum(1) + torch.stack(h.unbind(1), 2).reshape(B, 24)[:, :12]
+    ),
+    "select-slice-permute": lambda h: h[:, 1] * h[:, 1:3].permute(0, 2, 1).sum(2),
+    "bmm-baddbmm": lambda h: torch.baddbmm(h @ h.transpose(1, 2), h, h.mT).tanh(),
+    "time-major-view": lambda h: h.transpose(0, 1).reshape(4 * B, 6).tanh().reshape(4, B, 6).transpose(0, 1),
+    "where-maximum-huber": lambda h: (
+        torch.where(h > 0, h, 0.1 * h).maximum(h.sin()) + F.huber_loss(h, h.cos(), reduction="none")
+    ),
+    "pool3d": lambda h: F.max_pool3d(h.reshape(B, 1, 2, 2, 6), 2) + F.avg_pool3d(h.reshape(B, 1, 2, 2, 6), 2),
+}
+MIX: dict[str, tuple[Callable[[Tensor], Tensor], str]] = {
+    "softmax-over-samples": (lambda h: h.softmax(0), "works along the samples"),
+    "cumsum-over-samples": (lambda h: h.cumsum(0), "works along the samples"),
+    "batch-sum-broadcast": (lambda h: h * h.sum(0), "an op mixes samples"),
+    "sort": (lambda h: h.sort(0).values, "no per-sample rule for SortBackward0"),
+    "slice-of-samples": (lambda h: torch.cat([h[3:], h[:3]]), "works along the samples"),
+    "samples-in-columns": (lambda h: h.transpose(0, 2) @ torch.ones(B, 6, dtype=h.dtype), "columns"),
+}
+
+
+@pytest.mark.parametrize("op", list(KEEP_APART))
+def test_op_rules_keep_the_samples_apart(op: str) -> None:
+    torch.manual_seed(0)
+    model = _Op(KEEP_APART[op]).to(D)
+    _paths(model, torch.randn(B, 4, 5, dtype=D), lambda out: out, {"linear"}, tol=1e-7, solver=UPGrad())
+
+
+@pytest.mark.parametrize("op", list(MIX))
+def test_ops_that_mix_samples_are_refused(op: str) -> None:
+    torch.manual_seed(0)
+    fn, why = MIX[op]
+    model = _Op(fn).to(D)
+    _, rep = _run(model, torch.randn(B, 4, 5, dtype=D), lambda out: out, True, solver=UPGrad())
+    assert rep.blocks[0].gram_from == "J" and why in rep.blocks[0].note
