@@ -4,7 +4,7 @@ inputs, their Gram matrix and the direction ``wᵀ J``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -12,7 +12,7 @@ from torch import Tensor
 from ._sample_ops import Lay, axis
 from ._samples import Layer
 
-__all__ = ["Unreadable", "Rule", "budget", "samples", "per_sample_sum", "reduce_to", "sq", "total"]
+__all__ = ["Unreadable", "Rule", "budget", "samples", "per_sample_sum", "reduce_to", "sq", "symmetric", "total"]
 
 #: elements a chunk of per-sample gradients may take (one layer at a time)
 _BUDGET = 2**22
@@ -55,10 +55,29 @@ def reduce_to(t: Tensor, where: Lay, B: int, shape: tuple[int, ...]) -> Tensor:
     return per_sample_sum(t, where, B, keep).reshape(B, *shape)
 
 
+def symmetric(n: int, block: Callable[[int, int], Tensor], cap: int | None = None) -> Tensor:
+    """An ``[n, n]`` symmetric matrix from its upper row blocks (``block(i, j)``: rows ``i:j`` against columns
+    ``i:n``), mirrored: about half the products of the whole matrix at large ``n``.  Blocks of at most ``cap`` rows."""
+    step = max(64, n // 4) if n >= 256 else n
+    step = max(1, min(step, cap if cap is not None else n))
+    if step >= n:
+        return block(0, n)
+    G: Tensor | None = None
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        rows = block(i, j)
+        if G is None:
+            G = rows.new_empty(n, n)
+        G[i:j, i:] = rows
+        G[j:, i:j] = rows[:, j - i :].T
+    assert G is not None
+    return G
+
+
 def sq(J: Tensor) -> Tensor:
     """``J Jᵀ`` of per-sample gradients ``[B, ...]``."""
     J = J.reshape(J.shape[0], -1)
-    return J @ J.T
+    return symmetric(J.shape[0], lambda i, j: J[i:j] @ J[i:].T)
 
 
 class Rule:

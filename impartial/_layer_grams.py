@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._gram_base import Rule, Unreadable, budget, per_sample_sum, reduce_to, samples, sq, total
+from ._gram_base import Rule, Unreadable, budget, per_sample_sum, reduce_to, samples, sq, symmetric, total
 from ._sample_ops import axis, lay
 from ._samples import Layer
 from ._torch_compat import linear_saved, saved, saved_input
@@ -92,17 +92,15 @@ class Linear(Rule):
 
     @staticmethod
     def _kernels(Xf: Tensor, Df: Tensor, n: int, R: int, shift: float) -> Tensor:
-        """``Σ_{r,r'} ((X_b X_cᵀ) + shift) ⊙ (Δ_b Δ_cᵀ)`` over each pair's rows, in chunks of samples."""
-        if R == 1:
-            KX = Xf @ Xf.T
-            return (KX.add_(shift) if shift else KX).mul_(Df @ Df.T)
-        step = max(1, budget(n) // (R * R * n))
-        out = []
-        for i in range(0, n, step):
-            KX = Xf[i * R : (i + step) * R] @ Xf.T
+        """``Σ_{r,r'} ((X_b X_cᵀ) + shift) ⊙ (Δ_b Δ_cᵀ)`` over each pair's rows, by blocks of samples."""
+
+        def rows(i: int, j: int) -> Tensor:
+            KX = Xf[i * R : j * R] @ Xf[i * R :].T
             KX = KX.add_(shift) if shift else KX
-            out.append(KX.mul_(Df[i * R : (i + step) * R] @ Df.T).view(-1, R, n, R).sum((1, 3)))
-        return torch.cat(out)
+            KX = KX.mul_(Df[i * R : j * R] @ Df[i * R :].T)
+            return KX if R == 1 else KX.view(j - i, R, n - i, R).sum((1, 3))
+
+        return symmetric(n, rows, max(1, budget(n) // (R * R * n)))
 
     def directions(self, slots: list[int], w: Tensor) -> list[Tensor]:
         K, M = self.Xs.shape[2], self.Ds.shape[2]
@@ -168,7 +166,10 @@ class Conv(Rule):
             return super().gram(slots)
         C, n = shape[0], self.ds.shape[0]
         step = C if self.args[5] != 1 else max(1, budget(n) // (n * math.prod(shape[1:])))
-        G = total(sq(self._per_sample(c, min(C, c + step))) for c in range(0, C, step))
+        if step >= C:  # in one piece: kept for the direction (wᵀ J instead of another weight gradient)
+            G = sq(self.jac(1))
+        else:
+            G = total(sq(self._per_sample(c, min(C, c + step))) for c in range(0, C, step))
         rest = [j for j in slots if j != 1]
         return G + super().gram(rest) if rest else G
 
@@ -176,7 +177,7 @@ class Conv(Rule):
         out = []
         for j in slots:
             shape = self.layer.shapes[1]
-            if j != 1 or shape is None:
+            if j != 1 or shape is None or j in self._jac:
                 out += super().directions([j], w)
                 continue
             ds = self.ds * w.view(-1, *[1] * (self.ds.dim() - 1))

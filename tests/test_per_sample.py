@@ -439,3 +439,13 @@ def test_ops_that_mix_samples_are_refused(op: str) -> None:
     model = _Op(fn).to(D)
     _, rep = _run(model, torch.randn(B, 4, 5, dtype=D), lambda out: out, True, solver=UPGrad())
     assert rep.blocks[0].gram_from == "J" and why in rep.blocks[0].note
+
+
+def test_symmetric_blocks_at_large_batches() -> None:
+    """``J Jᵀ`` and the kernels by upper row blocks (mirrored) equal the whole products at n ≥ 256."""
+    torch.manual_seed(0)
+    J = torch.randn(300, 50, dtype=D)
+    assert torch.allclose(GB.sq(J), J @ J.T, rtol=1e-13, atol=1e-12)
+    X, Dl = torch.randn(300 * 3, 4, dtype=D), torch.randn(300 * 3, 5, dtype=D)
+    want = ((X @ X.T + 0.5) * (Dl @ Dl.T)).view(300, 3, 300, 3).sum((1, 3))
+    assert torch.allclose(LG.Linear._kernels(X, Dl, 300, 3, 0.5), want, rtol=1e-13, atol=1e-11)
