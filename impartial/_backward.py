@@ -61,7 +61,9 @@ def backward(losses: Losses, shared_params: Params = None, *,
       one solver per block.  A stateful solver keeps one state per block (``Solver.for_block``).
     - ``block``: ``"auto"`` (the blocks of :func:`impartial.graph.find_blocks`), ``"params"`` (solve on the shared
       parameters' own gradients; where the graph proves every shared parameter is a Linear layer's weight or
-      bias, the Gram matrix comes from the layers' inputs and output gradients, without forming ``J``), or the
+      bias, the Gram matrix comes from the layers' inputs and output gradients, without forming ``J``; with a
+      1-D tensor of per-sample losses, every sample is a task and, where the graph proves each loss depends on
+      its own sample only, the Gram matrix comes from one plain backward: :mod:`impartial._per_sample`), or the
       activation tensor(s) to use as blocks.
     - ``also``: terms added plainly, never tasks (a KL, a regulariser); constants add nothing.
     - ``per_sample``: a block's leading dim is the batch: B problems of size ``k × numel/B``.

@@ -10,7 +10,8 @@ Two ways to get ``J`` (one row per task, one column per shared parameter entry),
   tensor made by one op), one backward from the k losses, batched or a loop.
 
 Where the graph proves every shared parameter is a Linear layer's weight or bias, ``J`` is not formed at all
-(:mod:`._param_gram`).  The parameters above the blocks and the ``also`` terms get their plain gradients.  Every
+(:mod:`._param_gram`); where the losses are the entries of one per-sample loss vector and the graph proves each
+depends on its own sample only, neither (:mod:`._per_sample`: one plain backward).  The parameters above the blocks and the ``also`` terms get their plain gradients.  Every
 node between the losses and the parameters runs once per task here (the trunk on k rows): the parameters are the
 block, so the whole model is "above" it, and hooks there see per-task gradients.
 """
