@@ -176,8 +176,8 @@ def test_per_sample_digits_trains_through_the_per_sample_gram() -> None:
     every step) and both lower the training loss."""
     import per_sample_digits as ex
 
-    for method in ("plain", "UPGrad"):
-        run = ex.train(method, seed=0, epochs=2, batch=64, lr=0.1)
+    for method in ex.METHODS:
+        run = ex.train(method, seed=0, epochs=2, batch=16, lr=0.1, limit=256)
         (first, *_), (last, *_) = run["curve"]
         assert last < first < 2.5
     assert 0 < run["conflicting"] < 1
