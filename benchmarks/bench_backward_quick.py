@@ -2,7 +2,9 @@
 
 1. A multimodal VAE step (3 modality decoders, KL as ``also``), ``block="auto"`` (the block is ``z``).
 2. An MLP: a ~1M-parameter shared encoder with k = 8 heads, ``block="auto"`` (the block is the encoder's output);
-3. the same with ``block="params"``.
+3. the same with ``block="params"``;
+4. the benchmark suite's ``mlp-k8`` (``_bench_models.make_mlp(8)``: trunk 256 → 1024 → 768, batch 128, eight
+   768 → 8 heads with an MSE loss each), ``block="auto"``.
 
 Each variant is timed many times, interleaved with the plain baseline (the machine may be shared and noisy);
 medians and ratios are printed for the backward call alone and for the whole step (forward + backward).
@@ -61,6 +63,23 @@ class Shared(nn.Module):
     def losses(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         self.features = h = self.encoder(x)
         return [head(h).pow(2).mean() for head in self.heads], []
+
+
+class SuiteMLP(nn.Module):
+    """``_bench_models.make_mlp(8)`` as a module with ``losses(x)``."""
+
+    def __init__(self, dev: torch.device) -> None:
+        super().__init__()
+        from _bench_models import make_mlp
+
+        setup = make_mlp(8)
+        self.encoder = nn.ParameterList(setup.shared)  # the same parameters: zero_grad reaches them all
+        self.heads = nn.ParameterList([p for head in setup.heads for p in head])
+        self.setup, self.x = setup, torch.zeros(())
+
+    def losses(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        tasks, also, self.features = self.setup.forward()
+        return tasks, also
 
 
 def compare(name: str, model: nn.Module, x: torch.Tensor, shared: list[torch.Tensor], block: str,
@@ -125,6 +144,9 @@ def main() -> None:
     for block in ("auto", "params"):
         compare("shared encoder, k = 8 (batch 64)", enc, torch.randn(64, 512, device=dev),
                 list(enc.encoder.parameters()), block, args.repeats, sync, clock)
+    mlp = SuiteMLP(dev)
+    compare("benchmark suite's mlp-k8 (batch 128)", mlp, mlp.x, list(mlp.encoder.parameters()), "auto",
+            args.repeats, sync, clock)
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, clock {args.clock}")
 
 

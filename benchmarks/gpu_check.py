@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from _bench_registry import entries, fmt_d, versions
-
 from impartial.solvers._base import combine, gram
 
 #: nominal HBM bandwidth in GB/s, by a substring of the device name (vendor data sheets)

@@ -222,7 +222,7 @@ def step_tables(bs: list[dict[str, Any]], stat: str) -> list[str]:
                          fx(tj[1], 1) if tj[1] is not None and variant != "torchjd" else "–"])
     out += table(["model", "variant", "solver", "ms", "× plain", "TorchJD / this", "peak MB", "TorchJD peak MB"],
                  rows)
-    out += [f"Models: " + ", ".join(f"{m} ({n:,} shared params, k={k})" for m, (n, k) in n_shared.items() if n), "",
+    out += ["Models: " + ", ".join(f"{m} ({n:,} shared params, k={k})" for m, (n, k) in n_shared.items() if n), "",
             "### Step targets", ""]
     vae = by_model.get("vae", {})
     for solver in sorted({s for (_, s) in vae if s}):

@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: vae_zoo sits beside this file
 
 from tqdm import tqdm  # noqa: E402
+
 from vae_zoo import report  # noqa: E402
 from vae_zoo.train import METHODS, MULTIMODAL, TABULAR, Config  # noqa: E402
 

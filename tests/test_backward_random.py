@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from test_backward import UnitSum, _close
 from torch import Tensor, nn
 
 import impartial
@@ -18,7 +19,6 @@ from impartial.graph import find_blocks
 from impartial.solvers import Sum
 from models import DTYPE
 from reference.backward import backward_ref
-from test_backward import UnitSum, _close
 
 
 class Ladder(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 import impartial
-from impartial.solvers import MGDA, IMTLG, Status, Sum, UPGrad
+from impartial.solvers import IMTLG, MGDA, Status, Sum, UPGrad
 
 
 def _two_heads(dtype: torch.dtype, scale: float = 1.0, opposed: bool = False, zero: bool = False) -> tuple:

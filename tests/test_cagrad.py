@@ -7,7 +7,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from impartial.solvers import CAGrad, MGDA, gram
+from impartial.solvers import MGDA, CAGrad, gram
 from reference.qp import cagrad_ref
 from strategies import jacobians
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_contract import assert_close
 from torch import Tensor
 
 from impartial.solvers import NSGD, Compose, GradDrop, GradNorm, GradVac, PCGrad, gram
 from rows.projection import _CyclicPCGrad
 from strategies import jacobians
-from test_contract import assert_close
 
 
 def _members(seed: int) -> list:

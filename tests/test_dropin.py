@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
 from dropin.arch import MODES, Arch, Net, archs
 from dropin.features import FEATURES
 from dropin.harness import FAST, backward, step, twins
-from dropin.observe import freed_heads, Hooks, assert_close, assert_grads, assert_same_calls, unhandled_block
-from hypothesis import example, given
-from hypothesis import strategies as st
+from dropin.observe import Hooks, assert_close, assert_grads, assert_same_calls, freed_heads, unhandled_block
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -35,6 +37,14 @@ GRID = {"simple": Arch(groups=(1, 1), also=("kl",)), "rich": RICH}
 SCALED = ("h0", "z", "s", "hout", "y0", "y1", "ylow", "param inp.weight", "param lat.0.bias", "param heads.0.out.bias")
 
 
+def drawn(test: Callable) -> Callable:
+    """In every mode, on drawn architectures, and always on the three pinned ones."""
+    for arch, why in ((RICH, "every structure"), (SHARED, "one head shared by two tasks"),
+                      (SIMPLE, "two one-task heads")):
+        test = example(arch=arch).via(why)(test)
+    return pytest.mark.parametrize("mode", MODES)(FAST(given(arch=archs())(test)))
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("where", GRID)
 @pytest.mark.parametrize("feature", FEATURES)
@@ -45,24 +55,14 @@ def test_every_feature_gives_the_plain_grads(feature: str, where: str, mode: str
     assert_grads(imp, plain, a.x, b.x)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@FAST
-@given(arch=archs())
-@example(arch=SIMPLE).via("two one-task heads")
-@example(arch=SHARED).via("one head shared by two tasks")
-@example(arch=RICH).via("every structure")
+@drawn
 def test_grads_equal_plain_on_drawn_architectures(arch: Arch, mode: str) -> None:
     imp, plain = twins(arch)
     a, b = step(imp, "impartial", mode), step(plain, "plain", mode)
     assert_grads(imp, plain, a.x, b.x)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@FAST
-@given(arch=archs())
-@example(arch=SIMPLE).via("two one-task heads")
-@example(arch=SHARED).via("one head shared by two tasks")
-@example(arch=RICH).via("every structure")
+@drawn
 def test_tensor_hooks_fire_once_with_the_plain_gradient(arch: Arch, mode: str) -> None:
     """Hooks on parameters, trunk activations below the blocks, one-task head activations and blocks that have a
     handle fire exactly once, with plain's gradient and (along the trunk) in plain's order."""
@@ -91,12 +91,7 @@ def test_hooks_that_change_the_gradient_give_the_plain_grads(arch: Arch, mode: s
     assert_grads(imp, plain, a.x, b.x)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@FAST
-@given(arch=archs())
-@example(arch=SIMPLE).via("two one-task heads")
-@example(arch=SHARED).via("one head shared by two tasks")
-@example(arch=RICH).via("every structure")
+@drawn
 def test_post_accumulate_grad_hooks_fire_once_with_the_final_grad(arch: Arch, mode: str) -> None:
     imp, plain = twins(arch)
     hi, hp = (
@@ -110,12 +105,7 @@ def test_post_accumulate_grad_hooks_fire_once_with_the_final_grad(arch: Arch, mo
             torch.testing.assert_close(seen, p.grad, rtol=0, atol=0, msg=f"{name}: .grad changed after its hook")
 
 
-@pytest.mark.parametrize("mode", MODES)
-@FAST
-@given(arch=archs())
-@example(arch=SIMPLE).via("two one-task heads")
-@example(arch=SHARED).via("one head shared by two tasks")
-@example(arch=RICH).via("every structure")
+@drawn
 def test_module_hooks_fire_as_in_plain(arch: Arch, mode: str) -> None:
     """``register_full_backward_pre_hook`` and ``register_full_backward_hook`` on the input layer, every trunk
     layer, the latents and the heads: same calls, same grad_output and grad_input as plain."""
@@ -128,12 +118,7 @@ def test_module_hooks_fire_as_in_plain(arch: Arch, mode: str) -> None:
     )
 
 
-@pytest.mark.parametrize("mode", MODES)
-@FAST
-@given(arch=archs())
-@example(arch=SIMPLE).via("two one-task heads")
-@example(arch=SHARED).via("one head shared by two tasks")
-@example(arch=RICH).via("every structure")
+@drawn
 @example(arch=Arch(features=("mha",), groups=(1, 1), tie=True)).via("batched passes in every mode")
 def test_retain_grad_gives_the_plain_grad(arch: Arch, mode: str) -> None:
     """``retain_grad()`` on trunk activations below the blocks, one-task head outputs and handled blocks."""
@@ -185,12 +170,7 @@ def _compare_freed(imp: Net, plain: Net, mode: str, retain: bool) -> tuple:
     return a, b
 
 
-@pytest.mark.parametrize("mode", MODES)
-@FAST
-@given(arch=archs())
-@example(arch=SIMPLE).via("two one-task heads")
-@example(arch=SHARED).via("one head shared by two tasks")
-@example(arch=RICH).via("every structure")
+@drawn
 def test_the_graph_is_freed_as_in_plain(arch: Arch, mode: str) -> None:
     """After a call without ``retain_graph``, a backward from every loss to every leaf raises (freed) or runs
     exactly where plain's does."""

@@ -9,14 +9,14 @@ import re
 
 import pytest
 import torch
-from dropin.arch import DTYPE, MODES, Arch, Net, Tap
-from dropin.harness import backward, block_arg, forward, step, twins
-from dropin.observe import assert_grads
-from reference.backward import backward_ref
 from torch import Tensor
 
 import impartial
+from dropin.arch import DTYPE, MODES, Arch, Net, Tap
+from dropin.harness import backward, block_arg, forward, step, twins
+from dropin.observe import assert_grads
 from impartial.solvers import IMTLG, Sum
+from reference.backward import backward_ref
 
 ARCH = Arch(features=("linear",), groups=(1, 1, 1), also=("kl",))
 

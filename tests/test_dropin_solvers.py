@@ -14,18 +14,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-import registry
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from torch import Tensor
+
+import registry
 from dropin.arch import DTYPE, MODES, Arch, Net, Tap, archs
 from dropin.harness import FAST, backward, forward, twins
 from dropin.observe import ATOL, RTOL, Hooks
-from hypothesis import example, given
-from hypothesis import strategies as st
-from reference.backward import backward_ref, params_ref
-from torch import Tensor
-
 from impartial.graph import find_blocks
 from impartial.solvers import IMTLG, MGDA, GradNorm, NashMTL, PCGrad, Solver, UPGrad
+from reference.backward import backward_ref, params_ref
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 

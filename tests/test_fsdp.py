@@ -22,10 +22,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from models import make
 from torch import Tensor, nn
 
 import impartial
+from models import make
 
 WORLD = 2
 TOL = 1e-9

@@ -6,14 +6,13 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_contract import assert_close
 from torch import Tensor
 
-from impartial.solvers import GradDrop
-from impartial.solvers import _graddrop
+from impartial.solvers import GradDrop, _graddrop
 from reference.projection import graddrop_ref
 from rows.projection import _HalfGradDrop
 from strategies import jacobians
-from test_contract import assert_close
 
 
 @given(J=jacobians(), seed=st.integers(0, 2**31 - 1))

@@ -6,12 +6,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_contract import assert_close
 from torch import Tensor
 
 from impartial.solvers import NSGD, GradNorm, gram
 from reference.projection import gradnorm_ref, nsgd_ref
 from strategies import jacobians
-from test_contract import assert_close
 
 
 def _sequence(J: Tensor, T: int, seed: int) -> tuple[list[Tensor], list[Tensor]]:

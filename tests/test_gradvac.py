@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_contract import assert_close
 from torch import Tensor
 
 from impartial.solvers import GradVac, gram
@@ -14,7 +15,6 @@ from impartial.solvers._pcgrad import project_conflicts, random_orders
 from reference.projection import gradvac_ref
 from rows.projection import _CyclicGradVac
 from strategies import batched_jacobians, jacobians
-from test_contract import assert_close
 
 
 def _run_against_loop(J: Tensor, seed: int, beta: float, tol: float) -> None:

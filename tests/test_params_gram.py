@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 import impartial
 import impartial._param_gram as PP
-from impartial.solvers import GradDrop, IMTLG, MGDA, Sum, UPGrad
+from impartial.solvers import IMTLG, MGDA, GradDrop, Sum, UPGrad
 
 D = torch.float64
 SOLVERS = {"Sum": Sum, "UPGrad": UPGrad, "MGDA": MGDA, "IMTLG": IMTLG}

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_contract import assert_close
 from torch import Tensor
 
 from impartial.solvers import PCGrad, gram
 from impartial.solvers._pcgrad import project_conflicts, random_orders
 from reference.projection import pcgrad_ref
 from strategies import batched_jacobians, jacobians
-from test_contract import assert_close
 
 
 def _orders(k: int, seed: int, batch: tuple[int, ...] = ()) -> Tensor:

@@ -10,8 +10,28 @@ from hypothesis import given
 from torch import Tensor
 
 from impartial import solvers
-from impartial.solvers import (IMTLG, MGDA, NSGD, AlignedMTL, Compose, ConFIG, FairGrad, GradDrop, GradNorm, GradVac,
-                               GramSolver, Mean, NashMTL, PCGrad, Random, Solver, Status, Sum, UPGrad, gram)
+from impartial.solvers import (
+    IMTLG,
+    MGDA,
+    NSGD,
+    AlignedMTL,
+    Compose,
+    ConFIG,
+    FairGrad,
+    GradDrop,
+    GradNorm,
+    GradVac,
+    GramSolver,
+    Mean,
+    NashMTL,
+    PCGrad,
+    Random,
+    Solver,
+    Status,
+    Sum,
+    UPGrad,
+    gram,
+)
 from registry import SolverInfo, rows
 from strategies import jacobians, losses_for
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-import pytest
 
 from impartial.solvers._qp import IPM_K, REG, default_iters, enumerates, nonneg_qp, prepare, simplex_qp
 from strategies import jacobians

@@ -14,7 +14,6 @@ error rate (categorical).
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from sklearn.linear_model import RidgeClassifier

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .data import ALPHABET, WORD_LEN
 
+
 def mlp(n_in: int, n_hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_hidden), nn.ReLU(),
                          nn.Linear(n_hidden, n_out))

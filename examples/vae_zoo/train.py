@@ -11,8 +11,8 @@ where ``tasks`` are the per-modality (per-column) negative log-likelihoods and `
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch

@@ -16,8 +16,17 @@ import torch
 from torch import Tensor
 
 from ._base import GramSolver
-from ._qp import (active_set, all_faces, check_iters, default_iters, enumerates, face_minimisers, masked_solve,
-                  pick_feasible, prepare)
+from ._qp import (
+    active_set,
+    all_faces,
+    check_iters,
+    default_iters,
+    enumerates,
+    face_minimisers,
+    masked_solve,
+    pick_feasible,
+    prepare,
+)
 
 __all__ = ["CAGrad"]
 

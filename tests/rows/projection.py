@@ -14,7 +14,7 @@ from torch import Tensor
 
 from impartial.solvers import NSGD, Compose, GradDrop, GradNorm, GradVac, PCGrad
 from impartial.solvers._pcgrad import random_orders
-from reference.projection import cyclic_orders, gradnorm_ref, gradvac_ref, graddrop_ref, nsgd_ref, pcgrad_ref
+from reference.projection import cyclic_orders, graddrop_ref, gradnorm_ref, gradvac_ref, nsgd_ref, pcgrad_ref
 from registry import COORDINATES, GENERATOR, RANDOM_DRAW, STATEFUL_VMAP, SolverInfo
 
 
