@@ -21,7 +21,8 @@ from ._torch_compat import foreach_norm, is_freed_graph
 from .graph._inputs import _Losses
 from .graph._trace import Graph
 
-__all__ = ["NonFinite", "Blame", "Check", "rows_check", "first_bad", "freed", "guard", "said"]
+__all__ = ["NonFinite", "Blame", "Check", "each", "rows_check", "first_bad", "freed", "guard", "said"]
+
 
 class NonFinite(FloatingPointError):
     """A gradient is not finite; ``task`` is the index of the loss to blame (a task, or ``k + j`` for the ``j``-th
@@ -45,6 +46,22 @@ def _format(template: str, args: tuple[object, ...]) -> str:
     return template.format(*(a() if callable(a) else a for a in args))
 
 
+class each(Sequence[Blame]):
+    """``(i, said(template, names[i]))`` for task ``i``, built when asked: with hundreds of tasks (every sample a
+    task) the error path alone reads them."""
+
+    def __init__(self, template: str, names: Sequence[str]) -> None:
+        self.template, self.names = template, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> Blame:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return i % len(self), said(self.template, self.names[i])
+
+
 @dataclass
 class Check:
     """Finiteness flags of some rows, ``[n]`` bool (True: finite), computed cheaply (a sum or a norm per row is
@@ -65,8 +82,11 @@ def rows_check(rows: Tensor | list[Tensor | None], blame: Sequence[Blame | None]
         one = torch.ones((), device=dev)
         flags = torch.stack([one if r is None else next(norms) for r in rows]).isfinite()
     else:
-        flags = rows.reshape(rows.shape[0], -1).sum(1).isfinite() if rows.numel() else torch.ones(
-            rows.shape[:1], dtype=torch.bool, device=rows.device)
+        flags = (
+            rows.reshape(rows.shape[0], -1).sum(1).isfinite()
+            if rows.numel()
+            else torch.ones(rows.shape[:1], dtype=torch.bool, device=rows.device)
+        )
     return Check(flags, blame, lambda i: rows[i] is None or bool(rows[i].isfinite().all()))  # type: ignore[union-attr]
 
 
@@ -83,10 +103,12 @@ def first_bad(checks: list[Check], group: Any = None) -> tuple[str, int | None] 
     suspects: list[tuple[Blame, bool]] = []  # (blame, finite here)
     i = 0
     for c in checks:
-        for r, who in enumerate(c.blame):
-            if who is not None and not ok[i + r]:
+        n = len(c.blame)
+        for r in [r for r, fine in enumerate(ok[i : i + n]) if not fine]:  # blames are built for flagged rows only
+            who = c.blame[r]
+            if who is not None:
                 suspects.append((who, c.exact is not None and c.exact(r)))
-        i += len(c.blame)
+        i += n
     if group is not None and suspects:  # a row flagged by an overflowing sum on one rank only is finite
         here = torch.tensor([f for _, f in suspects], device=dev)
         fine = _dist.all_true(here, group).to("cpu").tolist()
@@ -106,8 +128,10 @@ def freed(err: BaseException, g: Graph, tasks: _Losses, extra: _Losses) -> Runti
             torch.autograd.grad(out, leaves, retain_graph=True, allow_unused=True)
         except RuntimeError as probe:
             if is_freed_graph(probe):
-                return RuntimeError(f"the autograd graph of {name!r} has already been freed (a backward ran "
-                                    "through it without retain_graph=True); no gradient was written")
+                return RuntimeError(
+                    f"the autograd graph of {name!r} has already been freed (a backward ran "
+                    "through it without retain_graph=True); no gradient was written"
+                )
     return RuntimeError("part of the autograd graph has already been freed; no gradient was written")
 
 

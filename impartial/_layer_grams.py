@@ -81,14 +81,14 @@ class Linear(Rule):
             # through the kernels: ⟨X_bᵀΔ_b, X_cᵀΔ_c⟩ = Σ (X_b X_cᵀ) ⊙ (Δ_b Δ_cᵀ); a bias adds Σ (Δ_b Δ_cᵀ)
             fold = self._vector_bias(slots)
             shift = (self.beta / self.alpha) ** 2 if fold else 0.0
-            G = self._kernels(Xs.reshape(n * R, K), Ds.reshape(n * R, M), n, R, shift) * self.alpha**2
+            G = self._kernels(Xs.reshape(n * R, K), Ds.reshape(n * R, M), n, R, shift).mul_(self.alpha**2)
             rest = [j for j in slots if j != self.wslot and not (fold and j == 0)]
         else:  # per-sample products, a chunk of output features at a time
             step = max(1, budget(n) // (n * K))
             G = total(sq(torch.bmm(Xs.transpose(1, 2), Ds[:, :, m : m + step])) for m in range(0, M, step))
-            G = G * self.alpha**2
+            G = G.mul_(self.alpha**2)
             rest = [j for j in slots if j != self.wslot]
-        return G + super().gram(rest) if rest else G
+        return G.add_(super().gram(rest)) if rest else G
 
     @staticmethod
     def _kernels(Xf: Tensor, Df: Tensor, n: int, R: int, shift: float) -> Tensor:

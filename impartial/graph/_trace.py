@@ -116,7 +116,14 @@ class Graph:
 
 
 def _bits(mask: int) -> tuple[int, ...]:
-    return tuple(i for i in range(mask.bit_length()) if mask >> i & 1)
+    if mask & (mask + 1) == 0:  # every task from 0 (every sample a task: hundreds of bits, one Python step each)
+        return tuple(range(mask.bit_length()))
+    return tuple(i for i, c in enumerate(reversed(bin(mask)[2:])) if c == "1")
+
+
+def _two(mask: int) -> bool:
+    """Whether ``mask`` has two or more bits set."""
+    return mask & (mask - 1) != 0
 
 
 def remember(cache: dict, key: Any, value: Any, size: int = 8) -> None:
@@ -160,26 +167,42 @@ def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | No
             leaves[node] = var
     bad = next((n for n in order if type(n).__name__ == "CheckpointFunctionBackward"), None)
     if bad is not None:
-        raise ValueError("the graph holds a reentrant activation checkpoint (torch.utils.checkpoint with "
-                         "use_reentrant=True), which runs its own backward inside autograd and so cannot give "
-                         "per-task gradients; use torch.utils.checkpoint.checkpoint(..., use_reentrant=False)")
+        raise ValueError(
+            "the graph holds a reentrant activation checkpoint (torch.utils.checkpoint with "
+            "use_reentrant=True), which runs its own backward inside autograd and so cannot give "
+            "per-task gradients; use torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
+        )
     names: dict[Node, str] = {}
-    g = Graph(len(tasks.outs), tasks.names, extra.names, order, edge_masks, leaves, names,
-              roots=[(node, m) for (node, _), m in tasks.roots + extra.roots], masks=masks, index=index)
+    g = Graph(
+        len(tasks.outs),
+        tasks.names,
+        extra.names,
+        order,
+        edge_masks,
+        leaves,
+        names,
+        roots=[(node, m) for (node, _), m in tasks.roots + extra.roots],
+        masks=masks,
+        index=index,
+    )
     by_id = {id(t): n for n, t in leaves.items()}
     if params is None:  # infer: the leaves that two or more tasks reach
-        g.shared = {n for n in leaves if len(g.tasks(n)) >= 2}
+        g.shared = {n for n in leaves if _two(g.mask(n) & g.task_bits)}
     else:
         for name, p in params:
             found = by_id.get(id(p))
-            if found is None or not g.tasks(found):
+            if found is None or not g.mask(found) & g.task_bits:
                 if not strict:
                     continue
                 raise ValueError(f"shared_params: {name!r} is not reached by any task loss (nothing to share)")
             names[found] = name
             g.shared.add(found)
-    g.key = (g.k, tuple((index[node], nr, m) for (node, nr), m in tasks.roots + extra.roots), tuple(sig),
-             tuple(sorted(index[n] for n in g.shared)))
+    g.key = (
+        g.k,
+        tuple((index[node], nr, m) for (node, nr), m in tasks.roots + extra.roots),
+        tuple(sig),
+        tuple(sorted(index[n] for n in g.shared)),
+    )
     return g
 
 
@@ -201,4 +224,3 @@ def trace(losses: Losses, shared_params: Params = None, *, also: Sequence[Tensor
     g = _build(tasks, extra, _as_params(shared_params))
     _find(g, tasks)
     return g
-
