@@ -71,8 +71,11 @@ def _least(fn: Callable[[], object], slow: float, times: int = 3) -> float:
 
 
 def run_case(case: Case, weighting: str, rounds: int, slow: float, accuracy: Tensor | None) -> dict:
-    fns = {"plain": step(case, "plain"), "impartial": step(case, "impartial", weighting),
-           "torchjd": step(case, "torchjd", weighting)}
+    fns = {
+        "plain": step(case, "plain"),
+        "impartial": step(case, "impartial", weighting),
+        "torchjd": step(case, "torchjd", weighting),
+    }
     times: dict[str, list[float]] = {k: [] for k in fns}
     outs: dict[str, object] = {}
     clock = _GramClock()
@@ -103,10 +106,17 @@ def run_case(case: Case, weighting: str, rounds: int, slow: float, accuracy: Ten
     G_tjd = outs["torchjd"][0]  # type: ignore[index]
     solve_s = _least(lambda: solver.solve(G, precision=torch.float32), slow)
     torchjd_weighting_s = _least(lambda: weigh(G_tjd), slow)
-    row = {"model": case.name, "B": case.B, "weighting": weighting, "params": case.params,
-           "gram_from": rep.blocks[0].gram_from,  # type: ignore[attr-defined]
-           **{f"{k}_s": min(v) for k, v in times.items()}, "solve_s": solve_s, "gram_s": min(grams),
-           "torchjd_weighting_s": torchjd_weighting_s}
+    row = {
+        "model": case.name,
+        "B": case.B,
+        "weighting": weighting,
+        "params": case.params,
+        "gram_from": rep.blocks[0].gram_from,  # type: ignore[attr-defined]
+        **{f"{k}_s": min(v) for k, v in times.items()},
+        "solve_s": solve_s,
+        "gram_s": min(grams),
+        "torchjd_weighting_s": torchjd_weighting_s,
+    }
     fast = max(min(v) for v in times.values()) < 5
     for k, f in fns.items():
         row[f"{k}_mb"] = peak_mb(f) if fast else None
@@ -123,12 +133,16 @@ def _accuracy(case: Case, weighting: str, J64: Tensor, G_ours: Tensor, outs: dic
 
     G64 = J64 @ J64.T
     G_tjd = outs["torchjd"][0].double()
-    out = {"gram_err_impartial": float((G_ours - G64).norm() / G64.norm()),
-           "gram_err_torchjd": float((G_tjd - G64).norm() / G64.norm())}
+    out = {
+        "gram_err_impartial": float((G_ours - G64).norm() / G64.norm()),
+        "gram_err_torchjd": float((G_tjd - G64).norm() / G64.norm()),
+    }
     if weighting != "Mean" and case.B > 128:  # a float64 solve at k = 512 takes minutes: not measured
         return out
-    refs = {"impartial": getattr(S, weighting)().weights(G64),
-            "torchjd": getattr(aggregation, f"{weighting}Weighting")()(G64).double()}
+    refs = {
+        "impartial": getattr(S, weighting)().weights(G64),
+        "torchjd": getattr(aggregation, f"{weighting}Weighting")()(G64).double(),
+    }
     for k, w in refs.items():
         d = w @ J64
         out[f"dir_err_{k}"] = float((flat_grad(model_of(fns[k])).double() - d).norm() / d.norm())
@@ -138,9 +152,11 @@ def _accuracy(case: Case, weighting: str, J64: Tensor, G_ours: Tensor, outs: dic
 def table(rows: list[dict]) -> str:
     """Markdown: time ratios to the plain step (ours, its floor, TorchJD), TorchJD / ours with and without each
     side's weighting, the solve's time, memory, accuracy."""
-    head = ("| model | B | weighting | ours × plain | floor × plain | TorchJD × plain | TorchJD / ours | "
-            "TorchJD / ours without weighting | our solve ms | TorchJD weighting ms | peak MB ours | "
-            "peak MB TorchJD | Gram err ours | Gram err TorchJD | dir err ours | dir err TorchJD |")
+    head = (
+        "| model | B | weighting | ours × plain | floor × plain | TorchJD × plain | TorchJD / ours | "
+        "TorchJD / ours without weighting | our solve ms | TorchJD weighting ms | peak MB ours | "
+        "peak MB TorchJD | Gram err ours | Gram err TorchJD | dir err ours | dir err TorchJD |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def f(v: object, fmt: str) -> str:
@@ -158,7 +174,8 @@ def table(rows: list[dict]) -> str:
             f"{f(1e3 * r['torchjd_weighting_s'] if 'torchjd_weighting_s' in r else None, '.1f')} | "
             f"{f(r.get('impartial_mb'), '.1f')} | {f(r.get('torchjd_mb'), '.1f')} | "
             f"{f(r.get('gram_err_impartial'), '.1e')} | {f(r.get('gram_err_torchjd'), '.1e')} | "
-            f"{f(r.get('dir_err_impartial'), '.1e')} | {f(r.get('dir_err_torchjd'), '.1e')} |")
+            f"{f(r.get('dir_err_impartial'), '.1e')} | {f(r.get('dir_err_torchjd'), '.1e')} |"
+        )
     return "\n".join(lines)
 
 
@@ -189,8 +206,9 @@ def main() -> None:
             for weighting in a.weightings.split(","):
                 row = run_case(case, weighting, a.rounds, a.slow, J64)
                 print(json.dumps(row), flush=True)
-                data["rows"] = [r for r in data["rows"] if (r["model"], r["B"], r["weighting"]) != (
-                    model, B, weighting)] + [row]
+                data["rows"] = [
+                    r for r in data["rows"] if (r["model"], r["B"], r["weighting"]) != (model, B, weighting)
+                ] + [row]
                 if path:
                     path.write_text(json.dumps(data, indent=1))
 
