@@ -5,7 +5,8 @@ TorchJD's autogram, each measured within one process.
   shared machine), the three variants (plain, impartial, TorchJD) interleaved round by round, the minimum over
   rounds; a call over ``--slow`` seconds is timed once (UPGrad at B = 512: minutes on both sides);
 - **solve share**: the part of our step spent in ``solver.solve(G)`` (thread time of that call, made again after
-  the rounds), and TorchJD's weighting ``weighting(G)`` likewise: the steps without them compare the Gram paths;
+  the rounds), and TorchJD's weighting ``weighting(G)`` likewise (the Mean rows, whose weighting costs nothing,
+  compare the Gram paths);
 - **floor**: ``(plain + Gram pass) / plain``, the Gram pass timed inside our step (min over rounds): one Gram pass
   and one weighted backward (which costs a plain step), the least a per-sample step can cost;
 - **memory**: the rise of the resident set during one step (``_bench_util.peak_mb``), each variant after a warm-up;
@@ -150,11 +151,11 @@ def _accuracy(case: Case, weighting: str, J64: Tensor, G_ours: Tensor, outs: dic
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: time ratios to the plain step (ours, its floor, TorchJD), TorchJD / ours with and without each
-    side's weighting, the solve's time, memory, accuracy."""
+    """Markdown: time ratios to the plain step (ours, its floor, TorchJD), TorchJD / ours, each side's weighting
+    time (timed apart: the Mean rows compare the Gram paths), memory, accuracy."""
     head = (
         "| model | B | weighting | ours × plain | floor × plain | TorchJD × plain | TorchJD / ours | "
-        "TorchJD / ours without weighting | our solve ms | TorchJD weighting ms | peak MB ours | "
+        "our solve ms | TorchJD weighting ms | peak MB ours | "
         "peak MB TorchJD | Gram err ours | Gram err TorchJD | dir err ours | dir err TorchJD |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -165,12 +166,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         p, ours, tjd = r["plain_s"], r["impartial_s"], r["torchjd_s"]
         floor = (p + r["gram_s"]) / p if "gram_s" in r else None
-        bare = None
-        if "torchjd_weighting_s" in r:
-            bare = (tjd - r["torchjd_weighting_s"]) / max(ours - r["solve_s"], 1e-9)
         lines.append(
             f"| {r['model']} | {r['B']} | {r['weighting']} | {ours / p:.2f} | {f(floor, '.2f')} | {tjd / p:.2f} | "
-            f"{tjd / ours:.2f} | {f(bare, '.1f')} | {1e3 * r['solve_s']:.1f} | "
+            f"{tjd / ours:.2f} | {1e3 * r['solve_s']:.1f} | "
             f"{f(1e3 * r['torchjd_weighting_s'] if 'torchjd_weighting_s' in r else None, '.1f')} | "
             f"{f(r.get('impartial_mb'), '.1f')} | {f(r.get('torchjd_mb'), '.1f')} | "
             f"{f(r.get('gram_err_impartial'), '.1e')} | {f(r.get('gram_err_torchjd'), '.1e')} | "

@@ -55,12 +55,14 @@ def reduce_to(t: Tensor, where: Lay, B: int, shape: tuple[int, ...]) -> Tensor:
     return per_sample_sum(t, where, B, keep).reshape(B, *shape)
 
 
-def symmetric(n: int, block: Callable[[int, int], Tensor], cap: int | None = None) -> Tensor:
+def symmetric(n: int, block: Callable[[int, int], Tensor], cap: int | None = None, inner: int = 0) -> Tensor:
     """An ``[n, n]`` symmetric matrix from its upper row blocks (``block(i, j)``: rows ``i:j`` against columns
-    ``i:n``), mirrored: about half the products of the whole matrix at large ``n``.  Blocks of at most ``cap`` rows."""
-    # n // 4 rows, at least 32 (measured, J Jᵀ of J [n, 12288]: 0.81x the whole product at n = 128, 0.80x at 256;
-    # J [512, 4096]: 0.67x; at n = 64 0.90x)
-    step = max(32, n // 4) if n >= 64 else n
+    ``i:n``), mirrored: about half the products of the whole matrix at large ``n``.  Blocks of at most ``cap`` rows;
+    ``inner``: the multiply-adds per entry."""
+    # blocks of n // 4 rows (at least 32) pay where the products outweigh the extra ops, measured (one thread):
+    # J Jᵀ of J [128, 12288] 0.81x the whole product, of J [128, 64] 2.2x; kernels of 16 tokens per sample
+    # (n = 128, K + M = 256) 0.40x, of one row (K + M = 320) 1.4x; J [512, 4096] 0.67x
+    step = max(32, n // 4) if n >= 256 or (n >= 64 and inner >= 2048) else n
     step = max(1, min(step, cap if cap is not None else n))
     if step >= n:
         return block(0, n)
@@ -79,7 +81,7 @@ def symmetric(n: int, block: Callable[[int, int], Tensor], cap: int | None = Non
 def sq(J: Tensor) -> Tensor:
     """``J Jᵀ`` of per-sample gradients ``[B, ...]``."""
     J = J.reshape(J.shape[0], -1)
-    return symmetric(J.shape[0], lambda i, j: J[i:j] @ J[i:].T)
+    return symmetric(J.shape[0], lambda i, j: J[i:j] @ J[i:].T, inner=J.shape[1])
 
 
 class Rule:

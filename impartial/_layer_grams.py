@@ -100,7 +100,7 @@ class Linear(Rule):
             KX = KX.mul_(Df[i * R : j * R] @ Df[i * R :].T)
             return KX if R == 1 else KX.view(j - i, R, n - i, R).sum((1, 3))
 
-        return symmetric(n, rows, max(1, budget(n) // (R * R * n)))
+        return symmetric(n, rows, max(1, budget(n) // (R * R * n)), inner=R * R * (Xf.shape[1] + Df.shape[1]))
 
     def directions(self, slots: list[int], w: Tensor) -> list[Tensor]:
         K, M = self.Xs.shape[2], self.Ds.shape[2]

@@ -442,11 +442,12 @@ def test_ops_that_mix_samples_are_refused(op: str) -> None:
 
 
 def test_symmetric_blocks_at_large_batches() -> None:
-    """``J Jᵀ`` and the kernels by upper row blocks (mirrored) equal the whole products at n ≥ 64."""
+    """``J Jᵀ`` and the kernels by upper row blocks (mirrored) equal the whole products (blocks from n = 64 where
+    each entry is a long product, from n = 256 always)."""
     torch.manual_seed(0)
-    for n in (64, 100, 300):  # blocks of 32, 32 (the last one short), 75 rows
-        J = torch.randn(n, 50, dtype=D)
+    for n, R, P in ((64, 16, 2048), (100, 16, 2048), (300, 3, 50)):  # blocks of 32, 32 (the last one short), 75 rows
+        J = torch.randn(n, P, dtype=D)
         assert torch.allclose(GB.sq(J), J @ J.T, rtol=1e-13, atol=1e-12)
-        X, Dl = torch.randn(n * 3, 4, dtype=D), torch.randn(n * 3, 5, dtype=D)
-        want = ((X @ X.T + 0.5) * (Dl @ Dl.T)).view(n, 3, n, 3).sum((1, 3))
-        assert torch.allclose(LG.Linear._kernels(X, Dl, n, 3, 0.5), want, rtol=1e-13, atol=1e-11)
+        X, Dl = torch.randn(n * R, 4, dtype=D), torch.randn(n * R, 5, dtype=D)
+        want = ((X @ X.T + 0.5) * (Dl @ Dl.T)).view(n, R, n, R).sum((1, 3))
+        assert torch.allclose(LG.Linear._kernels(X, Dl, n, R, 0.5), want, rtol=1e-13, atol=1e-11)
