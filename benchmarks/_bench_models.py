@@ -66,8 +66,11 @@ def make_vae(batch: int = 128, latent: int = 20, seed: int = 0) -> Setup:
     dims = {"image": 64, "text": 6 * 27, "view": 64}
     enc = nn.ModuleDict({m: _mlp(n, 256, 256, 2 * latent) for m, n in dims.items()})
     dec = nn.ModuleDict({m: _mlp(latent, 256, 256, n) for m, n in dims.items()})
-    data = {"image": torch.rand(batch, 64), "view": torch.rand(batch, 64),
-            "text": F.one_hot(torch.randint(0, 27, (batch, 6)), 27).float().flatten(1)}
+    data = {
+        "image": torch.rand(batch, 64),
+        "view": torch.rand(batch, 64),
+        "text": F.one_hot(torch.randint(0, 27, (batch, 6)), 27).float().flatten(1),
+    }
     eps = torch.randn(batch, latent)
 
     def forward() -> tuple[list[Tensor], list[Tensor], Tensor]:
@@ -85,8 +88,10 @@ def make_vae(batch: int = 128, latent: int = 20, seed: int = 0) -> Setup:
         rec_image = F.mse_loss(out["image"], data["image"], reduction="sum") / batch
         rec_view = F.mse_loss(out["view"], data["view"], reduction="sum") / batch
         logits = out["text"].view(batch, 6, 27)
-        rec_text = F.cross_entropy(logits.flatten(0, 1), data["text"].view(batch, 6, 27).argmax(-1).flatten(),
-                                   reduction="sum") / batch
+        rec_text = (
+            F.cross_entropy(logits.flatten(0, 1), data["text"].view(batch, 6, 27).argmax(-1).flatten(), reduction="sum")
+            / batch
+        )
         return [rec_image, rec_text, rec_view], [kl], z
 
     return Setup("vae-local", forward, list(enc.parameters()), [list(dec[m].parameters()) for m in dims])
@@ -123,8 +128,13 @@ def make_zoo_mvae(batch: int = 128, seed: int = 0) -> Setup:
         tasks, also = model.loss(x)
         return tasks, also, list(feats)
 
-    return Setup("vae", forward, model.encoder_params, [list(model.decoders[m].parameters()) for m in model.names],
-                 shared_paths=True)
+    return Setup(
+        "vae",
+        forward,
+        model.encoder_params,
+        [list(model.decoders[m].parameters()) for m in model.names],
+        shared_paths=True,
+    )
 
 
 def make(name: str) -> Setup:
@@ -146,10 +156,12 @@ def step(setup: Setup, variant: str, solver: str | None) -> Callable[[], None]:
             p.grad = None
 
     if variant == "plain":
+
         def run() -> None:
             zero()
             losses, also, _ = setup.forward()
             torch.stack(losses + also).sum().backward()
+
         return run
 
     if variant in ("auto", "params"):
@@ -162,6 +174,7 @@ def step(setup: Setup, variant: str, solver: str | None) -> Callable[[], None]:
             zero()
             losses, also, _ = setup.forward()
             impartial.backward(losses, setup.shared, solver=ours, block=variant, also=also)
+
         return run
 
     if variant == "torchjd":
@@ -175,9 +188,15 @@ def step(setup: Setup, variant: str, solver: str | None) -> Callable[[], None]:
             losses, also, feats = setup.forward()
             if also:  # TorchJD has no non-task losses: backpropagate them first, keeping the graph
                 torch.stack(also).sum().backward(retain_graph=True)
-            mtl_backward(losses, features=feats, tasks_params=setup.heads, shared_params=setup.shared,
-                         retain_graph=setup.shared_paths)
+            mtl_backward(
+                losses,
+                features=feats,
+                tasks_params=setup.heads,
+                shared_params=setup.shared,
+                retain_graph=setup.shared_paths,
+            )
             jac_to_grad(setup.shared, agg)
+
         return run
 
     raise ValueError(f"unknown variant {variant!r}")

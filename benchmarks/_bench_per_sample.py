@@ -141,6 +141,7 @@ def reference(case: Case) -> Tensor:
     x = case.x.double() if case.x.is_floating_point() else case.x
     L = case.loss(model(x))
     params = list(model.parameters())
-    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(L[b], params, retain_graph=True)])
-            for b in range(case.B)]
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(L[b], params, retain_graph=True)]) for b in range(case.B)
+    ]
     return torch.stack(rows)

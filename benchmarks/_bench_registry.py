@@ -100,8 +100,12 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             return "absent"
 
-    return {"torch": torch.__version__, "torchjd": v("torchjd"), "impartial": v("impartial"),
-            "threads": str(torch.get_num_threads())}
+    return {
+        "torch": torch.__version__,
+        "torchjd": v("torchjd"),
+        "impartial": v("impartial"),
+        "threads": str(torch.get_num_threads()),
+    }
 
 
 def fmt_d(d: int) -> str:

@@ -40,10 +40,12 @@ class VAE(nn.Module):
     def __init__(self, dims: tuple[int, ...] = (784, 300, 100), d_z: int = 32, hidden: int = 512) -> None:
         super().__init__()
         self.dims = dims
-        self.encoder = nn.Sequential(nn.Linear(sum(dims), hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                     nn.Linear(hidden, 2 * d_z))
-        self.decoders = nn.ModuleList(nn.Sequential(nn.Linear(d_z, hidden), nn.ReLU(), nn.Linear(hidden, d))
-                                      for d in dims)
+        self.encoder = nn.Sequential(
+            nn.Linear(sum(dims), hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2 * d_z)
+        )
+        self.decoders = nn.ModuleList(
+            nn.Sequential(nn.Linear(d_z, hidden), nn.ReLU(), nn.Linear(hidden, d)) for d in dims
+        )
 
     def losses(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         mu, logvar = self.encoder(x).chunk(2, dim=-1)
@@ -82,8 +84,16 @@ class SuiteMLP(nn.Module):
         return tasks, also
 
 
-def compare(name: str, model: nn.Module, x: torch.Tensor, shared: list[torch.Tensor], block: str,
-            repeats: int, sync: Callable[[], None], clock: Callable[[], float]) -> None:
+def compare(
+    name: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    shared: list[torch.Tensor],
+    block: str,
+    repeats: int,
+    sync: Callable[[], None],
+    clock: Callable[[], float],
+) -> None:
     solver = IMTLG()
     agg = _TorchJDIMTLG() if mtl_backward is not None else None
 
@@ -112,7 +122,7 @@ def compare(name: str, model: nn.Module, x: torch.Tensor, shared: list[torch.Ten
     times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     n = len(variants)
     for i in range(repeats + 3):  # interleaved, order rotated; the first 3 rounds warm up
-        for v in variants[i % n:] + variants[:i % n]:
+        for v in variants[i % n :] + variants[: i % n]:
             t = run(v)
             if i >= 3:
                 times[v].append(t)
@@ -121,8 +131,10 @@ def compare(name: str, model: nn.Module, x: torch.Tensor, shared: list[torch.Ten
     print(f"{name}: shared params {n_params / 1e6:.2f}M, block={block!r}, solver {solver!r}, {repeats} repeats")
     for v in variants:
         b, s = med[v]
-        print(f"  {v:>8}: backward {1e3 * b:8.2f} ms ({b / med['plain'][0]:5.2f}x)   "
-              f"step {1e3 * s:8.2f} ms ({s / med['plain'][1]:5.2f}x)")
+        print(
+            f"  {v:>8}: backward {1e3 * b:8.2f} ms ({b / med['plain'][0]:5.2f}x)   "
+            f"step {1e3 * s:8.2f} ms ({s / med['plain'][1]:5.2f}x)"
+        )
 
 
 def main() -> None:
@@ -138,15 +150,39 @@ def main() -> None:
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     vae = VAE().to(dev)
-    compare("multimodal VAE (3 modalities, batch 128)", vae, torch.randn(128, sum(vae.dims), device=dev),
-            list(vae.encoder.parameters()), "auto", args.repeats, sync, clock)
+    compare(
+        "multimodal VAE (3 modalities, batch 128)",
+        vae,
+        torch.randn(128, sum(vae.dims), device=dev),
+        list(vae.encoder.parameters()),
+        "auto",
+        args.repeats,
+        sync,
+        clock,
+    )
     enc = Shared().to(dev)
     for block in ("auto", "params"):
-        compare("shared encoder, k = 8 (batch 64)", enc, torch.randn(64, 512, device=dev),
-                list(enc.encoder.parameters()), block, args.repeats, sync, clock)
+        compare(
+            "shared encoder, k = 8 (batch 64)",
+            enc,
+            torch.randn(64, 512, device=dev),
+            list(enc.encoder.parameters()),
+            block,
+            args.repeats,
+            sync,
+            clock,
+        )
     mlp = SuiteMLP(dev)
-    compare("benchmark suite's mlp-k8 (batch 128)", mlp, mlp.x, list(mlp.encoder.parameters()), "auto",
-            args.repeats, sync, clock)
+    compare(
+        "benchmark suite's mlp-k8 (batch 128)",
+        mlp,
+        mlp.x,
+        list(mlp.encoder.parameters()),
+        "auto",
+        args.repeats,
+        sync,
+        clock,
+    )
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, clock {args.clock}")
 
 

@@ -23,7 +23,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _wanted(config: pytest.Config) -> bool:
-    return bool(config.getoption("benchmark_only", default=False)) or os.environ.get("IMPARTIAL_BENCH", "") not in ("", "0")
+    return bool(config.getoption("benchmark_only", default=False)) or os.environ.get("IMPARTIAL_BENCH", "") not in (
+        "",
+        "0",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -18,6 +18,7 @@ short keeps what it measured) and ``OUT/gpu_check.md`` (tables; the card is name
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -30,8 +31,16 @@ from _bench_registry import entries, fmt_d, versions
 from impartial.solvers._base import combine, gram
 
 #: nominal HBM bandwidth in GB/s, by a substring of the device name (vendor data sheets)
-NOMINAL_GBS = {"H200": 4800.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0,
-               "A100-SXM4-40GB": 1555.0, "A100": 1555.0, "L40S": 864.0}
+NOMINAL_GBS = {
+    "H200": 4800.0,
+    "H100 NVL": 3900.0,
+    "H100 PCIe": 2000.0,
+    "H100": 3350.0,
+    "A100-SXM4-80GB": 2039.0,
+    "A100-SXM4-40GB": 1555.0,
+    "A100": 1555.0,
+    "L40S": 864.0,
+}
 
 
 def nominal_gbs(name: str) -> float | None:
@@ -43,6 +52,7 @@ def nominal_gbs(name: str) -> float | None:
 
 def timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
     """Median seconds of ``f()`` over ``n`` runs after one warm-up (CUDA events on a GPU)."""
+
     def run(f: Callable[[], object], n: int) -> float:
         f()
         times = []
@@ -60,11 +70,12 @@ def timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
                 f()
                 times.append(time.perf_counter() - t)
         return statistics.median(times)
+
     return run
 
 
 def sync_free(f: Callable[[], object], device: torch.device) -> str:
-    """"ok", or the first line of the error ``set_sync_debug_mode("error")`` raised ("n/a" off CUDA)."""
+    """ "ok", or the first line of the error ``set_sync_debug_mode("error")`` raised ("n/a" off CUDA)."""
     if device.type != "cuda":
         return "n/a"
     torch.cuda.synchronize()
@@ -85,6 +96,39 @@ def copy_gbs(device: torch.device, t: Callable[[Callable[[], object], int], floa
     y = torch.empty_like(x)
     sec = t(lambda: y.copy_(x), 5)
     return 2 * x.numel() * x.element_size() / sec / 1e9
+
+
+def measure(case: dict, device: torch.device, dtype: torch.dtype, solvers: list, repeats: int) -> list[dict]:
+    """The passes (mean, Gram, combine) and every solver, ours and TorchJD's, on one random ``J`` of ``case``."""
+    t = timer(device)
+    J = torch.randn(case["k"], case["d"], device=device, dtype=dtype)
+    w = torch.full((case["k"],), 1.0 / case["k"], device=device, dtype=torch.float64)
+    floor, tg, tc = t(lambda: J.mean(-2), repeats), t(lambda: gram(J), repeats), t(lambda: combine(w, J), repeats)
+    moved = 2 * J.numel() * J.element_size()  # Gram and combine each read J once
+    out = [
+        case
+        | {
+            "what": "passes",
+            "floor_s": floor,
+            "gram_s": tg,
+            "combine_s": tc,
+            "gram_combine_gbs": moved / (tg + tc) / 1e9,
+        }
+    ]
+    losses = torch.rand(case["k"], device=device) + 0.5  # for the loss-based solvers (GradNorm)
+    for e in solvers:
+        ours = e.make()
+        run = functools.partial(ours, J, losses=losses)
+        rec = case | {"what": "solver", "solver": e.name, "sync": sync_free(run, device)}
+        rec["ours_s"] = t(run, repeats)
+        if e.torchjd is not None:
+            try:
+                agg = e.make_torchjd(case["k"], ours)
+                rec["torchjd_s"] = t(lambda: agg(J), max(1, repeats // 2))  # noqa: B023 -- timed in this iteration
+            except Exception as err:  # noqa: BLE001 -- recorded, e.g. no bf16 support
+                rec["torchjd_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        out.append(rec)
+    return out
 
 
 def main() -> None:
@@ -123,27 +167,7 @@ def main() -> None:
                 if size_gb > a.max_gb or time.perf_counter() - t0 > a.budget_s:
                     records.append(case | {"what": "skipped", "why": "memory" if size_gb > a.max_gb else "budget"})
                     continue
-                J = torch.randn(k, d, device=device, dtype=dtype)
-                w = torch.full((k,), 1.0 / k, device=device, dtype=torch.float64)
-                floor, tg, tc = t(lambda: J.mean(-2), a.repeats), t(lambda: gram(J), a.repeats), \
-                    t(lambda: combine(w, J), a.repeats)
-                moved = 2 * J.numel() * J.element_size()  # Gram and combine each read J once
-                records.append(case | {"what": "passes", "floor_s": floor, "gram_s": tg, "combine_s": tc,
-                                       "gram_combine_gbs": moved / (tg + tc) / 1e9})
-                losses = torch.rand(k, device=device) + 0.5  # for the loss-based solvers (GradNorm)
-                for e in solvers:
-                    ours = e.make()
-                    run = lambda: ours(J, losses=losses)  # noqa: E731
-                    rec = case | {"what": "solver", "solver": e.name, "sync": sync_free(run, device)}
-                    rec["ours_s"] = t(run, a.repeats)
-                    if e.torchjd is not None:
-                        try:
-                            agg = e.make_torchjd(k, ours)
-                            rec["torchjd_s"] = t(lambda: agg(J), max(1, a.repeats // 2))
-                        except Exception as err:  # noqa: BLE001 -- recorded, e.g. no bf16 support
-                            rec["torchjd_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-                    records.append(rec)
-                del J
+                records.extend(measure(case, device, dtype, solvers, a.repeats))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 save()
@@ -152,34 +176,48 @@ def main() -> None:
 
 
 def report(header: dict, records: list[dict]) -> str:
-    lines = [f"# GPU check: {header['device']}", "",
-             f"torch {header['torch']}, TorchJD {header['torchjd']}; nominal HBM {header['nominal_gbs']} GB/s, "
-             f"measured copy {header['copy_gbs']:.0f} GB/s. Times: median of CUDA-event timings.", ""]
+    lines = [
+        f"# GPU check: {header['device']}",
+        "",
+        f"torch {header['torch']}, TorchJD {header['torchjd']}; nominal HBM {header['nominal_gbs']} GB/s, "
+        f"measured copy {header['copy_gbs']:.0f} GB/s. Times: median of CUDA-event timings.",
+        "",
+    ]
     passes = [r for r in records if r["what"] == "passes"]
     if passes:
-        lines += ["| dtype | k | d | floor ms | Gram ms | combine ms | Gram+combine GB/s | % nominal | % copy |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| dtype | k | d | floor ms | Gram ms | combine ms | Gram+combine GB/s | % nominal | % copy |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in passes:
             nom = header["nominal_gbs"]
             pct = f"{100 * r['gram_combine_gbs'] / nom:.0f}%" if nom else "–"
-            lines.append(f"| {r['dtype']} | {r['k']} | {fmt_d(r['d'])} | {1e3 * r['floor_s']:.3f} | "
-                         f"{1e3 * r['gram_s']:.3f} | {1e3 * r['combine_s']:.3f} | {r['gram_combine_gbs']:.0f} | {pct} | "
-                         f"{100 * r['gram_combine_gbs'] / header['copy_gbs']:.0f}% |")
+            lines.append(
+                f"| {r['dtype']} | {r['k']} | {fmt_d(r['d'])} | {1e3 * r['floor_s']:.3f} | "
+                f"{1e3 * r['gram_s']:.3f} | {1e3 * r['combine_s']:.3f} | {r['gram_combine_gbs']:.0f} | {pct} | "
+                f"{100 * r['gram_combine_gbs'] / header['copy_gbs']:.0f}% |"
+            )
         lines.append("")
     solved = [r for r in records if r["what"] == "solver"]
     if solved:
         floor = {(r["dtype"], r["k"], r["d"]): r["floor_s"] + r["gram_s"] for r in passes}
-        lines += ["| dtype | k | d | solver | ours ms | ours / (floor + Gram) | TorchJD / ours | sync-free |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| dtype | k | d | solver | ours ms | ours / (floor + Gram) | TorchJD / ours | sync-free |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in solved:
             tj = f"{r['torchjd_s'] / r['ours_s']:.2f}" if "torchjd_s" in r else r.get("torchjd_error", "–")
             base = floor[(r["dtype"], r["k"], r["d"])]
-            lines.append(f"| {r['dtype']} | {r['k']} | {fmt_d(r['d'])} | {r['solver']} | {1e3 * r['ours_s']:.3f} | "
-                         f"{r['ours_s'] / base:.2f} | {tj} | {r['sync']} |")
+            lines.append(
+                f"| {r['dtype']} | {r['k']} | {fmt_d(r['d'])} | {r['solver']} | {1e3 * r['ours_s']:.3f} | "
+                f"{r['ours_s'] / base:.2f} | {tj} | {r['sync']} |"
+            )
     skipped = [r for r in records if r["what"] == "skipped"]
     if skipped:
-        lines += ["", "Skipped: " + ", ".join(f"{r['dtype']} k={r['k']} d={fmt_d(r['d'])} ({r['why']})"
-                                              for r in skipped)]
+        lines += [
+            "",
+            "Skipped: " + ", ".join(f"{r['dtype']} k={r['k']} d={fmt_d(r['d'])} ({r['why']})" for r in skipped),
+        ]
     return "\n".join(lines) + "\n"
 
 

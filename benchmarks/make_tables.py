@@ -57,9 +57,11 @@ def machine(run: dict[str, Any]) -> str:
     m = run.get("machine_info", {})
     cpu = m.get("cpu", {})
     first = next((b["extra_info"] for b in run["benchmarks"]), {})
-    return (f"{cpu.get('brand_raw', m.get('processor', '?'))}, {cpu.get('count', '?')} logical CPUs, "
-            f"{first.get('threads', '?')} torch thread(s); Python {m.get('python_version', '?')}, "
-            f"torch {first.get('torch', '?')}, TorchJD {first.get('torchjd', '?')}; run {run.get('datetime', '?')[:16]}")
+    return (
+        f"{cpu.get('brand_raw', m.get('processor', '?'))}, {cpu.get('count', '?')} logical CPUs, "
+        f"{first.get('threads', '?')} torch thread(s); Python {m.get('python_version', '?')}, "
+        f"torch {first.get('torch', '?')}, TorchJD {first.get('torchjd', '?')}; run {run.get('datetime', '?')[:16]}"
+    )
 
 
 def solver_tables(bs: list[dict[str, Any]], stat: str) -> list[str]:
@@ -75,9 +77,15 @@ def solver_tables(bs: list[dict[str, Any]], stat: str) -> list[str]:
     solvers = list(dict.fromkeys(s for (s, side, _, _) in t if side in ("ours", "torchjd")))
     cols = [f"k={k} d={fmt_d(d)}" for k, d in sizes]
     wide = len(sizes) > 8  # the full grid: tables folded, the targets summary shown
-    out = [f"<details><summary>Full grid: {len(sizes)} sizes (click to unfold the tables)</summary>", ""] if wide else []
-    out += ["### Solvers: ours / (floor + one `J @ J.T`)", "",
-           f"Target for Gram-space solvers: ≤ {GRAM_TARGET:g}× everywhere (✗ marks a miss). floor = `J.mean(-2)`.", ""]
+    out = (
+        [f"<details><summary>Full grid: {len(sizes)} sizes (click to unfold the tables)</summary>", ""] if wide else []
+    )
+    out += [
+        "### Solvers: ours / (floor + one `J @ J.T`)",
+        "",
+        f"Target for Gram-space solvers: ≤ {GRAM_TARGET:g}× everywhere (✗ marks a miss). floor = `J.mean(-2)`.",
+        "",
+    ]
     rows, misses = [], []
     for s in solvers:
         r = [s + ("" if gram_space.get(s, True) else " (not Gram)")]
@@ -96,8 +104,12 @@ def solver_tables(bs: list[dict[str, Any]], stat: str) -> list[str]:
             rows.append(r)
     out += table(["solver", *cols], rows)
     out += ["### Solvers: ours / floor", ""]
-    rows = [[s] + [fx(t[(s, "ours", k, d)] / t[("floor", "floor", k, d)]) if (s, "ours", k, d) in t else "–"
-                   for k, d in sizes] for s in solvers if any((s, "ours", *kd) in t for kd in sizes)]
+    rows = [
+        [s]
+        + [fx(t[(s, "ours", k, d)] / t[("floor", "floor", k, d)]) if (s, "ours", k, d) in t else "–" for k, d in sizes]
+        for s in solvers
+        if any((s, "ours", *kd) in t for kd in sizes)
+    ]
     out += table(["solver", *cols], rows)
     out += ["### Solvers: TorchJD / ours (speed-up; > 1 means we are faster)", ""]
     rows, all_sp, large_sp, per_solver = [], [], [], {}
@@ -122,59 +134,111 @@ def solver_tables(bs: list[dict[str, Any]], stat: str) -> list[str]:
     if any("(" in c for r in rows for c in r):
         out += ["Cells in parentheses: TorchJD's time where ours did not run (not landed, or timed out).", ""]
     out += ["### Absolute times (ms)", ""]
-    abs_rows = [["floor `J.mean(-2)`"] + [ms(t[("floor", "floor", *kd)]) for kd in sizes],
-                ["`J @ J.T`"] + [ms(t[("gram", "gram", *kd)]) for kd in sizes]]
-    abs_rows += [[f"{s} (ours)"] + [ms(t.get((s, "ours", *kd))) for kd in sizes] for s in solvers
-                 if any((s, "ours", *kd) in t for kd in sizes)]
+    abs_rows = [
+        ["floor `J.mean(-2)`"] + [ms(t[("floor", "floor", *kd)]) for kd in sizes],
+        ["`J @ J.T`"] + [ms(t[("gram", "gram", *kd)]) for kd in sizes],
+    ]
+    abs_rows += [
+        [f"{s} (ours)"] + [ms(t.get((s, "ours", *kd))) for kd in sizes]
+        for s in solvers
+        if any((s, "ours", *kd) in t for kd in sizes)
+    ]
     out += table(["", *cols], abs_rows)
     if wide:
         out += ["</details>", ""]
     out += ["### Per-solver summary", ""]
     srows = []
     for s in solvers:
-        b = [t[(s, "ours", *kd)] / (t[("floor", "floor", *kd)] + t[("gram", "gram", *kd)])
-             for kd in sizes if (s, "ours", *kd) in t]
-        sp = [t[(s, "torchjd", *kd)] / t[(s, "ours", *kd)] for kd in sizes
-              if (s, "ours", *kd) in t and (s, "torchjd", *kd) in t]
-        sp32 = [t[(s, "torchjd", k, d)] / t[(s, "ours", k, d)] for k, d in sizes
-                if k >= 32 and (s, "ours", k, d) in t and (s, "torchjd", k, d) in t]
+        b = [
+            t[(s, "ours", *kd)] / (t[("floor", "floor", *kd)] + t[("gram", "gram", *kd)])
+            for kd in sizes
+            if (s, "ours", *kd) in t
+        ]
+        sp = [
+            t[(s, "torchjd", *kd)] / t[(s, "ours", *kd)]
+            for kd in sizes
+            if (s, "ours", *kd) in t and (s, "torchjd", *kd) in t
+        ]
+        sp32 = [
+            t[(s, "torchjd", k, d)] / t[(s, "ours", k, d)]
+            for k, d in sizes
+            if k >= 32 and (s, "ours", k, d) in t and (s, "torchjd", k, d) in t
+        ]
         if not b:
             continue
         within = sum(x <= GRAM_TARGET for x in b)
-        srows.append([s, "yes" if gram_space.get(s) else "no", f"{within}/{len(b)}", fx(statistics.median(b)), fx(max(b)),
-                      fx(statistics.median(sp)) if sp else "–", fx(statistics.median(sp32)) if sp32 else "–"])
-    out += table(["solver", "Gram-space", "sizes ≤ 3× budget", "median ours/(floor+Gram)", "worst",
-                  "median TorchJD/ours", "… at k ≥ 32"], srows)
+        srows.append(
+            [
+                s,
+                "yes" if gram_space.get(s) else "no",
+                f"{within}/{len(b)}",
+                fx(statistics.median(b)),
+                fx(max(b)),
+                fx(statistics.median(sp)) if sp else "–",
+                fx(statistics.median(sp32)) if sp32 else "–",
+            ]
+        )
+    out += table(
+        [
+            "solver",
+            "Gram-space",
+            "sizes ≤ 3× budget",
+            "median ours/(floor+Gram)",
+            "worst",
+            "median TorchJD/ours",
+            "… at k ≥ 32",
+        ],
+        srows,
+    )
     # targets
     out += ["### Solver targets", ""]
     gram_solvers = [s for s in solvers if gram_space.get(s) and any((s, "ours", *kd) in t for kd in sizes)]
     worst = max(misses, key=lambda m: m[3]) if misses else None
-    out.append(f"- Gram-space ≤ {GRAM_TARGET:g}× (floor + Gram), {len(gram_solvers)} solvers × {len(sizes)} sizes: "
-               + ("**met**" if not misses else f"**not met** at {len(misses)} points, worst {worst[0]} "
-                  f"k={worst[1]} d={fmt_d(worst[2])}: {worst[3]:.2f}×; misses: "
-                  + ", ".join(sorted({m[0] for m in misses}))))
+    out.append(
+        f"- Gram-space ≤ {GRAM_TARGET:g}× (floor + Gram), {len(gram_solvers)} solvers × {len(sizes)} sizes: "
+        + (
+            "**met**"
+            if not misses
+            else f"**not met** at {len(misses)} points, worst {worst[0]} "
+            f"k={worst[1]} d={fmt_d(worst[2])}: {worst[3]:.2f}×; misses: " + ", ".join(sorted({m[0] for m in misses}))
+        )
+    )
     if all_sp:
         med = statistics.median(all_sp)
-        out.append(f"- Median speed-up over TorchJD ≥ {SPEEDUP_MEDIAN:g}× ({len(all_sp)} points): "
-                   f"{med:.1f}× — **{'met' if med >= SPEEDUP_MEDIAN else 'not met'}**")
+        out.append(
+            f"- Median speed-up over TorchJD ≥ {SPEEDUP_MEDIAN:g}× ({len(all_sp)} points): "
+            f"{med:.1f}× — **{'met' if med >= SPEEDUP_MEDIAN else 'not met'}**"
+        )
     if large_sp:
         med = statistics.median(large_sp)
-        out.append(f"- Median speed-up at k ≥ 32 ≥ {SPEEDUP_LARGE_K:g}× ({len(large_sp)} points): "
-                   f"{med:.1f}× — **{'met' if med >= SPEEDUP_LARGE_K else 'not met'}**")
+        out.append(
+            f"- Median speed-up at k ≥ 32 ≥ {SPEEDUP_LARGE_K:g}× ({len(large_sp)} points): "
+            f"{med:.1f}× — **{'met' if med >= SPEEDUP_LARGE_K else 'not met'}**"
+        )
     slower = sorted((v, s) for s, v in per_solver.items() if v < 1)
     if slower:
         out.append("- Solvers slower than TorchJD (median): " + ", ".join(f"{s} {v:.2f}×" for v, s in slower))
     up = t.get(("UPGrad", "ours", 256, 10**4))
     if up is None and ("floor", "floor", 256, 10**4) in t and any(s == "UPGrad" for s in solvers):
-        out.append(f"- UPGrad at k=256, d=1e4 < {UPGRAD_MS:g} ms: no time in this run (the case was skipped: "
-                   "TIMEOUT, one call > IMPARTIAL_BENCH_MAX_S) — **not met**"
-                   + (f" (TorchJD: {t[('UPGrad', 'torchjd', 256, 10**4)] * 1e3:.0f} ms)"
-                      if ("UPGrad", "torchjd", 256, 10**4) in t else ""))
+        out.append(
+            f"- UPGrad at k=256, d=1e4 < {UPGRAD_MS:g} ms: no time in this run (the case was skipped: "
+            "TIMEOUT, one call > IMPARTIAL_BENCH_MAX_S) — **not met**"
+            + (
+                f" (TorchJD: {t[('UPGrad', 'torchjd', 256, 10**4)] * 1e3:.0f} ms)"
+                if ("UPGrad", "torchjd", 256, 10**4) in t
+                else ""
+            )
+        )
     if up is not None:
-        out.append(f"- UPGrad at k=256, d=1e4 < {UPGRAD_MS:g} ms: {up * 1e3:.1f} ms — "
-                   f"**{'met' if up * 1e3 < UPGRAD_MS else 'not met'}**"
-                   + (f" (TorchJD: {t[('UPGrad', 'torchjd', 256, 10**4)] * 1e3:.0f} ms)"
-                      if ("UPGrad", "torchjd", 256, 10**4) in t else ""))
+        out.append(
+            f"- UPGrad at k=256, d=1e4 < {UPGRAD_MS:g} ms: {up * 1e3:.1f} ms — "
+            f"**{'met' if up * 1e3 < UPGRAD_MS else 'not met'}**"
+            + (
+                f" (TorchJD: {t[('UPGrad', 'torchjd', 256, 10**4)] * 1e3:.0f} ms)"
+                if ("UPGrad", "torchjd", 256, 10**4) in t
+                else ""
+            )
+        )
     return out + [""]
 
 
@@ -196,10 +260,17 @@ def batched_tables(bs: list[dict[str, Any]], stat: str) -> list[str]:
         if any(c != "–" for c in r[1:]):
             rows.append(r)
     out += table(["solver", *cols], rows)
-    out += ["A dash: no TorchJD counterpart, or a case skipped (TIMEOUT: one call > IMPARTIAL_BENCH_MAX_S).", "",
-            "### Batched: ours, µs per problem", ""]
-    rows = [[s] + [fx(t[(s, "ours", *sz)] / sz[0] * 1e6) if (s, "ours", *sz) in t else "–" for sz in sizes]
-            for s in solvers if any((s, "ours", *sz) in t for sz in sizes)]
+    out += [
+        "A dash: no TorchJD counterpart, or a case skipped (TIMEOUT: one call > IMPARTIAL_BENCH_MAX_S).",
+        "",
+        "### Batched: ours, µs per problem",
+        "",
+    ]
+    rows = [
+        [s] + [fx(t[(s, "ours", *sz)] / sz[0] * 1e6) if (s, "ours", *sz) in t else "–" for sz in sizes]
+        for s in solvers
+        if any((s, "ours", *sz) in t for sz in sizes)
+    ]
     return out + table(["solver", *cols], rows)
 
 
@@ -216,30 +287,45 @@ def step_tables(bs: list[dict[str, Any]], stat: str) -> list[str]:
         plain = v.get(("plain", ""), (None, None))[0]
         for (variant, solver), (tm, peak) in sorted(v.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             tj = v.get(("torchjd", solver), (None, None))
-            rows.append([model, variant, solver or "–", ms(tm), fx(tm / plain) if plain else "–",
-                         fx(tj[0] / tm) if tj[0] and variant != "torchjd" else "–",
-                         fx(peak, 1) if peak is not None else "–",
-                         fx(tj[1], 1) if tj[1] is not None and variant != "torchjd" else "–"])
-    out += table(["model", "variant", "solver", "ms", "× plain", "TorchJD / this", "peak MB", "TorchJD peak MB"],
-                 rows)
-    out += ["Models: " + ", ".join(f"{m} ({n:,} shared params, k={k})" for m, (n, k) in n_shared.items() if n), "",
-            "### Step targets", ""]
+            rows.append(
+                [
+                    model,
+                    variant,
+                    solver or "–",
+                    ms(tm),
+                    fx(tm / plain) if plain else "–",
+                    fx(tj[0] / tm) if tj[0] and variant != "torchjd" else "–",
+                    fx(peak, 1) if peak is not None else "–",
+                    fx(tj[1], 1) if tj[1] is not None and variant != "torchjd" else "–",
+                ]
+            )
+    out += table(["model", "variant", "solver", "ms", "× plain", "TorchJD / this", "peak MB", "TorchJD peak MB"], rows)
+    out += [
+        "Models: " + ", ".join(f"{m} ({n:,} shared params, k={k})" for m, (n, k) in n_shared.items() if n),
+        "",
+        "### Step targets",
+        "",
+    ]
     vae = by_model.get("vae", {})
     for solver in sorted({s for (_, s) in vae if s}):
         a, p = vae.get(("auto", solver)), vae.get(("plain", ""))
         if a and p:
             r = a[0] / p[0]
-            out.append(f"- VAE, `block=\"auto\"` ({solver}) ≤ 1.2× plain backward: {r:.2f}× — "
-                       f"**{'met' if r <= 1.2 else 'not met'}**")
+            out.append(
+                f'- VAE, `block="auto"` ({solver}) ≤ 1.2× plain backward: {r:.2f}× — '
+                f"**{'met' if r <= 1.2 else 'not met'}**"
+            )
     mlp = by_model.get("mlp-k8", {})
     for solver in sorted({s for (_, s) in mlp if s}):
         p, j = mlp.get(("params", solver)), mlp.get(("torchjd", solver))
         if p and j:
             sp = j[0] / p[0]
             mem_ok = p[1] is not None and j[1] is not None and p[1] <= j[1]
-            out.append(f"- MLP k=8, `block=\"params\"` ({solver}) ≥ 2× faster than TorchJD: {sp:.2f}× — "
-                       f"**{'met' if sp >= 2 else 'not met'}**; peak memory {fx(p[1], 1)} MB vs TorchJD "
-                       f"{fx(j[1], 1)} MB — **{'met' if mem_ok else 'not met'}**")
+            out.append(
+                f'- MLP k=8, `block="params"` ({solver}) ≥ 2× faster than TorchJD: {sp:.2f}× — '
+                f"**{'met' if sp >= 2 else 'not met'}**; peak memory {fx(p[1], 1)} MB vs TorchJD "
+                f"{fx(j[1], 1)} MB — **{'met' if mem_ok else 'not met'}**"
+            )
     return out + [""]
 
 
@@ -264,8 +350,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("json", nargs="+", type=Path, help="pytest-benchmark JSON files (--benchmark-json)")
     ap.add_argument("-o", "--output", default="BENCHMARKS.md", help="markdown file to update, or - for stdout")
     ap.add_argument("--stat", default="min", choices=["min", "median", "mean"])
-    ap.add_argument("--strip", action="store_true",
-                    help="rewrite the JSON files without the per-round timings (stats.data), to keep them small")
+    ap.add_argument(
+        "--strip",
+        action="store_true",
+        help="rewrite the JSON files without the per-round timings (stats.data), to keep them small",
+    )
     args = ap.parse_args(argv)
     if args.strip:
         for p in args.json:
@@ -284,8 +373,10 @@ def main(argv: list[str] | None = None) -> None:
     head, rest = doc.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     sources = ", ".join(f"`{p}`" for p in args.json)
-    path.write_text(f"{head}{BEGIN}\n<!-- generated by benchmarks/make_tables.py from {sources}; do not edit -->\n\n"
-                    f"{text}\n{END}{tail}")
+    path.write_text(
+        f"{head}{BEGIN}\n<!-- generated by benchmarks/make_tables.py from {sources}; do not edit -->\n\n"
+        f"{text}\n{END}{tail}"
+    )
 
 
 if __name__ == "__main__":

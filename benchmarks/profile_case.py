@@ -48,8 +48,10 @@ def main() -> None:
     t0 = time.perf_counter()
     for _ in range(a.reps):
         fn()
-    print(f"{a.kind} {' '.join(a.args)}: {(time.perf_counter() - t0) / a.reps * 1e3:.3f} ms per call "
-          f"({torch.get_num_threads()} thread(s))")
+    print(
+        f"{a.kind} {' '.join(a.args)}: {(time.perf_counter() - t0) / a.reps * 1e3:.3f} ms per call "
+        f"({torch.get_num_threads()} thread(s))"
+    )
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(a.reps):
             fn()

@@ -38,8 +38,9 @@ def _cases() -> list:
 def test_batched(benchmark, entry, side, B, k, d) -> None:
     J = jacobian((B, k, d))
     benchmark.group = f"batched B={B} k={k} d={d}"
-    benchmark.extra_info.update(kind="batched", solver=entry.name, side=side, B=B, k=k, d=d, dtype="float32",
-                                device="cpu", **versions())
+    benchmark.extra_info.update(
+        kind="batched", solver=entry.name, side=side, B=B, k=k, d=d, dtype="float32", device="cpu", **versions()
+    )
     if side == "ours":
         solver = entry.make()
         losses = torch.rand(B, k, generator=torch.Generator().manual_seed(1)) + 0.5  # loss-based GradNorm

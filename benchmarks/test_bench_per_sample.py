@@ -27,8 +27,11 @@ def _cases() -> list:
             out.append(pytest.param(model, B, "plain", None, marks=quick, id=f"{model}-B{B}-plain"))
             for weighting in WEIGHTINGS:
                 for variant in ("impartial", "torchjd"):
-                    out.append(pytest.param(model, B, variant, weighting, marks=quick,
-                                            id=f"{model}-B{B}-{variant}-{weighting}"))
+                    out.append(
+                        pytest.param(
+                            model, B, variant, weighting, marks=quick, id=f"{model}-B{B}-{variant}-{weighting}"
+                        )
+                    )
     return out
 
 
@@ -37,8 +40,15 @@ def test_per_sample_step(benchmark, model: str, B: int, variant: str, weighting:
     case = make(model, B)
     run = step(case, variant, weighting)
     benchmark.group = f"per-sample {model} B={B}"
-    benchmark.extra_info.update(kind="per-sample", model=model, B=B, variant=variant, weighting=weighting or "",
-                                n_params=case.params, **versions())
+    benchmark.extra_info.update(
+        kind="per-sample",
+        model=model,
+        B=B,
+        variant=variant,
+        weighting=weighting or "",
+        n_params=case.params,
+        **versions(),
+    )
     out = measure(benchmark, run)
     benchmark.extra_info["peak_mb"] = peak_mb(run)
     if variant == "impartial":

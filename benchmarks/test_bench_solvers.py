@@ -31,7 +31,11 @@ def _cases() -> list:
             suffix = ""
             if size > MAX_MB:
                 suffix = f"-SKIP_mem{size:.0f}MB"
-                marks.append(pytest.mark.skip(reason=f"J [{k}, {fmt_d(d)}] is {size:.0f} MB > IMPARTIAL_BENCH_MAX_MB={MAX_MB:.0f}"))
+                marks.append(
+                    pytest.mark.skip(
+                        reason=f"J [{k}, {fmt_d(d)}] is {size:.0f} MB > IMPARTIAL_BENCH_MAX_MB={MAX_MB:.0f}"
+                    )
+                )
             base = f"k{k}-d{fmt_d(d)}{suffix}"
             impls = [("floor", None, "floor"), ("gram", None, "gram")]
             for e in rows:
@@ -51,8 +55,17 @@ def _cases() -> list:
 def test_solver(benchmark, name, entry, side, k, d) -> None:
     J = jacobian((k, d))
     benchmark.group = f"solvers k={k} d={fmt_d(d)}"
-    benchmark.extra_info.update(kind="solver", solver=name, side=side, k=k, d=d, dtype="float32", device="cpu",
-                                gram_space=bool(entry and entry.gram_space), **versions())
+    benchmark.extra_info.update(
+        kind="solver",
+        solver=name,
+        side=side,
+        k=k,
+        d=d,
+        dtype="float32",
+        device="cpu",
+        gram_space=bool(entry and entry.gram_space),
+        **versions(),
+    )
     if side == "floor":
         fn = lambda: J.mean(-2)  # noqa: E731
     elif side == "gram":

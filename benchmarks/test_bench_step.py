@@ -2,7 +2,8 @@
 TorchJD ``mtl_backward`` + ``jac_to_grad``; wall time (pytest-benchmark) and peak memory (``extra_info``).
 
 A step = zero grads, forward, backward; the optimizer step is left out (the same for all).  Models: the
-zoo's MVAE (``examples/vae_zoo``, digits trio, KL terms in ``also``) and an MLP trunk of 1.05M parameters with k ∈ {2, 8, 32} heads.
+zoo's MVAE (``examples/vae_zoo``, digits trio, KL terms in ``also``) and an MLP trunk of 1.05M parameters with
+k ∈ {2, 8, 32} heads.
 
     pytest benchmarks/test_bench_step.py --benchmark-only -m quick
 """
@@ -44,8 +45,16 @@ def test_step(benchmark, model, variant, solver) -> None:
     except NotImplementedError as e:
         pytest.skip(f"impartial.backward not implemented yet ({e})")
     benchmark.group = f"step {model}"
-    benchmark.extra_info.update(kind="step", model=model, source=setup.name, variant=variant, solver=solver or "",
-                                n_shared=sum(p.numel() for p in setup.shared), k=len(setup.heads), **versions())
+    benchmark.extra_info.update(
+        kind="step",
+        model=model,
+        source=setup.name,
+        variant=variant,
+        solver=solver or "",
+        n_shared=sum(p.numel() for p in setup.shared),
+        k=len(setup.heads),
+        **versions(),
+    )
     measure(benchmark, run)
     benchmark.extra_info["peak_mb"] = peak_mb(run)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in setup.shared)

@@ -19,7 +19,7 @@ from typing import Any
 DOCS = Path(__file__).resolve().parent
 sys.path.insert(0, str(DOCS))
 
-import impartial
+import impartial  # noqa: E402 -- after the path insert above
 
 project = "impartial"
 author = "the impartial developers"

@@ -96,8 +96,7 @@ def nested(out: Path) -> Path:
     top.set_axis_off()
     top.set_title("impartial.graph.draw(losses, encoder): the blocks in red", fontsize=14)
     bottom.set_axis_off()
-    bottom.text(0.02, 1.0, _NESTED_NOTE, va="top", ha="left", fontsize=14, linespacing=1.45,
-                transform=bottom.transAxes)
+    bottom.text(0.02, 1.0, _NESTED_NOTE, va="top", ha="left", fontsize=14, linespacing=1.45, transform=bottom.transAxes)
     path = out / "nested.png"
     fig.savefig(path, dpi=100)
     return path

@@ -39,6 +39,7 @@ class Rows:
     dense: list[Tensor]
     sparse: list[list[Tensor | None]]
 
+
 #: the batched pass is chosen when a loop would redo at least this fraction of its work (see :func:`overlap`)
 BATCH_OVERLAP = 0.75
 TASK_GRADS = ("auto", "batched", "loop")
@@ -79,9 +80,21 @@ def zeros(x: Tensor | GradientEdge, n: int) -> Tensor:
     return torch.zeros((n, *shape), dtype=dtype, device=device)
 
 
-def rows(log: Log, outputs: list, inputs: list, seeds: list[Tensor] | None, *, n: int, onehot: int, dense: int,
-         needs: Sequence[Sequence[int]] | None, batched: bool, retain: bool = True,
-         disjoint: bool = False, structure: tuple | None = None) -> Rows:
+def rows(
+    log: Log,
+    outputs: list,
+    inputs: list,
+    seeds: list[Tensor] | None,
+    *,
+    n: int,
+    onehot: int,
+    dense: int,
+    needs: Sequence[Sequence[int]] | None,
+    batched: bool,
+    retain: bool = True,
+    disjoint: bool = False,
+    structure: tuple | None = None,
+) -> Rows:
     """Per-row gradients of ``outputs`` seeded with row ``r`` of each seed (``[n, ...]``).
 
     The first ``onehot`` outputs are task losses seeded with the rows of the identity (row ``r`` seeds loss ``r``
@@ -97,8 +110,9 @@ def rows(log: Log, outputs: list, inputs: list, seeds: list[Tensor] | None, *, n
             seeds = onehot_seeds(outputs, n)
         free = not retain and structure is not None and structure in _VMAP_OK
         try:
-            res = torch.autograd.grad(outputs, inputs, seeds, retain_graph=not free, allow_unused=True,
-                                      is_grads_batched=True)
+            res = torch.autograd.grad(
+                outputs, inputs, seeds, retain_graph=not free, allow_unused=True, is_grads_batched=True
+            )
         except RuntimeError as err:
             if is_freed_graph(err):
                 raise
@@ -110,8 +124,10 @@ def rows(log: Log, outputs: list, inputs: list, seeds: list[Tensor] | None, *, n
             log.freed |= free
             if structure is not None:
                 remember(_VMAP_OK, structure, True, 16)
-            return Rows([zeros(x, n) if r is None else r for x, r in zip(inputs[:dense], res[:dense])],
-                        [[None] * n if r is None else list(r.unbind(0)) for r in res[dense:]])
+            return Rows(
+                [zeros(x, n) if r is None else r for x, r in zip(inputs[:dense], res[:dense])],
+                [[None] * n if r is None else list(r.unbind(0)) for r in res[dense:]],
+            )
     log.passes.append("loop")
     return _loop(outputs, inputs, seeds, n, onehot, dense, needs, retain, disjoint)
 
@@ -122,8 +138,17 @@ def onehot_seeds(outs: list[Tensor], n: int) -> list[Tensor]:
     return [eye[:, r].to(o.dtype) for r, o in enumerate(outs)]
 
 
-def _loop(outputs: list, inputs: list, seeds: list[Tensor] | None, n: int, onehot: int, dense: int,
-          needs: Sequence[Sequence[int]] | None, retain: bool, disjoint: bool) -> Rows:
+def _loop(
+    outputs: list,
+    inputs: list,
+    seeds: list[Tensor] | None,
+    n: int,
+    onehot: int,
+    dense: int,
+    needs: Sequence[Sequence[int]] | None,
+    retain: bool,
+    disjoint: bool,
+) -> Rows:
     """One backward per row, from that row's own loss (no ``0 × inf`` from the others' zero seeds).
 
     A dense input's rows are copied into one ``[n, ...]`` tensor as they come: each row's own result is freed
@@ -136,8 +161,13 @@ def _loop(outputs: list, inputs: list, seeds: list[Tensor] | None, n: int, oneho
         keep = [c for c in range(len(outputs)) if c >= onehot or c == r]
         want = list(range(dense)) + list(range(dense, len(inputs)) if needs is None else needs[r])
         grads = None if seeds is None else [seeds[c][r] for c in keep]  # None: a lone loss, seeded with 1
-        out = torch.autograd.grad([outputs[c] for c in keep], [inputs[j] for j in want], grads,
-                                  retain_graph=retain or (not disjoint and r < n - 1), allow_unused=True)
+        out = torch.autograd.grad(
+            [outputs[c] for c in keep],
+            [inputs[j] for j in want],
+            grads,
+            retain_graph=retain or (not disjoint and r < n - 1),
+            allow_unused=True,
+        )
         for j, o in zip(want, out):
             if j >= dense:
                 sparse[j - dense][r] = o
@@ -162,8 +192,9 @@ def _loop(outputs: list, inputs: list, seeds: list[Tensor] | None, n: int, oneho
     return Rows(res, sparse)
 
 
-def checked(log: Log, compute: Callable[[bool], T], checks: Callable[[T], list[Check]], batched: bool,
-            group: Any = None) -> T:
+def checked(
+    log: Log, compute: Callable[[bool], T], checks: Callable[[T], list[Check]], batched: bool, group: Any = None
+) -> T:
     """Per-row gradients (``compute(batched)``), finite by ``checks`` or :class:`NonFinite` naming the loss.
 
     A batched backward multiplies the zero seeds of the other tasks by every local derivative: one infinite
@@ -174,8 +205,11 @@ def checked(log: Log, compute: Callable[[bool], T], checks: Callable[[T], list[C
     res = compute(batched)
     bad = first_bad(checks(res), group)
     if bad is not None and "batched" in log.passes[n:] and log.freed:  # no graph left to recompute from
-        raise NonFinite(f"{bad[0]} is not finite (in a batched backward, where another task's 0 × inf can also "
-                        "cause it: task_grads='loop' tells them apart); no gradient was written", bad[1])
+        raise NonFinite(
+            f"{bad[0]} is not finite (in a batched backward, where another task's 0 × inf can also "
+            "cause it: task_grads='loop' tells them apart); no gradient was written",
+            bad[1],
+        )
     if bad is not None and log.passes[n:] == ["batched"]:
         log.passes.pop()
         res = compute(False)

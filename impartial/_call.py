@@ -47,9 +47,20 @@ class Call:
         return self.retain_graph or self.nonfinite == "skip"
 
 
-def parse(losses: Losses, shared_params: Params, solver: Solver | str | Sequence[Solver | str] | None,
-          block: str | Tensor | Sequence[Tensor], also: Sequence[Tensor | float], per_sample: bool, keep_norm: bool,
-          retain_graph: bool, task_grads: str, nonfinite: str, process_group: Any, nested: str = "resolved") -> Call:
+def parse(
+    losses: Losses,
+    shared_params: Params,
+    solver: Solver | str | Sequence[Solver | str] | None,
+    block: str | Tensor | Sequence[Tensor],
+    also: Sequence[Tensor | float],
+    per_sample: bool,
+    keep_norm: bool,
+    retain_graph: bool,
+    task_grads: str,
+    nonfinite: str,
+    process_group: Any,
+    nested: str = "resolved",
+) -> Call:
     """The validated call; every error names the offending argument, loss or parameter."""
     tasks = _as_losses(losses, "losses")
     extra = _as_losses(also, "also", offset=len(tasks.outs), allow_empty=True)
@@ -72,8 +83,21 @@ def parse(losses: Losses, shared_params: Params, solver: Solver | str | Sequence
         raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
     if nested not in ("resolved", "direct"):
         raise ValueError(f"nested must be 'resolved' or 'direct', got {nested!r}")
-    return Call(tasks, extra, params, _as_solvers(solver), mode, marked, per_sample, keep_norm, retain_graph,
-                task_grads, nonfinite, _dist.resolve_group(process_group), nested)
+    return Call(
+        tasks,
+        extra,
+        params,
+        _as_solvers(solver),
+        mode,
+        marked,
+        per_sample,
+        keep_norm,
+        retain_graph,
+        task_grads,
+        nonfinite,
+        _dist.resolve_group(process_group),
+        nested,
+    )
 
 
 def _as_solvers(solver: Solver | str | Sequence[Solver | str] | None) -> list[Solver]:
@@ -90,10 +114,12 @@ def _as_solver(solver: Solver | str | None, what: str) -> Solver:
     if isinstance(solver, str):
         built = _solvers.get(solver)
         if not built.stateless:
-            raise ValueError(f"{what}={solver!r} names a solver that keeps state between calls "
-                             f"({type(built).__name__}); built anew on every call it would never keep any. "
-                             f"Construct it once, e.g. s = impartial.solvers.{type(built).__name__}(), and pass the "
-                             "same instance on every call")
+            raise ValueError(
+                f"{what}={solver!r} names a solver that keeps state between calls "
+                f"({type(built).__name__}); built anew on every call it would never keep any. "
+                f"Construct it once, e.g. s = impartial.solvers.{type(built).__name__}(), and pass the "
+                "same instance on every call"
+            )
         return built
     if not isinstance(solver, Solver):
         raise TypeError(f"{what} must be a Solver or its name, got {type(solver).__name__}")
@@ -103,5 +129,7 @@ def _as_solver(solver: Solver | str | None, what: str) -> Solver:
 def check_solvers(call: Call, n_blocks: int) -> None:
     """One solver for all blocks, or exactly one per block."""
     if len(call.solvers) > 1 and len(call.solvers) != n_blocks:
-        raise ValueError(f"{len(call.solvers)} solvers were given, one per block, but there are {n_blocks} blocks "
-                         "(see impartial.graph.find_blocks)")
+        raise ValueError(
+            f"{len(call.solvers)} solvers were given, one per block, but there are {n_blocks} blocks "
+            "(see impartial.graph.find_blocks)"
+        )

@@ -85,7 +85,7 @@ def shard_mean(Js: list[Tensor], group: Any) -> Tensor:
     buf = torch.zeros((W * m, k), dtype=dtype, device=Js[0].device)
     a = 0
     for J in Js:
-        buf[a:a + J.shape[-1]].copy_(J.T)
+        buf[a : a + J.shape[-1]].copy_(J.T)
         a += J.shape[-1]
     out = torch.empty((m, k), dtype=dtype, device=buf.device)
     dist = torch.distributed

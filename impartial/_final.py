@@ -44,8 +44,9 @@ def final_pass(call: Call, plan: Plan, sigma: dict[int, Tensor]) -> dict[Node, T
     if not outs or not plan.finals:
         return {}
     with quiet(plan.leaf_tensors):
-        got = torch.autograd.grad(outs, [g.leaves[n] for n in plan.finals], seeds, retain_graph=call.keep,
-                                  allow_unused=True)
+        got = torch.autograd.grad(
+            outs, [g.leaves[n] for n in plan.finals], seeds, retain_graph=call.keep, allow_unused=True
+        )
     return {n: r for n, r in zip(plan.finals, got) if r is not None}
 
 
@@ -57,8 +58,9 @@ def totals(parts: list[tuple[Node, Tensor]]) -> dict[Node, Tensor]:
     return out
 
 
-def check(call: Call, g: Graph, seeded: tuple[int, ...], total: dict[Node, Tensor],
-          owner: dict[Node, tuple[int, ...]]) -> None:
+def check(
+    call: Call, g: Graph, seeded: tuple[int, ...], total: dict[Node, Tensor], owner: dict[Node, tuple[int, ...]]
+) -> None:
     """:class:`NonFinite` if a leaf's total is not finite, in one fused check of every leaf.
 
     A head (a leaf only the tasks ``owner[n]`` reach) blames its task (or names its tasks).  Elsewhere the per-task
@@ -79,8 +81,12 @@ def check(call: Call, g: Graph, seeded: tuple[int, ...], total: dict[Node, Tenso
         where = " (from the resolved directions, in the graph below the blocks)"
     nodes = list(total)
     values = [t.coalesce().values() if t.is_sparse else t for t in total.values()]  # a sparse Embedding's gradient
-    who: list[Blame | None] = [_head_blame(names, g, n, owner[n]) if n in owner else
-                               (blame, said("the gradient w.r.t. {!r}" + where, partial(g.name, n))) for n in nodes]
+    who: list[Blame | None] = [
+        _head_blame(names, g, n, owner[n])
+        if n in owner
+        else (blame, said("the gradient w.r.t. {!r}" + where, partial(g.name, n)))
+        for n in nodes
+    ]
     norms = foreach_norm(values)
     dev = norms[0].device
     flags = torch.stack([v if v.device == dev else v.to(dev) for v in norms]).isfinite()

@@ -36,9 +36,23 @@ __all__ = ["Handle", "find", "place", "root", "users_of"]
 Handle = tuple[str, int, str] | tuple[str, tuple[int, ...]] | None
 
 #: ops that pass a tensor on as a view of itself: a node below one may have saved the view, whose base is the tensor
-_VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0", "TBackward0",
-                    "TransposeBackward0", "PermuteBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
-                    "SqueezeBackward1", "SqueezeBackward2", "SelectBackward0", "SliceBackward0"})
+_VIEWS = frozenset(
+    {
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "ExpandBackward0",
+        "TBackward0",
+        "TransposeBackward0",
+        "PermuteBackward0",
+        "UnsqueezeBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "SelectBackward0",
+        "SliceBackward0",
+    }
+)
 #: ops whose vector-Jacobian product is a reshape of the gradient back to the input's shape (a copy's is the gradient
 #: itself: ``matmul`` copies a ``[B, T, F]`` input before flattening it)
 _RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0"})
@@ -80,7 +94,7 @@ def root(b: Block, seed: Tensor, rows: int) -> tuple[GradientEdge, Tensor]:
     node = b.edge.node
     nxt = [(c, nr) for c, nr in node.next_functions if c is not None]
     if b.leaf is None and node.name() in _RESHAPES and len(nxt) == 1 and len(node.next_functions) == 1:
-        (c, nr), = nxt
+        ((c, nr),) = nxt
         return GradientEdge(c, nr), seed.reshape(rows, *input_metadata(c, nr)[0])
     return b.edge, seed
 

@@ -118,38 +118,20 @@ def layer_gram(D: Tensor, X: Tensor, weight: bool, bias: bool, kernel: bool | No
     return (G + G.mT) / 2, plain.to(dt)  # symmetric by construction (BLAS promises no bitwise symmetry)
 
 
-def params_gram(call: Call, g: Graph, log: Log, blocks: list, heads: list[Node], layers: list[Layer],
-                shared: list[Node], others: list[Node]) -> tuple[BlockReport, list[tuple[Node, Tensor]]]:
+def params_gram(
+    call: Call,
+    g: Graph,
+    log: Log,
+    blocks: list,
+    heads: list[Node],
+    layers: list[Layer],
+    shared: list[Node],
+    others: list[Node],
+) -> tuple[BlockReport, list[tuple[Node, Tensor]]]:
     """The Gram matrix from the layers' inputs and per-task output gradients, the weights, then each layer's
     gradients from its weighted output gradient."""
-    from ._params import Cut, heads_pass
-
-    k = g.k
-    edges = [GradientEdge(node, 0) for node, *_ in layers]
-    Gs: list[Tensor] = []  # the Gram matrix [k, k] and the plain sum's squared norm
-
-    def compute(batched: bool) -> Rows:
-        res = heads_pass(call, g, log, Cut(blocks, heads), batched)
-        # every row seeds every block (as through the blocks): batched unless the loop is asked for; the last pass
-        deltas = rows(log, [b.edge for b in blocks], edges, res.dense, n=k, onehot=0, dense=len(edges), needs=None,
-                      batched=(_autograd.FORCE or call.task_grads) != "loop", retain=call.keep,
-                      structure=(g.key, "deltas"))
-        log.passes.pop()  # the report names the per-task pass (the one above)
-        return Rows(deltas.dense, res.sparse)
-
-    def checks(res: Rows) -> list[Check]:
-        parts = [layer_gram(D, X, w is not None, b is not None) for D, (_, X, w, b, _) in zip(res.dense, layers)]
-        Gs[:] = [parts[0][0], parts[0][1]]
-        for G_l, plain_l in parts[1:]:
-            Gs[:] = [Gs[0] + G_l, Gs[1] + plain_l]
-        names = call.tasks.names
-        return [Check(Gs[0].diagonal().isfinite(), [
-            (i, said("the gradient of {!r} w.r.t. the shared parameters", names[i])) for i in range(k)])]
-        # the heads' gradients are checked with every leaf's total (impartial._final.check)
-
-    res = checked(log, compute, checks, choose(call.task_grads, g, None, g.task_bits, disjoint=True), call.group)
+    res, G, plain = _layer_rows(call, g, log, blocks, heads, layers)
     parts = [(n, p) for n, r in zip(heads, res.sparse) for p in r if p is not None]
-    G, plain = Gs
     solver = call.solvers[0]  # one problem: the solver itself (its own state)
     assert isinstance(solver, GramSolver)  # linear_layers takes this path for Gram-space solvers only
     sol = solver.solve(G, losses=torch.stack(call.tasks.outs).detach(), precision=layers[0][1].dtype)
@@ -162,9 +144,64 @@ def params_gram(call: Call, g: Graph, log: Log, blocks: list, heads: list[Node],
         if bn is not None:
             got[bn] = dl.sum(0)
     ds = [got[n] for n in shared]
-    flat, _, scale, status = rescale(call, [d.reshape(-1) for d in ds], None, G, w, sol.status.to(torch.int8), False,
-                                     layers[0][1].dtype, lambda c: plain.clamp_min(0) * c * c)
+    flat, _, scale, status = rescale(
+        call,
+        [d.reshape(-1) for d in ds],
+        None,
+        G,
+        w,
+        sol.status.to(torch.int8),
+        False,
+        layers[0][1].dtype,
+        lambda c: plain.clamp_min(0) * c * c,
+    )
     D = sum(g.leaves[n].numel() for n in shared)
-    rep = BlockReport(f"{len(shared)} shared parameters [{D}]", (D,), tuple(call.tasks.names), G, w, scale,
-                      task_grads=log.passes[-1], gram_from="linear", status=status)
+    name = f"{len(shared)} shared parameters [{D}]"
+    rep = BlockReport(
+        name, (D,), tuple(call.tasks.names), G, w, scale, task_grads=log.passes[-1], gram_from="linear", status=status
+    )
     return rep, parts + [(n, f.view_as(d)) for n, f, d in zip(shared, flat, ds)]
+
+
+def _layer_rows(
+    call: Call, g: Graph, log: Log, blocks: list, heads: list[Node], layers: list[Layer]
+) -> tuple[Rows, Tensor, Tensor]:
+    """Every layer's per-task output gradients (one batched backward from the blocks), the heads' own gradients,
+    checked; the Gram matrix ``[k, k]`` and the plain sum's squared norm from them."""
+    from ._params import Cut, heads_pass
+
+    k = g.k
+    edges = [GradientEdge(node, 0) for node, *_ in layers]
+    Gs: list[Tensor] = []  # the Gram matrix [k, k] and the plain sum's squared norm
+
+    def compute(batched: bool) -> Rows:
+        res = heads_pass(call, g, log, Cut(blocks, heads), batched)
+        # every row seeds every block (as through the blocks): batched unless the loop is asked for; the last pass
+        deltas = rows(
+            log,
+            [b.edge for b in blocks],
+            edges,
+            res.dense,
+            n=k,
+            onehot=0,
+            dense=len(edges),
+            needs=None,
+            batched=(_autograd.FORCE or call.task_grads) != "loop",
+            retain=call.keep,
+            structure=(g.key, "deltas"),
+        )
+        log.passes.pop()  # the report names the per-task pass (the one above)
+        return Rows(deltas.dense, res.sparse)
+
+    def checks(res: Rows) -> list[Check]:
+        parts = [layer_gram(D, X, w is not None, b is not None) for D, (_, X, w, b, _) in zip(res.dense, layers)]
+        Gs[:] = [parts[0][0], parts[0][1]]
+        for G_l, plain_l in parts[1:]:
+            Gs[:] = [Gs[0] + G_l, Gs[1] + plain_l]
+        names = call.tasks.names
+        msgs = [(i, said("the gradient of {!r} w.r.t. the shared parameters", names[i])) for i in range(k)]
+        return [Check(Gs[0].diagonal().isfinite(), msgs)]
+        # the heads' gradients are checked with every leaf's total (impartial._final.check)
+
+    res = checked(log, compute, checks, choose(call.task_grads, g, None, g.task_bits, disjoint=True), call.group)
+    return res, Gs[0], Gs[1]

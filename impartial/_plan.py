@@ -106,11 +106,21 @@ def plan(g: Graph, marked: bool) -> Plan:
     finals = [nodes[i] for i in layout.finals]
     heads = [nodes[i] for i in layout.heads]
     leaves = {id(t): t for t in [g.leaves[n] for n in finals + heads] + [b.leaf for b in blocks if b.leaf is not None]}
-    return Plan(g, layout, blocks, levels, [b.leaf if b.leaf is not None else b.edge for b in blocks],
-                [c for _, c, _ in placed], [h for _, _, h in placed],
-                [slice(None) if len(b.tasks) == K else [pos[i] for i in b.tasks] for b in blocks],
-                heads, finals, frozenset(a for b in blocks for a in b.above),
-                [t for t, _, _ in placed if t is not None], list(leaves.values()))
+    return Plan(
+        g,
+        layout,
+        blocks,
+        levels,
+        [b.leaf if b.leaf is not None else b.edge for b in blocks],
+        [c for _, c, _ in placed],
+        [h for _, _, h in placed],
+        [slice(None) if len(b.tasks) == K else [pos[i] for i in b.tasks] for b in blocks],
+        heads,
+        finals,
+        frozenset(a for b in blocks for a in b.above),
+        [t for t, _, _ in placed if t is not None],
+        list(leaves.values()),
+    )
 
 
 def _layout(g: Graph) -> Layout:
@@ -142,11 +152,20 @@ def _layout(g: Graph) -> Layout:
     seeds = ((1 << g.k) - 1) if plain else sum(1 << i for i in seeded)
     seeds |= ~g.task_bits  # the also terms
     head_set = set(heads)
-    finals = tuple(g.index[n] for n in g.nodes if n in g.leaves and g.mask(n) and (
-        n not in head_set or g.mask(n) & seeds))
-    return Layout(tuple(level), T, tuple(g.index[n] for n in heads),
-                  tuple(tuple(pos[i] for i in _bits(g.raw[n] & in_block)) for n in heads), plain, seeded, finals,
-                  _disjoint(g, in_block, plain, level), _handles(g))
+    finals = tuple(
+        g.index[n] for n in g.nodes if n in g.leaves and g.mask(n) and (n not in head_set or g.mask(n) & seeds)
+    )
+    return Layout(
+        tuple(level),
+        T,
+        tuple(g.index[n] for n in heads),
+        tuple(tuple(pos[i] for i in _bits(g.raw[n] & in_block)) for n in heads),
+        plain,
+        seeded,
+        finals,
+        _disjoint(g, in_block, plain, level),
+        _handles(g),
+    )
 
 
 def _handles(g: Graph) -> tuple[Handle, ...]:

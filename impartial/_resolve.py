@@ -28,8 +28,9 @@ from ._task_grads import First, pull
 __all__ = ["resolve"]
 
 
-def resolve(call: Call, plan: Plan, log: Log,
-            first: First) -> tuple[dict[int, Tensor], list[BlockReport], list[tuple[Node, Tensor]]]:
+def resolve(
+    call: Call, plan: Plan, log: Log, first: First
+) -> tuple[dict[int, Tensor], list[BlockReport], list[tuple[Node, Tensor]]]:
     """``(σ per block, the block reports, the parameter blocks' gradient parts)``."""
     blocks, K, plain = plan.blocks, plan.K, plan.layout.plain
     how = log.passes[-1]
@@ -49,8 +50,17 @@ def resolve(call: Call, plan: Plan, log: Log,
         solved = solve_level(call, plan, lvl, rows, grams)
         for j in lvl:
             b, r, s = blocks[j], rows[j], solved[j]
-            reports[j] = BlockReport(b.name, tuple(r.shape[1:]), tuple(call.tasks.names[i] for i in b.tasks), s.G,
-                                     s.w, s.scale, above=b.above, task_grads=how, status=s.status)
+            reports[j] = BlockReport(
+                b.name,
+                tuple(r.shape[1:]),
+                tuple(call.tasks.names[i] for i in b.tasks),
+                s.G,
+                s.w,
+                s.scale,
+                above=b.above,
+                task_grads=how,
+                status=s.status,
+            )
             if j in plan.has_below:  # the correction the pull carries down: resolved minus raw, or minus raw
                 c = s.R - r if call.nested == "resolved" else -r  # type: ignore[operator]
                 if isinstance(plan.sel[j], slice):

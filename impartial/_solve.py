@@ -3,10 +3,10 @@ resolved rows), rescaled to the plain sum's norm when ``keep_norm``, with the so
 
 Each block has its own solver state: where one solver instance serves several blocks, block ``j`` is served by
 ``solver.for_block(j)`` (a stateful solver keeps one state per block, as ``torch.optim`` keeps one per parameter);
-a solver that serves one block (or one given per block) is used itself.  Sibling blocks with the same tasks and size (the
-MVAE's experts: every ``mu`` and ``logvar``) are solved as one batched problem ``[n_blocks, k, d]`` when the solver
-is :attr:`~impartial.solvers.Solver.batchable` (stateless and deterministic): one solver call instead of one per
-block, the same numbers up to round-off.
+a solver that serves one block (or one given per block) is used itself.  Sibling blocks with the same tasks and
+size (the MVAE's experts: every ``mu`` and ``logvar``) are solved as one batched problem ``[n_blocks, k, d]``
+when the solver is :attr:`~impartial.solvers.Solver.batchable` (stateless and deterministic): one solver call
+instead of one per block, the same numbers up to round-off.
 
 **Pareto-stationary blocks.**  A direction shorter than ``τ · Σ_i |w_i| · max_j ‖g_j‖`` (``τ = 64 k ε + 10⁻⁹``,
 ``ε`` the machine epsilon of the dtype ``wᵀJ`` is summed in: ``J``'s, float32 for half precision) is noise of the
@@ -79,8 +79,11 @@ def block_gram(call: Call, plan: Plan, j: int, rows: Tensor) -> tuple[Tensor, Ch
         G = _dist.all_sum(G, call.group) / _dist.world(call.group) ** 2
     names = call.tasks.names
     blame: list[Blame | None] = [(i, said("the gradient of {!r} at block {!r}", names[i], b.name)) for i in b.tasks]
-    return G, Check(G.diagonal(dim1=-2, dim2=-1).isfinite().reshape(-1, len(b.tasks)).all(0), blame,
-                    lambda r: bool(rows[r].isfinite().all()))
+    return G, Check(
+        G.diagonal(dim1=-2, dim2=-1).isfinite().reshape(-1, len(b.tasks)).all(0),
+        blame,
+        lambda r: bool(rows[r].isfinite().all()),
+    )
 
 
 def block_solver(call: Call, plan: Plan, j: int) -> Solver:
@@ -96,8 +99,9 @@ def _rows(call: Call, plan: Plan, j: int) -> bool:
     return call.nested == "resolved" and j in plan.has_below
 
 
-def solve_level(call: Call, plan: Plan, lvl: list[int], rows: dict[int, Tensor],
-                grams: dict[int, Tensor]) -> dict[int, Solved]:
+def solve_level(
+    call: Call, plan: Plan, lvl: list[int], rows: dict[int, Tensor], grams: dict[int, Tensor]
+) -> dict[int, Solved]:
     """The solves of the blocks of one level; sibling blocks with the same tasks and size share one solver call
     when the solver allows it."""
     blocks, one = plan.blocks, call.solvers[0]
@@ -121,12 +125,26 @@ def solve_level(call: Call, plan: Plan, lvl: list[int], rows: dict[int, Tensor],
             continue
         J = torch.stack([rows[j].reshape(rows[j].shape[0], -1) for j in js])  # [n_blocks, k_b, numel]
         b0 = blocks[js[0]]
-        (d,), R, s = solve_pieces(call, one, [J], b0.tasks, None, _rows(call, plan, js[0]),
-                                  torch.stack([grams[j] for j in js]), _local(call, b0))
+        (d,), R, s = solve_pieces(
+            call,
+            one,
+            [J],
+            b0.tasks,
+            None,
+            _rows(call, plan, js[0]),
+            torch.stack([grams[j] for j in js]),
+            _local(call, b0),
+        )
         for m, j in enumerate(js):
             shape = rows[j].shape
-            out[j] = Solved(d[m].reshape(shape[1:]), None if R is None else R[m].reshape(shape), s.G[m],
-                            None if s.w is None else s.w[m], s.scale[m], s.status[m])
+            out[j] = Solved(
+                d[m].reshape(shape[1:]),
+                None if R is None else R[m].reshape(shape),
+                s.G[m],
+                None if s.w is None else s.w[m],
+                s.scale[m],
+                s.status[m],
+            )
     return out
 
 
@@ -138,8 +156,16 @@ class _Solution:
     status: Tensor
 
 
-def solve_pieces(call: Call, solver: Solver, Js: list[Tensor], ts: Sequence[int], ctx: dict[str, Tensor] | None,
-                 need_rows: bool, G: Tensor, local: bool = False) -> tuple[list[Tensor], Tensor | None, _Solution]:
+def solve_pieces(
+    call: Call,
+    solver: Solver,
+    Js: list[Tensor],
+    ts: Sequence[int],
+    ctx: dict[str, Tensor] | None,
+    need_rows: bool,
+    G: Tensor,
+    local: bool = False,
+) -> tuple[list[Tensor], Tensor | None, _Solution]:
     """Directions of the pieces ``Js`` (``[..., k, d_p]`` each; ``J`` is their concatenation, ``G`` its Gram),
     the resolved rows (when ``need_rows``; one piece), and the Gram, weights, ``keep_norm`` scale and status."""
     losses = torch.stack([call.tasks.outs[i] for i in ts]).detach()
@@ -171,9 +197,17 @@ def solve_pieces(call: Call, solver: Solver, Js: list[Tensor], ts: Sequence[int]
     return ds, R, _Solution(G, w, scale, status)
 
 
-def rescale(call: Call, ds: list[Tensor], R: Tensor | None, G: Tensor, w: Tensor | None, status: Tensor,
-            local: bool, dtype: torch.dtype,
-            plain_sq: Callable[[Tensor], Tensor]) -> tuple[list[Tensor], Tensor | None, Tensor, Tensor]:
+def rescale(
+    call: Call,
+    ds: list[Tensor],
+    R: Tensor | None,
+    G: Tensor,
+    w: Tensor | None,
+    status: Tensor,
+    local: bool,
+    dtype: torch.dtype,
+    plain_sq: Callable[[Tensor], Tensor],
+) -> tuple[list[Tensor], Tensor | None, Tensor, Tensor]:
     """Mark Pareto-stationary blocks (see the module docstring) and apply ``keep_norm`` to the directions ``ds``
     (fresh products when ``w`` is given: scaled in place) and the resolved rows ``R``.  ``plain_sq(c)``: the
     squared norm of ``c`` times the plain sum of the task gradients."""

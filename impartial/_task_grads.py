@@ -62,8 +62,20 @@ def first_pass(call: Call, plan: Plan, log: Log) -> First:
     grams: dict[int, Tensor] = {}
 
     def compute(batched: bool) -> Rows:
-        got = rows(log, outs, inputs, None, n=K, onehot=K, dense=nc, needs=needs, batched=batched,
-                   retain=not free, disjoint=True, structure=(g.key, "first"))
+        got = rows(
+            log,
+            outs,
+            inputs,
+            None,
+            n=K,
+            onehot=K,
+            dense=nc,
+            needs=needs,
+            batched=batched,
+            retain=not free,
+            disjoint=True,
+            structure=(g.key, "first"),
+        )
         res = _blocks_rows(plan, range(nb), got.dense, K)
         for j, b in enumerate(blocks):
             if call.group is not None and b.leaf is not None:  # a parameter: the mean over the ranks
@@ -76,29 +88,41 @@ def first_pass(call: Call, plan: Plan, log: Log) -> First:
             grams[j], c = block_gram(call, plan, j, res.dense[j][plan.sel[j]])
             out.append(c)
         if log.passes[-1] == "batched":  # another task's 0 × inf shows in a lower block's raw rows too
-            for j in range(nb):
-                if plan.layout.level[j]:
-                    b = blocks[j]
-                    out.append(rows_check(res.dense[j][plan.sel[j]], [
-                        (i, said("the gradient of {!r} at block {!r}", call.tasks.names[i], b.name))
-                        for i in b.tasks]))
+            out += _lower_checks(call, plan, res.dense)
         return out  # the heads' gradients are checked with every leaf's total (impartial._final.check)
 
     # above automatic top-level blocks no node is reached by two tasks (a block is where they first meet): the
     # loop does 1/k of the batched pass's work, no need to measure
-    batched = choose(call.task_grads, g, [b.edge.node for b in blocks], sum(1 << i for i in T),
-                     disjoint=call.mode == "auto" and len(plan.levels) == 1)
+    batched = choose(
+        call.task_grads,
+        g,
+        [b.edge.node for b in blocks],
+        sum(1 << i for i in T),
+        disjoint=call.mode == "auto" and len(plan.levels) == 1,
+    )
     with quiet(plan.quiet):
         res = checked(log, compute, checks, batched, call.group)
     heads = [(n, t) for n, rs, r in zip(plan.heads, owner, res.sparse) for c in rs if (t := r[c]) is not None]
     return First(res.dense, heads, grams)  # a head's part from each row that reaches it
 
 
+def _lower_checks(call: Call, plan: Plan, dense: list[Tensor]) -> list[Check]:
+    """Finiteness of the raw rows at the blocks below others, each task named."""
+    names = call.tasks.names
+    return [
+        rows_check(
+            dense[j][plan.sel[j]], [(i, said("the gradient of {!r} at block {!r}", names[i], b.name)) for i in b.tasks]
+        )
+        for j, b in enumerate(plan.blocks)
+        if plan.layout.level[j]
+    ]
+
+
 def _blocks_rows(plan: Plan, blocks: Iterable[int], got: list[Tensor], n: int) -> list[Tensor]:
     """Each block's rows ``[n, *shape]`` from what a pass captured: its capture, or its views' reshaped and summed."""
     res, i = [], 0
     for j in blocks:
-        part, hop = got[i:i + len(plan.captures[j])], plan.hops[j]
+        part, hop = got[i : i + len(plan.captures[j])], plan.hops[j]
         i += len(part)
         if hop is None:
             res.append(part[0])
@@ -110,8 +134,15 @@ def _blocks_rows(plan: Plan, blocks: Iterable[int], got: list[Tensor], n: int) -
     return res
 
 
-def pull(call: Call, plan: Plan, log: Log, lvl: list[int], raw: list[Tensor], corr: dict[int, Tensor],
-         sigma: dict[int, Tensor]) -> tuple[dict[int, Tensor], dict[int, Tensor], dict[int, Tensor]]:
+def pull(
+    call: Call,
+    plan: Plan,
+    log: Log,
+    lvl: list[int],
+    raw: list[Tensor],
+    corr: dict[int, Tensor],
+    sigma: dict[int, Tensor],
+) -> tuple[dict[int, Tensor], dict[int, Tensor], dict[int, Tensor]]:
     """``(rows, arrivals, grams)`` of the blocks ``lvl`` (one level below the top): their raw rows plus one pass
     from the blocks above, seeded with the corrections (and ``σ`` on an extra row, the arrival, unless plain)."""
     blocks, K = plan.blocks, plan.K

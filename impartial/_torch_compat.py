@@ -131,7 +131,7 @@ def saved_tensors(node: Node, only: str | None = None) -> Iterator[tuple[str, Te
     """``(attribute, tensor)`` for the tensors ``node`` saved for its backward without a saved-tensor hook (an input
     it saved is the very tensor object it read; a hooked one, under checkpointing, is not unpacked: that would
     recompute it).  ``only``: that attribute alone (as the first call found it)."""
-    names = [only] if only is not None else [a[len("_raw_saved_"):] for a in dir(node) if a.startswith("_raw_saved_")]
+    names = [only] if only is not None else [a[len("_raw_saved_") :] for a in dir(node) if a.startswith("_raw_saved_")]
     for attr in names:
         try:  # a Python Function's node lists _raw_saved_tensors but saves through ctx (not an input it read)
             raw = getattr(node, "_raw_saved_" + attr)

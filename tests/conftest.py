@@ -16,8 +16,12 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-               derandomize=False, print_blob=True)
+_common = dict(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=False,
+    print_blob=True,
+)
 # ci: the same examples on every run (derandomize), so a landing never hinges on a lucky draw; the other
 # profiles explore afresh and keep their failures in the example database.
 settings.register_profile("ci", max_examples=12, **{**_common, "derandomize": True})

@@ -35,8 +35,13 @@ class ConvNet(nn.Module):
 
     def __init__(self, k: int = 3, channels: int = 4) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Conv2d(2, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
-                                   nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.trunk = nn.Sequential(
+            nn.Conv2d(2, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+        )
         self.heads = nn.ModuleList(nn.Linear(4 * channels, 1) for _ in range(k))
 
     def losses(self, x: Tensor) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
@@ -56,8 +61,7 @@ class VAE(nn.Module):
         super().__init__()
         self.dims = dims
         self.trunk = nn.Sequential(nn.Linear(sum(dims), hidden), nn.Tanh(), nn.Linear(hidden, 2 * d_z))
-        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(d_z, hidden), nn.Tanh(), nn.Linear(hidden, d))
-                                   for d in dims)
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(d_z, hidden), nn.Tanh(), nn.Linear(hidden, d)) for d in dims)
         self.register_buffer("eps", torch.randn(batch, d_z, generator=torch.Generator().manual_seed(7)))
         #: the first row of ``eps`` this model's batch uses (a rank's slice of the batch, in distributed tests)
         self.eps_offset = 0
@@ -65,7 +69,7 @@ class VAE(nn.Module):
     def losses(self, x: Tensor) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
         mu, logvar = self.trunk(x).chunk(2, dim=-1)
         o = self.eps_offset
-        z = mu + self.eps[o:o + x.shape[0]].to(x.dtype) * (0.5 * logvar).exp()
+        z = mu + self.eps[o : o + x.shape[0]].to(x.dtype) * (0.5 * logvar).exp()
         parts = x.split(list(self.dims), dim=-1)
         tasks = [(h(z) - p).pow(2).sum(-1).mean() for h, p in zip(self.heads, parts)]
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1).mean()

@@ -15,8 +15,15 @@ DTYPE = torch.float64
 
 
 @st.composite
-def jacobians(draw: st.DrawFn, min_k: int = 1, max_k: int = 64, min_d: int = 1, max_d: int = 40,
-              scales: bool = True, degenerate: bool = True) -> Tensor:
+def jacobians(
+    draw: st.DrawFn,
+    min_k: int = 1,
+    max_k: int = 64,
+    min_d: int = 1,
+    max_d: int = 40,
+    scales: bool = True,
+    degenerate: bool = True,
+) -> Tensor:
     """A float64 ``J [k, d]``."""
     k = draw(st.integers(min_k, max_k))
     d = draw(st.integers(min_d, max_d))

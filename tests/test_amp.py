@@ -43,7 +43,8 @@ def _call(info: SolverInfo, solver, J: Tensor, s: float = 1.0, weights: bool = F
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @given(J=jacobians(max_k=10, max_d=24), n=st.integers(-24, 24))
 def test_homogeneous_solvers_are_bitwise_invariant_to_a_power_of_two_loss_scale(
-        info: SolverInfo, dtype: torch.dtype, J: Tensor, n: int) -> None:
+    info: SolverInfo, dtype: torch.dtype, J: Tensor, n: int
+) -> None:
     """Weights bitwise equal and direction bitwise ``s`` times, over two calls (stateful solvers update)."""
     s = 2.0**n
     if dtype == torch.float32:  # keep the float32 Gram of both scales clear of overflow and subnormals
@@ -64,8 +65,7 @@ def test_homogeneous_solvers_are_bitwise_invariant_to_a_power_of_two_loss_scale(
         assert torch.equal(da * s, db), f"max |s·A(J) − A(sJ)| = {float((da * s - db).abs().max()):.3e}"
 
 
-def _step_pair(model_name: str, info: SolverInfo, keep_norm: bool, steps: int = 3,
-               init_scale: float = 2.0**14) -> None:
+def _step_pair(model_name: str, info: SolverInfo, keep_norm: bool, steps: int = 3, init_scale: float = 2.0**14) -> None:
     torch.manual_seed(0)
     model, x = make(model_name)
     model, x = model.float(), x.float()
@@ -83,8 +83,13 @@ def _step_pair(model_name: str, info: SolverInfo, keep_norm: bool, steps: int = 
         tasks, also, _ = scaled.losses(x)
         s = float(scaler.get_scale())
         torch.manual_seed(1)
-        impartial.backward([scaler.scale(t) for t in tasks], shared_params(scaled), solver=solvers[1],
-                           also=[scaler.scale(a) for a in also], keep_norm=keep_norm)
+        impartial.backward(
+            [scaler.scale(t) for t in tasks],
+            shared_params(scaled),
+            solver=solvers[1],
+            also=[scaler.scale(a) for a in also],
+            keep_norm=keep_norm,
+        )
         for (name, p), q in zip(model.named_parameters(), scaled.parameters()):
             assert torch.equal(q.grad, p.grad * s), f"{name}: .grad is not exactly s = {s} times the unscaled"
         scaler.unscale_(opts[1])
@@ -101,8 +106,9 @@ def _step_pair(model_name: str, info: SolverInfo, keep_norm: bool, steps: int = 
 @pytest.mark.parametrize("info", HOMOGENEOUS)
 @pytest.mark.parametrize("keep_norm", [True, False], ids=["keep_norm", "raw"])
 @pytest.mark.parametrize("model_name", ["mlp", "conv", "vae"])
-def test_grad_scaler_training_is_bitwise_the_unscaled_training(model_name: str, keep_norm: bool,
-                                                               info: SolverInfo) -> None:
+def test_grad_scaler_training_is_bitwise_the_unscaled_training(
+    model_name: str, keep_norm: bool, info: SolverInfo
+) -> None:
     """``keep_norm=False`` leaves the solver's own scale in the update (FairGrad, not homogeneous, fails it)."""
     _step_pair(model_name, info, keep_norm)
 

@@ -26,8 +26,10 @@ def _force_task_grads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(A, "FORCE", os.environ.get("IMPARTIAL_TASK_GRADS") or None)
 
 
-chooses = pytest.mark.skipif(bool(os.environ.get("IMPARTIAL_TASK_GRADS")),
-                             reason="checks the per-task pass itself; IMPARTIAL_TASK_GRADS forces one")
+chooses = pytest.mark.skipif(
+    bool(os.environ.get("IMPARTIAL_TASK_GRADS")),
+    reason="checks the per-task pass itself; IMPARTIAL_TASK_GRADS forces one",
+)
 
 
 def _grads(model: nn.Module) -> list[Tensor | None]:
@@ -75,6 +77,7 @@ class Spy(Solver):
 
 # -- 1. Sum reproduces the plain backward --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", MODELS)
 def test_sum_without_keep_norm_equals_plain_backward(name: str, mode: str) -> None:
@@ -85,13 +88,17 @@ def test_sum_without_keep_norm_equals_plain_backward(name: str, mode: str) -> No
     model, x = make(name)
     _seed_grads(model)
     tasks, also, acts = model.losses(x)
-    impartial.backward(tasks, shared_params(model), solver=Sum(), keep_norm=False, also=also,
-                       block=_block(mode, acts))
+    impartial.backward(tasks, shared_params(model), solver=Sum(), keep_norm=False, also=also, block=_block(mode, acts))
     _close(_grads(model), _grads(ref))
 
 
-@given(k=st.integers(2, 5), d_z=st.integers(1, 5), seed=st.integers(0, 2**16), mode=st.sampled_from(MODES),
-       infer=st.booleans())
+@given(
+    k=st.integers(2, 5),
+    d_z=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+    mode=st.sampled_from(MODES),
+    infer=st.booleans(),
+)
 def test_sum_equals_plain_backward_for_any_mlp(k: int, d_z: int, seed: int, mode: str, infer: bool) -> None:
     models = []
     for _ in range(2):
@@ -101,8 +108,14 @@ def test_sum_equals_plain_backward_for_any_mlp(k: int, d_z: int, seed: int, mode
     tasks, also, _ = models[0].losses(x)
     sum(tasks + also).backward()
     tasks, also, acts = models[1].losses(x)
-    impartial.backward(tasks, None if infer else models[1].trunk.parameters(), solver="sum", keep_norm=False,
-                       also=also, block=_block(mode, acts))
+    impartial.backward(
+        tasks,
+        None if infer else models[1].trunk.parameters(),
+        solver="sum",
+        keep_norm=False,
+        also=also,
+        block=_block(mode, acts),
+    )
     _close(_grads(models[1]), _grads(models[0]))
 
 
@@ -120,6 +133,7 @@ def test_mean_with_keep_norm_equals_sum() -> None:
 
 # -- 2. task-specific parameters ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", MODELS)
 def test_single_task_parameters_get_exactly_their_task_gradient(name: str, mode: str) -> None:
@@ -128,14 +142,18 @@ def test_single_task_parameters_get_exactly_their_task_gradient(name: str, mode:
     expected = []
     for i, head in enumerate(model.heads):
         ps = list(head.parameters())
-        expected.append(torch.autograd.grad(tasks[i] + sum(also, torch.zeros((), dtype=DTYPE)), ps,
-                                            retain_graph=True, allow_unused=True))
+        expected.append(
+            torch.autograd.grad(
+                tasks[i] + sum(also, torch.zeros((), dtype=DTYPE)), ps, retain_graph=True, allow_unused=True
+            )
+        )
     impartial.backward(tasks, shared_params(model), solver=UnitSum(), also=also, block=_block(mode, acts))
     for head, exp in zip(model.heads, expected):
         _close([p.grad for p in head.parameters()], list(exp))
 
 
 # -- 3. the block on encoder → z → heads ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("solver", [Mean(), UnitSum(), IMTLG()], ids=repr)
 def test_auto_block_rows_are_task_gradients_and_trunk_gets_the_direction(solver: Solver) -> None:
@@ -146,8 +164,9 @@ def test_auto_block_rows_are_task_gradients_and_trunk_gets_the_direction(solver:
     J = rows.reshape(len(tasks), -1)
     d = solver(J)
     d = d * J.sum(0).norm() / d.norm()
-    expected = torch.autograd.grad([z, also[0]], trunk, [d.reshape(z.shape), torch.ones_like(also[0])],
-                                   retain_graph=True)
+    expected = torch.autograd.grad(
+        [z, also[0]], trunk, [d.reshape(z.shape), torch.ones_like(also[0])], retain_graph=True
+    )
     spy = Spy(solver)
     report = impartial.backward(tasks, trunk, solver=spy, also=also)
     assert [b.name for b in report.blocks] == ["AddmmBackward0 [6, 6]"]
@@ -157,6 +176,7 @@ def test_auto_block_rows_are_task_gradients_and_trunk_gets_the_direction(solver:
 
 
 # -- 4. several blocks, a block below another, losses reaching no shared parameter -----------------------------
+
 
 def _resolved(solver: Solver, rows: Tensor, keep_norm: bool = True) -> Tensor:
     """The block's resolved task gradients ``[k, *shape]`` (their sum is the direction)."""
@@ -171,11 +191,12 @@ def test_two_latents_give_two_blocks_each_resolved() -> None:
     model, x = make("hivae")
     tasks, also, acts = model.losses(x)
     z, s = acts["z"], acts["s"]
-    d = [_resolved(UnitSum(), torch.stack([torch.autograd.grad(t, a, retain_graph=True)[0] for t in tasks])).sum(0)
-         for a in (z, s)]
+    d = [
+        _resolved(UnitSum(), torch.stack([torch.autograd.grad(t, a, retain_graph=True)[0] for t in tasks])).sum(0)
+        for a in (z, s)
+    ]
     shared = model.shared()
-    expected = torch.autograd.grad([z, s, also[0]], shared, [d[0], d[1], torch.ones_like(also[0])],
-                                   retain_graph=True)
+    expected = torch.autograd.grad([z, s, also[0]], shared, [d[0], d[1], torch.ones_like(also[0])], retain_graph=True)
     report = impartial.backward(tasks, shared, solver=UnitSum(), also=also)
     assert sorted(b.name for b in report.blocks) == ["SigmoidBackward0 [6, 2]", "TanhBackward0 [6, 3]"]
     _close([p.grad for p in shared], list(expected))
@@ -190,9 +211,13 @@ def test_block_below_another_sees_the_resolved_gradients_of_the_block_above(mode
     z, h = acts["z"], acts["h"]
     solver = UnitSum()
     Rz = _resolved(solver, torch.stack([torch.autograd.grad(t, z, retain_graph=True)[0] for t in tasks[:2]]))
-    rows_h = torch.stack([torch.autograd.grad(z, h, Rz[0], retain_graph=True)[0],
-                          torch.autograd.grad(z, h, Rz[1], retain_graph=True)[0],
-                          torch.autograd.grad(tasks[2], h, retain_graph=True)[0]])
+    rows_h = torch.stack(
+        [
+            torch.autograd.grad(z, h, Rz[0], retain_graph=True)[0],
+            torch.autograd.grad(z, h, Rz[1], retain_graph=True)[0],
+            torch.autograd.grad(tasks[2], h, retain_graph=True)[0],
+        ]
+    )
     dh = _resolved(solver, rows_h).sum(0)
     mid, trunk = list(model.mid.parameters()), list(model.trunk.parameters())
     exp_mid = torch.autograd.grad(z, mid, Rz.sum(0), retain_graph=True)
@@ -225,9 +250,13 @@ def test_a_leaf_block_below_a_block_gets_the_resolved_gradients_from_above() -> 
     z = torch.tanh(x @ W)
     tasks = [heads[0](z).pow(2).mean(), heads[1](z).sum(), W.pow(3).sum()]
     Rz = _resolved(UnitSum(), torch.stack([torch.autograd.grad(t, z, retain_graph=True)[0] for t in tasks[:2]]))
-    rows = torch.stack([torch.autograd.grad(z, W, Rz[0], retain_graph=True)[0],
-                        torch.autograd.grad(z, W, Rz[1], retain_graph=True)[0],
-                        torch.autograd.grad(tasks[2], W, retain_graph=True)[0]])
+    rows = torch.stack(
+        [
+            torch.autograd.grad(z, W, Rz[0], retain_graph=True)[0],
+            torch.autograd.grad(z, W, Rz[1], retain_graph=True)[0],
+            torch.autograd.grad(tasks[2], W, retain_graph=True)[0],
+        ]
+    )
     expected = _resolved(UnitSum(), rows).sum(0)
     report = impartial.backward(tasks, solver=UnitSum())
     assert [b.above for b in report.blocks] == [(), (0,)]
@@ -263,14 +292,20 @@ def test_a_path_around_the_blocks_is_backpropagated_plainly(how: str) -> None:
 
 # -- 5. block="params" ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", MODELS)
 def test_params_mode_equals_solving_the_stacked_task_gradients(name: str) -> None:
     model, x = make(name)
     tasks, also, _ = model.losses(x)
     shared = shared_params(model)
-    J = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(t, shared, retain_graph=True,
-                                                                            materialize_grads=True)])
-                     for t in tasks])
+    J = torch.stack(
+        [
+            torch.cat(
+                [g.reshape(-1) for g in torch.autograd.grad(t, shared, retain_graph=True, materialize_grads=True)]
+            )
+            for t in tasks
+        ]
+    )
     d = UnitSum()(J)
     d = d * J.sum(0).norm() / d.norm()
     also_g = torch.autograd.grad(also, shared, retain_graph=True) if also else [0] * len(shared)
@@ -280,6 +315,7 @@ def test_params_mode_equals_solving_the_stacked_task_gradients(name: str) -> Non
 
 
 # -- 6. per_sample ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["mlp", "vae"])
 def test_per_sample_equals_a_loop_over_the_batch(name: str) -> None:
@@ -304,11 +340,14 @@ def test_per_sample_gives_the_solver_one_problem_per_sample() -> None:
 
 # -- 7. one batched backward; the loop fallback -------------------------------------------------------------------
 
+
 @chooses
-@pytest.mark.parametrize("task_grads, expected", [("batched", [True, False]), ("loop", [False] * 4),
-                                                    ("auto", [False] * 4)])
-def test_per_task_gradients_come_from_one_batched_backward_or_a_loop(monkeypatch: pytest.MonkeyPatch,
-                                                                     task_grads: str, expected: list) -> None:
+@pytest.mark.parametrize(
+    "task_grads, expected", [("batched", [True, False]), ("loop", [False] * 4), ("auto", [False] * 4)]
+)
+def test_per_task_gradients_come_from_one_batched_backward_or_a_loop(
+    monkeypatch: pytest.MonkeyPatch, task_grads: str, expected: list
+) -> None:
     """Batched: one vmapped pass, then the one backward through the trunk.  Loop: one pass per task.  The VAE's
     decoders are disjoint above the block, so ``auto`` picks the loop (each decoder is traversed once)."""
     calls = []
@@ -368,8 +407,7 @@ def test_vmap_failure_falls_back_to_a_loop_and_says_so() -> None:
         z = enc(x)
         tasks = [_NoVmap.apply(h(z)).sum() for h in heads]
         if use:
-            report = impartial.backward(tasks, enc.parameters(), solver=Sum(), keep_norm=False,
-                                        task_grads="batched")
+            report = impartial.backward(tasks, enc.parameters(), solver=Sum(), keep_norm=False, task_grads="batched")
             assert report.vmap_fallback and "loop" in str(report) and report.blocks[0].task_grads == "loop"
         else:
             sum(tasks).backward()
@@ -378,6 +416,7 @@ def test_vmap_failure_falls_back_to_a_loop_and_says_so() -> None:
 
 
 # -- k = 1, retain_graph, losses as a tensor, solver names, the report ----------------------------------------------
+
 
 def test_one_task_is_a_plain_backward() -> None:
     ref, x = make("vae")
@@ -454,16 +493,22 @@ def test_graddrop_runs_on_marked_and_automatic_blocks() -> None:
     for block in ("auto", "explicit"):
         model, x = make("vae")
         tasks, also, acts = model.losses(x)
-        impartial.backward(tasks, model.trunk.parameters(), solver=GradDrop(generator=torch.Generator()),
-                           also=also, block=_block(block, {"z": acts["z"]}))
+        impartial.backward(
+            tasks,
+            model.trunk.parameters(),
+            solver=GradDrop(generator=torch.Generator()),
+            also=also,
+            block=_block(block, {"z": acts["z"]}),
+        )
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_report_prints_blocks_tasks_cosines_and_weights() -> None:
     model, x = make("vae")
     tasks, also, _ = model.losses(x)
-    report = impartial.backward({"image": tasks[0], "text": tasks[1], "tab": tasks[2]}, model.trunk.parameters(),
-                                solver=Mean(), also=also)
+    report = impartial.backward(
+        {"image": tasks[0], "text": tasks[1], "tab": tasks[2]}, model.trunk.parameters(), solver=Mean(), also=also
+    )
     text = str(report)
     assert "block 0: AddBackward0 [6, 3]" in text and "image" in text and "weight" in text
     b = report.blocks[0]
@@ -472,6 +517,7 @@ def test_report_prints_blocks_tasks_cosines_and_weights() -> None:
 
 
 # -- bad input: a clear error, and .grad untouched --------------------------------------------------------------
+
 
 def _bad_cases():
     def nonscalar(m, t, a, acts):
@@ -484,8 +530,9 @@ def _bad_cases():
         return [t[0], t[1].detach()], {}
 
     def unreached(m, t, a, acts):
-        return t, {"shared_params": [("stray.weight", nn.Parameter(torch.ones(2, dtype=DTYPE))),
-                                     *m.trunk.named_parameters()]}
+        return t, {
+            "shared_params": [("stray.weight", nn.Parameter(torch.ones(2, dtype=DTYPE))), *m.trunk.named_parameters()]
+        }
 
     def nonfinite(m, t, a, acts):
         return [t[0], t[1] + (acts["z"][0, 0] * 0).abs().sqrt()], {}  # d sqrt(0) = inf, times 0: NaN
@@ -501,13 +548,16 @@ def _bad_cases():
         sum(t).backward()
         return t, {}
 
-    return [("nonscalar", nonscalar, ValueError, "shape"), ("empty", empty, ValueError, "empty"),
-            ("no-grad", no_grad, ValueError, r"losses\[1\]' does not require grad"),
-            ("unreached-param", unreached, ValueError, "stray.weight"),
-            ("nonfinite-task-gradient", nonfinite, FloatingPointError, r"losses\[1\]' at block"),
-            ("nonfinite-params", nonfinite_params, FloatingPointError, r"losses\[1\]' w.r.t."),
-            ("freed-trunk", freed_trunk, RuntimeError, "freed"),
-            ("freed-graph", freed_all, RuntimeError, r"graph of 'losses\[0\]' has already been freed")]
+    return [
+        ("nonscalar", nonscalar, ValueError, "shape"),
+        ("empty", empty, ValueError, "empty"),
+        ("no-grad", no_grad, ValueError, r"losses\[1\]' does not require grad"),
+        ("unreached-param", unreached, ValueError, "stray.weight"),
+        ("nonfinite-task-gradient", nonfinite, FloatingPointError, r"losses\[1\]' at block"),
+        ("nonfinite-params", nonfinite_params, FloatingPointError, r"losses\[1\]' w.r.t."),
+        ("freed-trunk", freed_trunk, RuntimeError, "freed"),
+        ("freed-graph", freed_all, RuntimeError, r"graph of 'losses\[0\]' has already been freed"),
+    ]
 
 
 @pytest.mark.parametrize("case, make_input, error, match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
@@ -524,6 +574,7 @@ def test_bad_input_raises_before_any_grad_is_written(case, make_input, error, ma
 
 
 # -- nonfinite="skip": drop a task whose gradient is not finite ------------------------------------------------------
+
 
 def _nan_task(tasks: list[Tensor], acts: dict[str, Tensor], i: int) -> list[Tensor]:
     """Task ``i`` gets a NaN gradient at the block (and a NaN loss): ``0 · log(0)`` style poison."""
@@ -551,13 +602,18 @@ def test_skip_equals_the_call_without_the_nonfinite_task(mode: str, solver: Solv
     ref, x = make("vae")
     _seed_grads(ref)
     tasks, also, acts = ref.losses(x)
-    impartial.backward([tasks[0], tasks[2]], ref.trunk.parameters(), solver=solver, also=also,
-                       block=_block(mode, acts))
+    impartial.backward([tasks[0], tasks[2]], ref.trunk.parameters(), solver=solver, also=also, block=_block(mode, acts))
     model, x = make("vae")
     _seed_grads(model)
     tasks, also, acts = model.losses(x)
-    report = impartial.backward(_nan_task(tasks, acts, 1), model.trunk.parameters(), solver=solver, also=also,
-                                block=_block(mode, acts), nonfinite="skip")
+    report = impartial.backward(
+        _nan_task(tasks, acts, 1),
+        model.trunk.parameters(),
+        solver=solver,
+        also=also,
+        block=_block(mode, acts),
+        nonfinite="skip",
+    )
     assert report.skipped == ("losses[1]",) and "skipped" in str(report)
     _close(_grads(model), _grads(ref))
 

@@ -61,16 +61,20 @@ class Net(nn.Module):
         c, blocks = 2, []
         for kind, bn, width in arch["blocks"]:
             if kind == "conv":
-                blocks.append(nn.Sequential(nn.Conv2d(c, width, 3, padding=1),
-                                            *([nn.BatchNorm2d(width)] if bn else []), nn.Tanh()))
+                blocks.append(
+                    nn.Sequential(
+                        nn.Conv2d(c, width, 3, padding=1), *([nn.BatchNorm2d(width)] if bn else []), nn.Tanh()
+                    )
+                )
             else:
                 blocks.append(Branches(c, width, bn, cat=kind == "cat"))
             c = width
         self.trunk = nn.ModuleList(blocks)
         self.mid = len(blocks) // 2  # where task-specific conv branches read the trunk
         c_mid = ([2] + [w for _, _, w in arch["blocks"]])[self.mid]
-        self.shared = nn.Sequential(nn.Flatten(), nn.Linear(c * 16, arch["d_z"]),
-                                    *([nn.Dropout(0.3)] if arch["dropout"] else []))
+        self.shared = nn.Sequential(
+            nn.Flatten(), nn.Linear(c * 16, arch["d_z"]), *([nn.Dropout(0.3)] if arch["dropout"] else [])
+        )
         self.heads, self.side = nn.ModuleList(), nn.ModuleList()
         for depth, norm, side in arch["heads"]:
             layers, d = [], arch["d_z"] + (16 if side else 0)  # side branch: 1 channel, 4 × 4
@@ -79,8 +83,7 @@ class Net(nn.Module):
                 layers += [nn.Linear(d, 5), extra, nn.Tanh()]
                 d = 5
             self.heads.append(nn.Sequential(*layers, nn.Linear(d, 1)))
-            self.side.append(nn.Sequential(nn.Conv2d(c_mid, 1, 3, padding=1), nn.Flatten())
-                             if side else nn.Identity())
+            self.side.append(nn.Sequential(nn.Conv2d(c_mid, 1, 3, padding=1), nn.Flatten()) if side else nn.Identity())
         self.has_side = [side for _, _, side in arch["heads"]]
 
     def losses(self, x: Tensor) -> list[Tensor]:
@@ -106,9 +109,14 @@ class Net(nn.Module):
 def architectures(draw: st.DrawFn) -> dict:
     block = st.tuples(st.sampled_from(["conv", "sum", "cat"]), st.booleans(), st.sampled_from([2, 4]))
     head = st.tuples(st.integers(0, 2), st.sampled_from([None, "bn", "drop"]), st.booleans())
-    return {"blocks": draw(st.lists(block, min_size=1, max_size=3)), "d_z": draw(st.integers(2, 6)),
-            "dropout": draw(st.booleans()), "heads": draw(st.lists(head, min_size=2, max_size=4)),
-            "seed": draw(st.integers(0, 2**16)), "eval": draw(st.booleans())}
+    return {
+        "blocks": draw(st.lists(block, min_size=1, max_size=3)),
+        "d_z": draw(st.integers(2, 6)),
+        "dropout": draw(st.booleans()),
+        "heads": draw(st.lists(head, min_size=2, max_size=4)),
+        "seed": draw(st.integers(0, 2**16)),
+        "eval": draw(st.booleans()),
+    }
 
 
 def _build(arch: dict) -> tuple[Net, list[Tensor]]:

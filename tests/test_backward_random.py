@@ -33,8 +33,10 @@ class Ladder(nn.Module):
         for lin in self.trunk:
             x = torch.tanh(lin(x))
             hs.append(x)
-        tasks = [sum((head(hs[j - 1]) - 0.3 * i).pow(2).mean() for head, j in zip(heads, r))
-                 for i, (heads, r) in enumerate(zip(self.heads, self.reads))]
+        tasks = [
+            sum((head(hs[j - 1]) - 0.3 * i).pow(2).mean() for head, j in zip(heads, r))
+            for i, (heads, r) in enumerate(zip(self.heads, self.reads))
+        ]
         return tasks, hs
 
 
@@ -80,10 +82,12 @@ def _check_ladder(ladder: tuple[int, list[list[int]], int], also: bool) -> None:
     by_edge = {(h.grad_fn, h.output_nr): j + 1 for j, h in enumerate(hs)}
     assert [(by_edge[(b.edge.node, b.edge.output_nr)], b.tasks) for b in blocks] == _expected_blocks(depth, reads)
     params = list(model.parameters())
-    plain = torch.autograd.grad(sum(tasks + extra), params, retain_graph=True, materialize_grads=True,
-                                allow_unused=True)
-    expected = backward_ref(tasks, [hs[d - 1] for d, _ in _expected_blocks(depth, reads)], params, UnitSum(),
-                            also=extra)
+    plain = torch.autograd.grad(
+        sum(tasks + extra), params, retain_graph=True, materialize_grads=True, allow_unused=True
+    )
+    expected = backward_ref(
+        tasks, [hs[d - 1] for d, _ in _expected_blocks(depth, reads)], params, UnitSum(), also=extra
+    )
     impartial.backward(tasks, solver=UnitSum(), also=extra, retain_graph=True)
     _close([_grad(p) for p in params], expected, 1e-10)
     for p in params:
@@ -105,8 +109,12 @@ def test_marked_blocks_match_the_reference(ladder) -> None:
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
     tasks, hs = model.losses(x)
     gen = torch.Generator().manual_seed(seed)
-    marked = [h for h in reversed(hs) if torch.rand((), generator=gen) < 0.6
-              and any(torch.autograd.grad(t, h, retain_graph=True, allow_unused=True)[0] is not None for t in tasks)]
+    marked = [
+        h
+        for h in reversed(hs)
+        if torch.rand((), generator=gen) < 0.6
+        and any(torch.autograd.grad(t, h, retain_graph=True, allow_unused=True)[0] is not None for t in tasks)
+    ]
     assume(marked)
     params = list(model.parameters())
     expected = backward_ref(tasks, marked, params, UnitSum())

@@ -154,8 +154,14 @@ def test_nested_direct_equals_the_reference_hooks(mode: str, solver: type) -> No
 
     enc, tasks, also, acts = _hivae()
     expected = backward_ref_direct(tasks, [acts["z"], acts["s"]], list(enc.parameters()), solver(), also=also)
-    report = impartial.backward(tasks, enc, solver=solver(), also=also, nested="direct",
-                                block="auto" if mode == "auto" else [acts["z"], acts["s"]])
+    report = impartial.backward(
+        tasks,
+        enc,
+        solver=solver(),
+        also=also,
+        nested="direct",
+        block="auto" if mode == "auto" else [acts["z"], acts["s"]],
+    )
     assert [b.above for b in report.blocks] == [(), (0,)]
     for p, e in zip(enc.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
@@ -201,3 +207,24 @@ def test_one_stateful_solver_keeps_one_state_per_block_and_round_trips() -> None
         impartial.backward(losses, enc, solver=s)
         grads.append([p.grad.clone() for p in enc.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_unlisted_leaves_below_a_block_get_the_resolved_gradient_and_heads_their_own() -> None:
+    """What the docstring says of ``shared_params`` under ``block="auto"``: a leaf below the block that is not listed
+    (the first layer here) gets the resolved gradient, as the listed ones do; a head gets its own task's gradient."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(5, 4).double(), nn.Linear(4, 3).double()
+    heads = [nn.Linear(3, 1).double() for _ in range(3)]
+    x = torch.randn(7, 5, dtype=torch.float64)
+    z = second(torch.tanh(first(x)))
+    losses = [h(z).pow(2).sum() * s for h, s in zip(heads, (1.0, 10.0, 0.1))]
+    params = [*first.parameters(), *second.parameters(), *(p for h in heads for p in h.parameters())]
+    from reference.backward import backward_ref
+
+    expected = backward_ref(losses, [z], params, IMTLG())
+    plain = torch.autograd.grad(sum(losses), list(first.parameters()), retain_graph=True)
+    assert not torch.allclose(plain[0], expected[0])  # the resolved gradient is not the plain one here
+    report = impartial.backward(losses, second, solver=IMTLG())  # only `second` listed
+    assert report.blocks[0].name.startswith("AddmmBackward0")
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=1e-14)

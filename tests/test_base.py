@@ -26,9 +26,16 @@ def test_chunked_gram_is_close_to_the_float64_gram_and_symmetric(k: int, d: int)
     assert torch.equal(G, G.mT)
 
 
-@pytest.mark.parametrize("k, d, dtype, batch", [(2, 10**6, torch.float32, ()), (16, 10**5, torch.float32, ()),
-                                               (8, 10**4, torch.float32, ()), (8, 10**5, torch.float64, ()),
-                                               (8, 10**5, torch.float32, (2,))])
+@pytest.mark.parametrize(
+    "k, d, dtype, batch",
+    [
+        (2, 10**6, torch.float32, ()),
+        (16, 10**5, torch.float32, ()),
+        (8, 10**4, torch.float32, ()),
+        (8, 10**5, torch.float64, ()),
+        (8, 10**5, torch.float32, (2,)),
+    ],
+)
 def test_single_matmul_elsewhere(k: int, d: int, dtype: torch.dtype, batch: tuple[int, ...]) -> None:
     assert not _chunked(torch.empty(*batch, k, d, dtype=dtype))
 
@@ -60,7 +67,8 @@ def test_chunked_gram_under_vmap_and_half_precision() -> None:
 def test_float32_gram_neither_underflows_nor_overflows(scale: float, k: int, d: int) -> None:
     # rows of norms spread over four decades, times a global scale where float32 products would leave its range
     gen = torch.Generator().manual_seed(k)
-    base = torch.randn(k, d, generator=gen, dtype=torch.float64) * torch.logspace(-2, 2, k, dtype=torch.float64)[:, None]
+    spread = torch.logspace(-2, 2, k, dtype=torch.float64)[:, None]
+    base = torch.randn(k, d, generator=gen, dtype=torch.float64) * spread
     J = (base * scale).float()
     assert torch.isfinite(J).all() and k * d > _EXACT
     exact = _exact(J)

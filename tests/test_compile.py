@@ -28,9 +28,14 @@ TOL = 1e-12
 
 
 def _solver(name: str):
-    return {"IMTLG": IMTLG, "MGDA": MGDA, "UPGrad": UPGrad, "NSGD": lambda: NSGD(reference_step=1),
-            "GradNorm": lambda: GradNorm(alpha=1.5, lr=0.1),
-            "PCGrad": lambda: PCGrad(generator=torch.Generator().manual_seed(0))}[name]()
+    return {
+        "IMTLG": IMTLG,
+        "MGDA": MGDA,
+        "UPGrad": UPGrad,
+        "NSGD": lambda: NSGD(reference_step=1),
+        "GradNorm": lambda: GradNorm(alpha=1.5, lr=0.1),
+        "PCGrad": lambda: PCGrad(generator=torch.Generator().manual_seed(0)),
+    }[name]()
 
 
 def _assert_close(a: torch.nn.Module, b: torch.nn.Module, what: str = "grad") -> None:
@@ -51,7 +56,8 @@ def _compile_parts(model: torch.nn.Module, backend: str) -> None:
 @pytest.mark.parametrize("solver", ["IMTLG", "MGDA", "UPGrad", "NSGD", "GradNorm", "PCGrad"])
 @pytest.mark.parametrize("model_name", ["mlp", "vae", "conv"])
 def test_training_with_a_compiled_trunk_and_heads_equals_the_uncompiled_model(
-        model_name: str, solver: str, backend: str) -> None:
+    model_name: str, solver: str, backend: str
+) -> None:
     """Three optimizer steps (stateful solvers update in between): same blocks, same grads, same weights."""
     torch._dynamo.reset()
     model, x = make(model_name)

@@ -18,8 +18,12 @@ from strategies import jacobians
 
 def _members(seed: int) -> list:
     gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
-    return [GradNorm(alpha=0.5, lr=0.2, progress="grad", reference_step=1), PCGrad(generator=gen()),
-            GradVac(0.3, generator=gen()), NSGD(reference_step=1)]
+    return [
+        GradNorm(alpha=0.5, lr=0.2, progress="grad", reference_step=1),
+        PCGrad(generator=gen()),
+        GradVac(0.3, generator=gen()),
+        NSGD(reference_step=1),
+    ]
 
 
 # d >= k: tasks in general position.  With d < k, GradVac's projected gradients can cancel to round-off, where
@@ -85,8 +89,10 @@ def test_compose_reports_the_worst_member_status_and_passes_the_precision() -> N
     g = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     G = gram(torch.stack([g, -g]))
     assert int(Compose(Sum(), IMTLG()).solve(G).status) == Status.STATIONARY
-    J = torch.randn(5, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * torch.logspace(
-        -3, 3, 5, dtype=torch.float64)[:, None]
+    J = (
+        torch.randn(5, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        * torch.logspace(-3, 3, 5, dtype=torch.float64)[:, None]
+    )
     sol = Compose(IMTLG(), NashMTL(iters=1)).solve(gram(J))
     assert int(sol.status) == Status.NOT_CONVERGED and sol.weights.isfinite().all()
     assert int(Compose(IMTLG(), NashMTL()).solve(gram(J)).status) == Status.OK
@@ -95,6 +101,10 @@ def test_compose_reports_the_worst_member_status_and_passes_the_precision() -> N
     a, b, noise = (torch.randn(4096, generator=gen) for _ in range(3))
     J32 = torch.stack([a, 2 * a, -0.5 * a + 1e-4 * noise, b])
     G32 = gram(J32)
-    assert torch.allclose(Compose(Sum(), IMTLG()).weights(G32, precision=torch.float32),
-                          IMTLG().weights(G32, precision=torch.float32), rtol=1e-12, atol=0)
+    assert torch.allclose(
+        Compose(Sum(), IMTLG()).weights(G32, precision=torch.float32),
+        IMTLG().weights(G32, precision=torch.float32),
+        rtol=1e-12,
+        atol=0,
+    )
     assert not torch.allclose(Compose(Sum(), IMTLG()).weights(G32), IMTLG().weights(G32, precision=torch.float32))

@@ -40,7 +40,7 @@ def test_recorded_values_match_the_task_gradients_at_the_block():
     rec = Recorder(keep_norm=False)
     for _ in range(2):
         z, losses = _step(enc, heads, x)
-        J = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0].reshape(-1) for l in losses.values()])
+        J = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1) for loss in losses.values()])
         seen: list[torch.Tensor] = []
         z.register_hook(seen.append)  # the block tensor's hook sees the resolved direction, once
         rec.record(impartial.backward(losses, enc, solver=solvers.IMTLG(), keep_norm=False))

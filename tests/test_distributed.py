@@ -1,10 +1,10 @@
 """``impartial.backward`` inside ``DistributedDataParallel``: 2 gloo processes on CPU, float64.
 
-Each rank runs the step on its half of the batch (every loss a mean over the batch, as DDP's averaging assumes); every ``.grad`` after DDP's all-reduce must equal the
-single-process full-batch ``.grad`` (computed here, in the parent, before the workers start).  Also with
-``no_sync()`` gradient accumulation over 2 micro-batches, and DDP's all-reduce must see every parameter exactly
-once per synchronised step (a counting comm hook).  A task that is not finite on one rank only makes every rank
-raise (or skip it) together.
+Each rank runs the step on its half of the batch (every loss a mean over the batch, as DDP's averaging
+assumes); every ``.grad`` after DDP's all-reduce must equal the single-process full-batch ``.grad`` (computed
+here, in the parent, before the workers start).  Also with ``no_sync()`` gradient accumulation over 2
+micro-batches, and DDP's all-reduce must see every parameter exactly once per synchronised step (a counting comm
+hook).  A task that is not finite on one rank only makes every rank raise (or skip it) together.
 """
 
 from __future__ import annotations
@@ -24,8 +24,15 @@ from models import make, shared_params
 WORLD = 2
 TOL = 1e-6
 # (model, block, solver name): Gram-space solvers at activation blocks, and parameter blocks
-CASES = [("mlp", "auto", "sum"), ("mlp", "auto", "imtlg"), ("mlp", "auto", "upgrad"), ("mlp", "params", "mgda"),
-         ("vae", "auto", "imtlg"), ("vae", "auto", "mgda"), ("vae", "params", "imtlg")]
+CASES = [
+    ("mlp", "auto", "sum"),
+    ("mlp", "auto", "imtlg"),
+    ("mlp", "auto", "upgrad"),
+    ("mlp", "params", "mgda"),
+    ("vae", "auto", "imtlg"),
+    ("vae", "auto", "mgda"),
+    ("vae", "params", "imtlg"),
+]
 
 
 class _Step(nn.Module):
@@ -44,8 +51,9 @@ def _model(name: str) -> nn.Module:
     """The zoo's model; the VAE with noise for 12 rows (2 micro-batches of 6)."""
     model, _ = make(name)
     if hasattr(model, "eps_offset"):
-        model.eps = torch.randn(12, model.eps.shape[1], generator=torch.Generator().manual_seed(3),
-                                dtype=model.eps.dtype)
+        model.eps = torch.randn(
+            12, model.eps.shape[1], generator=torch.Generator().manual_seed(3), dtype=model.eps.dtype
+        )
     return model
 
 
@@ -69,7 +77,7 @@ def _reference(name: str, block: str, solver: str, micro: int) -> list[Tensor]:
     """Single process, full batch (``micro`` micro-batches accumulated)."""
     model, n = _model(name), 6
     for m in range(micro):
-        x = _batch(name, n * micro)[m * n:(m + 1) * n]
+        x = _batch(name, n * micro)[m * n : (m + 1) * n]
         _step(model, _Step(model), x, block, solver, offset=m * n)
     return [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
 
@@ -79,7 +87,7 @@ def _nonfinite_on_one_rank(rank: int) -> None:
     the task, with ``.grad`` untouched; no rank is left waiting in a collective."""
     for policy in ("raise", "skip"):
         model = _model("mlp")
-        tasks, also, _ = model.losses(_batch("mlp", 6)[rank * 3:(rank + 1) * 3])
+        tasks, also, _ = model.losses(_batch("mlp", 6)[rank * 3 : (rank + 1) * 3])
         poison = float("nan") if rank == 1 else 0.0
         tasks[2] = tasks[2] + (model.heads[2][0].weight * poison).sum()
         if policy == "raise":
@@ -104,7 +112,7 @@ def _worker(rank: int, init: str, cases: list, expected: list, out: str) -> None
             seen: list[int] = []
 
             def count(state, bucket):  # DDP's all-reduce, counting the parameters it reduces
-                seen.extend(id(p) for p in bucket.parameters())
+                seen.extend(id(p) for p in bucket.parameters())  # noqa: B023 -- this iteration's DDP only
                 fut = dist.all_reduce(bucket.buffer() / WORLD, async_op=True).get_future()
                 return fut.then(lambda f: f.value()[0])
 
@@ -112,7 +120,7 @@ def _worker(rank: int, init: str, cases: list, expected: list, out: str) -> None
             n = 6  # the full micro-batch; each rank takes its half
             half = n // WORLD
             for m in range(micro):
-                x = _batch(name, n * micro)[m * n:(m + 1) * n][rank * half:(rank + 1) * half]
+                x = _batch(name, n * micro)[m * n : (m + 1) * n][rank * half : (rank + 1) * half]
                 offset = m * n + rank * half
                 if m < micro - 1:
                     with ddp.no_sync():

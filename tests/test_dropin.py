@@ -39,8 +39,11 @@ SCALED = ("h0", "z", "s", "hout", "y0", "y1", "ylow", "param inp.weight", "param
 
 def drawn(test: Callable) -> Callable:
     """In every mode, on drawn architectures, and always on the three pinned ones."""
-    for arch, why in ((RICH, "every structure"), (SHARED, "one head shared by two tasks"),
-                      (SIMPLE, "two one-task heads")):
+    for arch, why in (
+        (RICH, "every structure"),
+        (SHARED, "one head shared by two tasks"),
+        (SIMPLE, "two one-task heads"),
+    ):
         test = example(arch=arch).via(why)(test)
     return pytest.mark.parametrize("mode", MODES)(FAST(given(arch=archs())(test)))
 

@@ -137,8 +137,11 @@ STATIONARY = Arch(
 
 def _cases() -> list:
     """(solver, keep_norm) pairs."""
-    return [pytest.param(name, keep_norm, id=f"{name}-{'keep_norm' if keep_norm else 'raw'}")
-            for name in SOLVERS for keep_norm in (False, True)]
+    return [
+        pytest.param(name, keep_norm, id=f"{name}-{'keep_norm' if keep_norm else 'raw'}")
+        for name in SOLVERS
+        for keep_norm in (False, True)
+    ]
 
 
 @pytest.mark.parametrize("name, keep_norm", _cases())

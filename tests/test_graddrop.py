@@ -63,10 +63,16 @@ class _FixedGradDrop(GradDrop):
         return torch.full_like(P, self.u)
 
 
-@given(J=jacobians(max_k=8, max_d=24), ints=st.booleans(), leak=st.sampled_from([0.0, 0.3, 1.0]),
-       draw=st.sampled_from(["seeded", 0.0, 0.5]), seed=st.integers(0, 2**31 - 1))
-def test_graddrop_direction_is_the_kept_sign_part_of_the_sum(J: Tensor, ints: bool, leak: float, draw: object,
-                                                              seed: int) -> None:
+@given(
+    J=jacobians(max_k=8, max_d=24),
+    ints=st.booleans(),
+    leak=st.sampled_from([0.0, 0.3, 1.0]),
+    draw=st.sampled_from(["seeded", 0.0, 0.5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_graddrop_direction_is_the_kept_sign_part_of_the_sum(
+    J: Tensor, ints: bool, leak: float, draw: object, seed: int
+) -> None:
     # The direction is formed from Σg and Σ|g| alone: (Σg ± Σ|g|)/2 is the part of the kept sign, 0 on a tie
     # P = U.  It must equal the sum of the per-task gradients (apply) and the loop, for the same draw.
     if ints:  # small integers, and a last row -Σg: every coordinate balanced (P = ½) or one-signed (P ∈ {0, 1})
@@ -86,10 +92,14 @@ def test_graddrop_direction_is_the_kept_sign_part_of_the_sum(J: Tensor, ints: bo
 
 def test_graddrop_keeps_nothing_on_a_tie_of_purity_and_draw() -> None:
     # columns: balanced (P = ½), all negative (P = 0), all positive (P = 1), zero (P = ½), mixed (P = 0.6)
-    J = torch.tensor([[1.0, -1.0, 2.0, 0.0, 3.0], [-1.0, -2.0, 1.0, 0.0, -1.0], [0.0, -1.0, 1.0, 0.0, -1.0]],
-                     dtype=torch.float64)
-    cases = {(0.0, 0.5): [0.0, -4.0, 4.0, 0.0, 3.0], (0.0, 0.0): [1.0, 0.0, 4.0, 0.0, 3.0],
-             (0.5, 0.5): [0.0, -4.0, 4.0, 0.0, 2.0]}
+    J = torch.tensor(
+        [[1.0, -1.0, 2.0, 0.0, 3.0], [-1.0, -2.0, 1.0, 0.0, -1.0], [0.0, -1.0, 1.0, 0.0, -1.0]], dtype=torch.float64
+    )
+    cases = {
+        (0.0, 0.5): [0.0, -4.0, 4.0, 0.0, 3.0],
+        (0.0, 0.0): [1.0, 0.0, 4.0, 0.0, 3.0],
+        (0.5, 0.5): [0.0, -4.0, 4.0, 0.0, 2.0],
+    }
     for (leak, u), expected in cases.items():
         solver = _FixedGradDrop(leak, u)
         assert torch.equal(solver(J), torch.tensor(expected, dtype=torch.float64)), (leak, u)
@@ -97,8 +107,12 @@ def test_graddrop_keeps_nothing_on_a_tie_of_purity_and_draw() -> None:
         assert torch.equal(graddrop_ref(J, torch.full((5,), u, dtype=torch.float64), leak), solver(J))
 
 
-@given(J=jacobians(max_k=8, max_d=24), seed=st.integers(0, 2**31 - 1), leak=st.sampled_from([0.0, 0.3, None]),
-       with_inputs=st.booleans())
+@given(
+    J=jacobians(max_k=8, max_d=24),
+    seed=st.integers(0, 2**31 - 1),
+    leak=st.sampled_from([0.0, 0.3, None]),
+    with_inputs=st.booleans(),
+)
 def test_graddrop_in_row_chunks_is_the_same_solver(J: Tensor, seed: int, leak: float | None, with_inputs: bool) -> None:
     # Big blocks are reduced a few task rows at a time (bounded temporaries); tiny chunks must change nothing
     # but the rounding of the sums, for the same draw.

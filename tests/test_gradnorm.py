@@ -22,8 +22,12 @@ def _sequence(J: Tensor, T: int, seed: int) -> tuple[list[Tensor], list[Tensor]]
     return Js, losses
 
 
-@given(J=jacobians(max_k=12, degenerate=False), seed=st.integers(0, 2**31 - 1),
-       alpha=st.sampled_from([0.0, 0.5, 1.5]), progress=st.sampled_from(["loss", "grad"]))
+@given(
+    J=jacobians(max_k=12, degenerate=False),
+    seed=st.integers(0, 2**31 - 1),
+    alpha=st.sampled_from([0.0, 0.5, 1.5]),
+    progress=st.sampled_from(["loss", "grad"]),
+)
 def test_gradnorm_equals_the_paper_loop_over_calls(J: Tensor, seed: int, alpha: float, progress: str) -> None:
     Js, losses = _sequence(J, 6, seed)
     s = GradNorm(alpha, lr=0.1, progress=progress, reference_step=2)
@@ -52,8 +56,9 @@ def test_gradnorm_with_alpha_zero_balances_the_weighted_gradient_norms(J: Tensor
     assert float(w.sum()) == pytest.approx(J.shape[0]) and (w > 0).all()
 
 
-@given(J=jacobians(max_k=8, degenerate=False), c=st.sampled_from([1e-8, 1e-3, 1e4, 1e12]),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    J=jacobians(max_k=8, degenerate=False), c=st.sampled_from([1e-8, 1e-3, 1e4, 1e12]), seed=st.integers(0, 2**31 - 1)
+)
 def test_gradnorm_and_nsgd_weights_are_scale_free_over_calls(J: Tensor, c: float, seed: int) -> None:
     Js, losses = _sequence(J, 4, seed)
     for make in (lambda: GradNorm(lr=0.1), lambda: GradNorm(progress="grad", reference_step=1), NSGD):
@@ -93,8 +98,9 @@ def test_a_whole_stateful_run_vmaps_and_equals_one_batched_solver() -> None:
     Js = torch.randn(5, 3, 4, 7, generator=gen, dtype=torch.float64)  # [T, B, k, d]
     Ls = torch.rand(5, 3, 4, generator=gen, dtype=torch.float64) + 0.1
     for make in (lambda: GradNorm(lr=0.1, reference_step=1), lambda: NSGD(reference_step=2)):
+
         def run(J: Tensor, L: Tensor) -> Tensor:  # one solver, T calls
-            s = make()
+            s = make()  # noqa: B023 -- run() is called within this iteration
             return torch.stack([s(J[t], losses=L[t]) for t in range(J.shape[0])])
 
         vmapped = torch.func.vmap(run, in_dims=(1, 1), out_dims=1)(Js, Ls)

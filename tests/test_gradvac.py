@@ -29,16 +29,20 @@ def _run_against_loop(J: Tensor, seed: int, beta: float, tol: float) -> None:
         assert_close(solver.state_dict()["phi_hat"], phi_hat, tol, 1.0)
 
 
-@given(J=jacobians(max_k=8, min_d=10, degenerate=False), seed=st.integers(0, 2**31 - 1),
-       beta=st.sampled_from([1e-2, 0.3, 1.0]))
+@given(
+    J=jacobians(max_k=8, min_d=10, degenerate=False),
+    seed=st.integers(0, 2**31 - 1),
+    beta=st.sampled_from([1e-2, 0.3, 1.0]),
+)
 def test_gradvac_equals_the_paper_loop_over_calls_with_the_ema_carried(J: Tensor, seed: int, beta: float) -> None:
     # tasks in general position: no modified gradient cancels, so the Gram form is exact to round-off
     _run_against_loop(J, seed, beta, 1e-10)
 
 
 @given(J=jacobians(max_k=16), seed=st.integers(0, 2**31 - 1), beta=st.sampled_from([1e-2, 0.3, 1.0]))
-def test_gradvac_follows_the_paper_loop_on_degenerate_tasks_to_its_stated_precision(J: Tensor, seed: int,
-                                                                                    beta: float) -> None:
+def test_gradvac_follows_the_paper_loop_on_degenerate_tasks_to_its_stated_precision(
+    J: Tensor, seed: int, beta: float
+) -> None:
     # collinear, duplicate, zero tasks and d < k: modified gradients cancel, where a Gram matrix resolves
     # ‖g_i'‖ only to ~√(k·eps) of its bound (see the GradVac docstring)
     _run_against_loop(J, seed, beta, 1e-5)
@@ -51,6 +55,7 @@ def test_gradvac_raises_the_pair_cosine_exactly_to_its_target(J: Tensor, target:
     orders = torch.tensor([[1], [0]])
     W, _ = vaccinate(G, phi_hat, orders, 0.01)
     new = W @ J
+
     def cos(a: Tensor, b: Tensor) -> float:  # not torch.cosine_similarity: it floors norms at 1e-8
         return float(a @ b / (a.norm() * b.norm()))
 

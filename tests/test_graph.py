@@ -140,8 +140,11 @@ def test_blocks_found_before_are_reused_only_for_the_same_structure_and_shared_p
         return [(b.name, b.tasks, b.above, b.edge.node.name()) for b in find_blocks(losses(wired), shared)]
 
     params = list(lin.parameters())
-    want = {(wired, s): found(wired, shared, fresh=True)
-            for wired in (True, False) for s, shared in (("lin", params), ("w1", [w1]))}
+    want = {
+        (wired, s): found(wired, shared, fresh=True)
+        for wired in (True, False)
+        for s, shared in (("lin", params), ("w1", [w1]))
+    }
     assert want[(True, "lin")] and not want[(True, "w1")]  # the shared params decide: a block at z, or none
     assert want[(True, "lin")] != want[(False, "lin")]  # another graph: another block
     for _ in range(2):  # every order of the four, served from the cache: each its own blocks

@@ -67,8 +67,10 @@ def test_pareto_stationary_tasks_give_the_zero_direction(solver, case: str) -> N
     h = h - (h @ g) / (g @ g) * g
     J = {
         "antiparallel": torch.stack([g, -3 * g]),
-        "three-at-120-degrees": torch.stack([g / g.norm(), (-g / g.norm() + 3**0.5 * h / h.norm()) / 2,
-                                             (-g / g.norm() - 3**0.5 * h / h.norm()) / 2]) * 7.0,
+        "three-at-120-degrees": torch.stack(
+            [g / g.norm(), (-g / g.norm() + 3**0.5 * h / h.norm()) / 2, (-g / g.norm() - 3**0.5 * h / h.norm()) / 2]
+        )
+        * 7.0,
         "pair-and-one-more": torch.stack([g, h, -0.5 * g]),
     }[case]
     assert torch.equal(solver(J), torch.zeros(5, dtype=torch.float64))
@@ -81,7 +83,7 @@ def test_zero_gradient_has_no_stake_in_the_bargain(J: Tensor, where: int) -> Non
     for solver in (FairGrad(), FairGrad(alpha=2.0)):  # NashMTL's ‖G‖_F is unchanged too, FairGrad has no scale
         w, wz = solver.weights(gram(J)), solver.weights(gram(Jz))
         assert wz[i] == 0
-        assert torch.allclose(torch.cat([wz[:i], wz[i + 1:]]), w, rtol=1e-8, atol=0)
+        assert torch.allclose(torch.cat([wz[:i], wz[i + 1 :]]), w, rtol=1e-8, atol=0)
 
 
 def test_nash_improves_every_task_and_maximises_the_log_utility() -> None:
@@ -134,7 +136,8 @@ def test_a_hard_solvable_input_converges_and_a_short_fixed_schedule_says_so() ->
     # found by search: 24 sync-free Newton steps leave FairGrad(alpha=2) unconverged here (it used to return 0)
     gen = torch.Generator().manual_seed(633)
     J = torch.randn(24, 14, generator=gen, dtype=torch.float64) * torch.exp(
-        torch.empty(24, 1, dtype=torch.float64).uniform_(-4, 4, generator=gen))
+        torch.empty(24, 1, dtype=torch.float64).uniform_(-4, 4, generator=gen)
+    )
     G = gram(J)
     sol = FairGrad(alpha=2.0).solve(G)
     assert _solved(sol)

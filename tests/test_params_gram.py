@@ -29,16 +29,24 @@ class Trunk(nn.Module):
         return torch.relu(self.b(self.middle(self.a(x))))
 
 
-def _setup(k: int, trunk: nn.Module, shape: tuple[int, ...],
-           seed: int = 0) -> tuple[nn.Module, list[nn.Module], Tensor]:
+def _setup(
+    k: int, trunk: nn.Module, shape: tuple[int, ...], seed: int = 0
+) -> tuple[nn.Module, list[nn.Module], Tensor]:
     torch.manual_seed(seed)
     trunk = trunk.to(D)
     heads = [nn.Linear(12, 3).to(D) for _ in range(k)]
     return trunk, heads, torch.randn(*shape, dtype=D)
 
 
-def _run(trunk: nn.Module, heads: list[nn.Module], x: Tensor, gram: bool,
-         loss: Callable[[int, Tensor], Tensor] | None = None, times: int = 1, **kw) -> tuple[list, object]:
+def _run(
+    trunk: nn.Module,
+    heads: list[nn.Module],
+    x: Tensor,
+    gram: bool,
+    loss: Callable[[int, Tensor], Tensor] | None = None,
+    times: int = 1,
+    **kw,
+) -> tuple[list, object]:
     params = list(trunk.parameters()) + [p for h in heads for p in h.parameters()]
     for p in params:
         p.grad = None
@@ -149,11 +157,16 @@ class _Tied(nn.Module):
         return self.lin(torch.tanh(self.lin(self.inp(x))))
 
 
-@pytest.mark.parametrize("trunk", [
-    lambda: Trunk(middle=nn.LayerNorm(16)),  # a parameter of another op
-    lambda: Trunk(middle=nn.Sequential(nn.Unflatten(1, (1, 16)), nn.Conv1d(1, 1, 3, padding=1), nn.Flatten())),
-    _Scaled, _Tied,
-], ids=["layernorm", "conv", "beta2", "tied"])
+@pytest.mark.parametrize(
+    "trunk",
+    [
+        lambda: Trunk(middle=nn.LayerNorm(16)),  # a parameter of another op
+        lambda: Trunk(middle=nn.Sequential(nn.Unflatten(1, (1, 16)), nn.Conv1d(1, 1, 3, padding=1), nn.Flatten())),
+        _Scaled,
+        _Tied,
+    ],
+    ids=["layernorm", "conv", "beta2", "tied"],
+)
 def test_other_trunks_take_the_J_path(trunk: Callable[[], nn.Module]) -> None:
     trunk, heads, x = _setup(3, trunk(), (10, 6))
     _paths(trunk, heads, x, "J", solver=UPGrad())

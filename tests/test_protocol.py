@@ -74,8 +74,10 @@ def test_pareto_stationary_tasks_say_stationary(make, case: str) -> None:
     h = torch.randn(5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     h = h - (h @ g) / (g @ g) * g
     u, v = g / g.norm(), h / h.norm()
-    J = {"antiparallel": torch.stack([g, -g]),
-         "three-at-120-degrees": 3.0 * torch.stack([u, (-u + 3**0.5 * v) / 2, (-u - 3**0.5 * v) / 2])}[case]
+    J = {
+        "antiparallel": torch.stack([g, -g]),
+        "three-at-120-degrees": 3.0 * torch.stack([u, (-u + 3**0.5 * v) / 2, (-u - 3**0.5 * v) / 2]),
+    }[case]
     for dtype in (torch.float64, torch.float32):
         sol = make().solve(gram(J.to(dtype)), precision=dtype)
         assert int(sol.status) == Status.STATIONARY and torch.equal(sol.weights, torch.zeros_like(sol.weights))
@@ -99,8 +101,10 @@ def test_a_zero_task_is_not_stationary_for_bargaining() -> None:
 
 @pytest.mark.parametrize("make", [lambda: NashMTL(iters=1), lambda: FairGrad(alpha=2.0, iters=1)], ids=["Nash", "Fair"])
 def test_a_budget_too_small_says_not_converged_and_keeps_the_iterate(make) -> None:
-    J = torch.randn(6, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * torch.logspace(
-        -3, 3, 6, dtype=torch.float64)[:, None]
+    J = (
+        torch.randn(6, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        * torch.logspace(-3, 3, 6, dtype=torch.float64)[:, None]
+    )
     G = gram(J)
     host = make().solve(G)
     fixed = torch.func.vmap(lambda g: tuple(make().solve(g)[:3]))(G.unsqueeze(0))  # the sync-free schedule
@@ -128,11 +132,19 @@ def test_bargaining_host_loop_and_fixed_schedule_agree(J: Tensor) -> None:
 
 def test_capabilities() -> None:
     expect = {  # (stateless, deterministic, gram_space)
-        Sum(): (True, True, True), IMTLG(): (True, True, True), MGDA(): (True, True, True),
-        PCGrad(): (True, False, True), Random(): (True, False, True), GradDrop(): (True, False, False),
-        GradNorm(): (False, True, True), NSGD(): (False, True, True), GradVac(): (False, False, True),
-        NashMTL(): (True, True, True), NashMTL(update_weights_every=2): (False, True, True),
-        Compose(Sum(), IMTLG()): (True, True, True), Compose(NSGD(), PCGrad()): (False, False, True),
+        Sum(): (True, True, True),
+        IMTLG(): (True, True, True),
+        MGDA(): (True, True, True),
+        PCGrad(): (True, False, True),
+        Random(): (True, False, True),
+        GradDrop(): (True, False, False),
+        GradNorm(): (False, True, True),
+        NSGD(): (False, True, True),
+        GradVac(): (False, False, True),
+        NashMTL(): (True, True, True),
+        NashMTL(update_weights_every=2): (False, True, True),
+        Compose(Sum(), IMTLG()): (True, True, True),
+        Compose(NSGD(), PCGrad()): (False, False, True),
         Compose(PCGrad(), GradDrop()): (True, False, False),
     }
     for s, (stateless, deterministic, gram_space) in expect.items():

@@ -34,8 +34,18 @@ PAPERS = {
     "AlignedMTL": "Senushkin et al., CVPR 2023",
     "ConFIG": "Liu et al., ICLR 2025",
 }
-ORDER = ["k1", "permutation", "homogeneous", "rotation", "batched", "vmap", "compile", "gram_path", "reference",
-         "checkpoint"]
+ORDER = [
+    "k1",
+    "permutation",
+    "homogeneous",
+    "rotation",
+    "batched",
+    "vmap",
+    "compile",
+    "gram_path",
+    "reference",
+    "checkpoint",
+]
 
 
 def table() -> str:
@@ -59,8 +69,9 @@ def test_readme_solver_table_matches_registry() -> None:
 if __name__ == "__main__":
     if "--write" in sys.argv:
         text = README.read_text()
-        new = re.sub(re.escape(BEGIN) + r"\n.*?" + re.escape(END), lambda m: f"{BEGIN}\n{table()}\n{END}", text,
-                     flags=re.S)
+        new = re.sub(
+            re.escape(BEGIN) + r"\n.*?" + re.escape(END), lambda m: f"{BEGIN}\n{table()}\n{END}", text, flags=re.S
+        )
         README.write_text(new)
     else:
         print(table())

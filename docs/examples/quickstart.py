@@ -10,7 +10,7 @@ enc = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Lin
 decs = torch.nn.ModuleList(torch.nn.Linear(8, d) for d in (12, 5, 3))  # one per modality
 opt = torch.optim.Adam([*enc.parameters(), *decs.parameters()], lr=1e-3)
 
-for step in range(20):
+for _ in range(20):
     x = [torch.randn(32, d) for d in (12, 5, 3)]
     z = enc(torch.cat(x, dim=1))
     names = ("image", "text", "label")

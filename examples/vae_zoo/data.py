@@ -67,7 +67,9 @@ def digits_trio(seed: int = 0, hard_side: int = 16, noise: float = 0.3, test_fra
     n_test = int(len(y) * test_frac)
 
     def take(ix: np.ndarray) -> Split:
-        return Split({k: torch.from_numpy(np.ascontiguousarray(v[ix])) for k, v in mods.items()}, torch.from_numpy(y[ix]))
+        return Split(
+            {k: torch.from_numpy(np.ascontiguousarray(v[ix])) for k, v in mods.items()}, torch.from_numpy(y[ix])
+        )
 
     return take(order[n_test:]), take(order[:n_test])
 

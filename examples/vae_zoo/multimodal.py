@@ -30,8 +30,9 @@ from .data import ALPHABET, WORD_LEN
 
 
 def mlp(n_in: int, n_hidden: int, n_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(n_in, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_hidden), nn.ReLU(),
-                         nn.Linear(n_hidden, n_out))
+    return nn.Sequential(
+        nn.Linear(n_in, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_out)
+    )
 
 
 def product(experts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -104,8 +105,9 @@ class MultimodalVAE(nn.Module):
         """``(tasks, also)``: per-modality NLLs in ``self.names`` order, and the KL terms (not tasks)."""
         return self._mixture_loss(x, self.experts(x))
 
-    def _mixture_loss(self, x: dict[str, Tensor], experts: dict[str, tuple[Tensor, Tensor]]
-                      ) -> tuple[list[Tensor], list[Tensor]]:
+    def _mixture_loss(
+        self, x: dict[str, Tensor], experts: dict[str, tuple[Tensor, Tensor]]
+    ) -> tuple[list[Tensor], list[Tensor]]:
         comps = self.components(experts)
         # one z per component, shared by all modalities, so that z is where their paths meet
         tasks: list = [0.0] * len(self.names)

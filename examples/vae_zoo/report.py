@@ -12,19 +12,25 @@ from collections import defaultdict
 
 import numpy as np
 
+from . import train
 from .train import MULTIMODAL
 
-ROWS_MULTI = (("coherence", "coherence into"), ("source", "coherence from"), ("latent", "latent acc"),
-              ("recon", "recon error"))
+ROWS_MULTI = (
+    ("coherence", "coherence into"),
+    ("source", "coherence from"),
+    ("latent", "latent acc"),
+    ("recon", "recon error"),
+)
 
 
 def group(records: list[dict]) -> dict[str, dict[str, list[dict]]]:
-    """``{model: {method: [records over seeds]}}`` in first-seen order (failed runs left out)."""
+    """``{model: {method label: [records over seeds]}}`` in first-seen order (failed runs left out); the label
+    is the method, with ``, direct`` for solver runs with ``nested="direct"`` (:func:`vae_zoo.train.label`)."""
     out: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if "error" in r:
             continue
-        out[r["config"]["model"]][r["config"]["method"]].append(r)
+        out[r["config"]["model"]][train.label(r["config"])].append(r)
     return out
 
 
@@ -37,6 +43,12 @@ def worst(r: dict) -> float:
     key, higher = headline(r["config"]["model"])
     vals = list(r["metrics"][key].values())
     return min(vals) if higher else max(vals)
+
+
+def average(r: dict) -> float:
+    """The headline metric averaged over the modalities (columns)."""
+    key, _ = headline(r["config"]["model"])
+    return float(np.mean(list(r["metrics"][key].values())))
 
 
 def _cell(vals: list[float]) -> str:
@@ -52,23 +64,70 @@ def table(records: list[dict]) -> str:
         n_seeds = min(len(v) for v in by_method.values())
         key, higher = headline(model)
         rows = ROWS_MULTI if model in MULTIMODAL else (("error", "imputation error"),)
-        lines = [f"### {model} ({first['config']['dataset']}, {n_seeds} seeds, mean ± std; "
-                 f"{'higher' if higher else 'lower'} {key} is better)", "",
-                 "| metric | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        lines = [
+            f"### {model} ({first['config']['dataset']}, {n_seeds} seeds, mean ± std; "
+            f"{'higher' if higher else 'lower'} {key} is better)",
+            "",
+            "| metric | " + " | ".join(methods) + " |",
+            "|---" * (len(methods) + 1) + "|",
+        ]
         for metric, label in rows:
             for name in first["names"]:
                 cells = [_cell([r["metrics"][metric][name] for r in by_method[m]]) for m in methods]
                 lines.append(f"| {label}: {name} | " + " | ".join(cells) + " |")
         label = f"**worst {'modality' if model in MULTIMODAL else 'column'} ({key})**"
-        lines.append(f"| {label} | " + " | ".join(f"**{_cell([worst(r) for r in by_method[m]])}**" for m in methods) + " |")
+        lines.append(
+            f"| {label} | " + " | ".join(f"**{_cell([worst(r) for r in by_method[m]])}**" for m in methods) + " |"
+        )
+        label = f"mean over {'modalities' if model in MULTIMODAL else 'columns'} ({key})"
+        lines.append(f"| {label} | " + " | ".join(_cell([average(r) for r in by_method[m]]) for m in methods) + " |")
         mins = [_cell([r["seconds"] for r in by_method[m]]) for m in methods]
         lines.append("| train seconds | " + " | ".join(mins) + " |")
         parts.append("\n".join(lines))
-    failed = [f"- {r['config']['model']} / {r['config']['method']} / seed {r['config']['seed']}: {r['error']}"
-              for r in records if "error" in r]
+    failed = [
+        f"- {r['config']['model']} / {train.label(r['config'])} / seed {r['config']['seed']}: {r['error']}"
+        for r in records
+        if "error" in r
+    ]
     if failed:
         parts.append("**Failed runs** (left out above):\n" + "\n".join(failed))
     return "\n\n".join(parts) + "\n"
+
+
+def nested_table(records: list[dict]) -> str:
+    """Per model, each solver method that ran under both ``nested`` conventions: the worst modality (column) under
+    each, their difference paired by seed (same data, same initialisation), in how many seeds ``"direct"`` was
+    better, the paired difference of the mean over modalities (columns), and the modality (column) whose headline
+    metric moved most; ``""`` when no method ran under both."""
+    parts = []
+    for model, by_label in group(records).items():
+        key, higher = headline(model)
+        pairs = [(m, by_label[m], by_label[f"{m}, direct"]) for m in by_label if f"{m}, direct" in by_label]
+        if not pairs:
+            continue
+        lines = [
+            f"### {model}: nested='direct' vs 'resolved' (worst {key}, {'higher' if higher else 'lower'} is better)",
+            "",
+            "| method | resolved | direct | direct − resolved (paired) | direct better | mean over all, paired "
+            "| largest move (mean) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for method, resolved, direct in pairs:
+            a = {r["config"]["seed"]: r for r in resolved}
+            b = {r["config"]["seed"]: r for r in direct}
+            seeds = sorted(set(a) & set(b))
+            diff = [worst(b[s]) - worst(a[s]) for s in seeds]
+            better = sum((d > 0) == higher and d != 0 for d in diff)
+            names = a[seeds[0]]["names"]
+            moves = {n: np.mean([b[s]["metrics"][key][n] - a[s]["metrics"][key][n] for s in seeds]) for n in names}
+            top = max(moves, key=lambda n: abs(moves[n]))
+            lines.append(
+                f"| {method} | {_cell([worst(a[s]) for s in seeds])} | {_cell([worst(b[s]) for s in seeds])} | "
+                f"{_cell(diff)} | {better}/{len(seeds)} | {_cell([average(b[s]) - average(a[s]) for s in seeds])} | "
+                f"{top} {moves[top]:+.3f} |"
+            )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n" if parts else ""
 
 
 def figure(records: list[dict], path: str) -> None:
@@ -89,10 +148,15 @@ def figure(records: list[dict], path: str) -> None:
         width = 0.8 / len(by_method)
         for i, (method, rs) in enumerate(by_method.items()):
             vals = np.array([[r["metrics"][key][n] for n in names] for r in rs])
-            ax.bar(np.arange(len(names)) + (i - (len(by_method) - 1) / 2) * width, vals.mean(0), width,
-                   yerr=vals.std(0), capsize=2, label=method)
-        ax.set_xticks(np.arange(len(names)), [n[:10] for n in names], rotation=0 if len(names) < 5 else 60,
-                      fontsize=8)
+            ax.bar(
+                np.arange(len(names)) + (i - (len(by_method) - 1) / 2) * width,
+                vals.mean(0),
+                width,
+                yerr=vals.std(0),
+                capsize=2,
+                label=method,
+            )
+        ax.set_xticks(np.arange(len(names)), [n[:10] for n in names], rotation=0 if len(names) < 5 else 60, fontsize=8)
         ax.set_ylabel(f"{key} ({'↑' if higher else '↓'})")
         ax.set_title(f"{model}: {key} per {'modality' if model in MULTIMODAL else 'column'}")
         ax.legend(fontsize=7)
@@ -101,15 +165,22 @@ def figure(records: list[dict], path: str) -> None:
         lo = np.min([c.min(0) for c in curves.values()], axis=0)
         hi = np.max([c.max(0) for c in curves.values()], axis=0)
         colors = plt.cm.tab20(np.linspace(0, 1, len(names))) if len(names) > 10 else plt.cm.tab10.colors
-        for i, (method, c) in enumerate(curves.items()):
+        for i, c in enumerate(curves.values()):
             scaled = (c - lo) / np.maximum(hi - lo, 1e-12)
             for j, name in enumerate(names):
-                ax.plot(np.arange(1, len(c) + 1), scaled[:, j], styles[i % len(styles)], color=colors[j],
-                        label=name if i == 0 else None, lw=1.2)
+                ax.plot(
+                    np.arange(1, len(c) + 1),
+                    scaled[:, j],
+                    styles[i % len(styles)],
+                    color=colors[j],
+                    label=name if i == 0 else None,
+                    lw=1.2,
+                )
         ax.set_xlabel("epoch")
         ax.set_ylabel("task loss, rescaled per task")
-        ax.set_title(f"{model}: training loss per task ({', '.join(f'{m} {s}' for m, s in zip(curves, styles))})",
-                     fontsize=9)
+        ax.set_title(
+            f"{model}: training loss per task ({', '.join(f'{m} {s}' for m, s in zip(curves, styles))})", fontsize=9
+        )
         ax.legend(fontsize=6, ncol=2 if len(names) > 5 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -131,7 +202,7 @@ def diagnostics(records: list[dict], out) -> list:
         c = r["config"]
         rec = Recorder()
         rec.load_state_dict(r["diagnostics"])
-        text += [f"## {c['model']}, {c['method']}", "", str(rec.summary()), ""]
+        text += [f"## {c['model']}, {train.label(c)}", "", str(rec.summary()), ""]
         if c["model"] not in done:
             done.add(c["model"])
             wrote.append(rec.plot(out / f"conflicts_{c['model']}.png"))

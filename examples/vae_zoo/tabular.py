@@ -1,4 +1,4 @@
-"""VAEs for heterogeneous tables with per-column likelihoods: VAE, IWAE and HI-VAE (two latents).
+"""VAEs for heterogeneous tables with per-column likelihoods: VAE, IWAE, IWAE with DReG, and HI-VAE (two latents).
 
 Each column j has its own likelihood (the paper's first experiments, after HI-VAE):
 
@@ -19,6 +19,10 @@ has its *own* decoder head, so the per-column tasks meet only at the latent samp
   its gradient does: ``∇ log (1/K) Σₖ wₖ = Σₖ w̃ₖ ∇ log wₖ`` (``w̃`` the normalised weights, held constant), so
   column j's task is ``−Σₖ w̃ₖ log p(x_j|zₖ)`` and the prior/posterior part goes to ``also``; their sum has the
   IWAE gradient exactly.
+* DReG — Tucker, Lawson, Gu, Maddison, "Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives",
+  ICLR 2019: the IWAE bound, with the encoder's gradient estimated by ``Σₖ w̃ₖ² (∂ log wₖ/∂zₖ)(∂zₖ/∂φ)``, where
+  ``log q`` in ``log wₖ`` holds its parameters constant; the decoder's gradient is IWAE's.  It splits over
+  columns like IWAE's, with squared weights (see :class:`DReG`).
 """
 
 from __future__ import annotations
@@ -133,13 +137,16 @@ class IWAE(TabularVAE):
         super().__init__(table, **kw)
         self.K = K
 
+    def _sample(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(mu, logvar, eps, z)``: the posterior and ``K`` reparameterised samples ``z [K, n, z_dim]``."""
+        mu, logvar = self.posterior(*batch)
+        eps = torch.randn((self.K, *mu.shape), dtype=mu.dtype)
+        return mu, logvar, eps, mu + (0.5 * logvar).exp() * eps
+
     def _log_weights(self, batch: Batch) -> tuple[list[Tensor], Tensor]:
-        x, obs = batch
-        mu, logvar = self.posterior(x, obs)
-        eps = torch.randn((self.K, *mu.shape))
-        z = mu + (0.5 * logvar).exp() * eps  # [K, n, z]
+        mu, logvar, eps, z = self._sample(batch)
         log_prior_ratio = (-0.5 * z.pow(2) + 0.5 * eps.pow(2) + 0.5 * logvar).sum(-1)  # log p(z) − log q(z|x)
-        return self.column_nll(z, x, obs), log_prior_ratio  # each nll [K, n]
+        return self.column_nll(z, *batch), log_prior_ratio  # each nll [K, n]
 
     def loss(self, batch: Batch) -> tuple[list[Tensor], list[Tensor]]:
         nll, log_prior_ratio = self._log_weights(batch)
@@ -152,6 +159,41 @@ class IWAE(TabularVAE):
         return (torch.logsumexp(log_prior_ratio - sum(nll), dim=0) - math.log(self.K)).mean()
 
 
+class DReG(IWAE):
+    """IWAE trained with the doubly-reparameterised estimator (DReG) of its encoder gradient.
+
+    With ``log wₖ = log p(x|zₖ) + log p(zₖ) − log q(zₖ|x)`` and ``w̃`` the normalised weights (held constant),
+    DReG estimates the bound's encoder gradient by ``Σₖ w̃ₖ² (∂ log wₖ/∂zₖ)(∂zₖ/∂φ)``: the surrogate
+    ``Σₖ w̃ₖ² log wₖ`` with ``q``'s parameters held constant inside ``log q``, so only the path through ``zₖ``
+    remains.  The decoder keeps IWAE's gradient ``Σₖ w̃ₖ ∇_θ log p(x|zₖ)``.  As in the paper's reference code,
+    each column's task has two parts: ``−Σₖ w̃ₖ² log p(x_j|zₖ)`` with the head's parameters held constant (it
+    reaches the encoder only, through ``z``) and ``−Σₖ w̃ₖ log p(x_j|sg(zₖ))`` (it reaches the head only);
+    ``also`` is ``−Σₖ w̃ₖ² (log p(zₖ) − log q(zₖ))``.  So the block at ``z`` sees the DReG task gradients.
+    """
+
+    def loss(self, batch: Batch) -> tuple[list[Tensor], list[Tensor]]:
+        mu, logvar, _, z = self._sample(batch)
+        decoder = self.column_nll(z.detach(), *batch)  # the heads' part: IWAE's gradient
+        log_prior_ratio = self._log_prior_ratio(z, mu.detach(), logvar.detach())  # q's parameters held constant
+        w = torch.softmax(log_prior_ratio.detach() - sum(decoder).detach(), dim=0)  # [K, n]
+        encoder = self._nll_through_z(z, *batch)
+        tasks = [((w.pow(2) * e).sum(0) + (w * d).sum(0)).mean() for e, d in zip(encoder, decoder)]
+        return tasks, [-(w.pow(2) * log_prior_ratio).sum(0).mean()]
+
+    def _nll_through_z(self, z: Tensor, x: Tensor, obs: Tensor) -> list[Tensor]:
+        """:meth:`column_nll` with every head's parameters held constant: its gradient reaches ``z`` only."""
+        out = []
+        for j, head in enumerate(self.heads):
+            frozen = {name: p.detach() for name, p in head.named_parameters()}
+            out.append(self.cols.nll(j, torch.func.functional_call(head, frozen, (z,)), x[:, j]) * obs[:, j])
+        return out
+
+    @staticmethod
+    def _log_prior_ratio(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+        """``log p(z) − log q(z | mu, logvar)`` per sample ``[K, n]`` (standard-normal prior)."""
+        return (-0.5 * z.pow(2) + 0.5 * (z - mu).pow(2) / logvar.exp() + 0.5 * logvar).sum(-1)
+
+
 class HIVAE(TabularVAE):
     """HI-VAE: ``s ~ Cat`` (Gumbel-softmax, ``n_s`` components) and ``z ~ q(z|x, s)``; heads read ``z`` and ``s``."""
 
@@ -160,7 +202,9 @@ class HIVAE(TabularVAE):
         hidden, head = kw.get("hidden", 64), kw.get("head", 16)
         self.n_s, self.tau = n_s, tau
         self.enc_s = nn.Sequential(nn.Linear(self.cols.n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_s))
-        self.encoder = nn.Sequential(nn.Linear(self.cols.n_in + n_s, hidden), nn.ReLU(), nn.Linear(hidden, 2 * self.z_dim))
+        self.encoder = nn.Sequential(
+            nn.Linear(self.cols.n_in + n_s, hidden), nn.ReLU(), nn.Linear(hidden, 2 * self.z_dim)
+        )
         self.prior_mu = nn.Linear(n_s, self.z_dim)
         # each head has its own input layers for z and s, so the columns' paths meet at z and at s themselves
         self.heads_s = nn.ModuleList(nn.Linear(n_s, head, bias=False) for _ in self.cols.n_params)
@@ -172,8 +216,11 @@ class HIVAE(TabularVAE):
     def _encode(self, x: Tensor, obs: Tensor, hard: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         h = self.cols.encode(x, obs)
         logits = self.enc_s(h)
-        s = nn.functional.one_hot(logits.argmax(-1), self.n_s).float() if hard else \
-            nn.functional.gumbel_softmax(logits, tau=self.tau)
+        s = (
+            nn.functional.one_hot(logits.argmax(-1), self.n_s).float()
+            if hard
+            else nn.functional.gumbel_softmax(logits, tau=self.tau)
+        )
         mu, logvar = self.encoder(torch.cat([h, s], 1)).chunk(2, -1)
         return logits, s, mu, logvar.clamp(-8.0, 8.0)
 
@@ -198,4 +245,4 @@ class HIVAE(TabularVAE):
         return torch.stack([self.cols.predict(j, self._decode(j, mu, s)) for j in range(len(self.heads))], dim=1)
 
 
-MODELS = {"vae": TabularVAE, "iwae": IWAE, "hivae": HIVAE}
+MODELS = {"vae": TabularVAE, "iwae": IWAE, "dreg": DReG, "hivae": HIVAE}

@@ -16,23 +16,79 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from torch import Tensor
+
+import impartial
+from impartial import solvers
 
 from . import data, metrics, multimodal, tabular
 
-METHODS = ("vanilla", "imtlg", "pcgrad", "gradnorm-pcgrad")
+#: the methods by name (``make_solver``): ``imtlg``, ``pcgrad``, ``nsgd`` and ``mgda`` are ``solvers.get``'s;
+#: ``gradnorm`` is GradNorm(α = 0), ``gradnorm1`` GradNorm(α = 1) on the gradient-norm progress (the paper's
+#: code), ``mgda-clamped`` the paper's code's MGDA-UB (see ClampedMGDA), ``gradnorm-pcgrad-shared`` the old
+#: behaviour of one GradNorm state for every block (see SharedGradNorm)
+METHODS = (
+    "vanilla",
+    "imtlg",
+    "pcgrad",
+    "gradnorm-pcgrad",
+    "nsgd",
+    "gradnorm",
+    "gradnorm1-pcgrad",
+    "mgda",
+    "mgda-clamped",
+    "gradnorm-pcgrad-shared",
+)
+#: what a nested block solves on (``impartial.backward(..., nested=)``)
+NESTED = ("resolved", "direct")
 MULTIMODAL = tuple(multimodal.MODELS)
 TABULAR = tuple(tabular.MODELS)
 
 
-def make_solver(method: str):
-    """The solver for a method name (``None`` for vanilla); a fresh instance per run (GradNorm has state)."""
-    from impartial import solvers
+class ClampedMGDA(solvers.MGDA):
+    """MGDA-UB as the paper's reference code runs it: the min-norm weights clamped with ``min(w, 1e-3)``.
 
+    Every task whose min-norm weight exceeds 1e-3 gets 1e-3, so after the norm rescale the direction is the plain
+    sum over those tasks, plus the rest at their (smaller) weights (docs/paper.md lists the difference).  Here
+    only to run the paper's recommended configuration as it was run; ``solvers.MGDA`` is the method.
+    """
+
+    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
+        return super()._weights(G, losses=losses).clamp(max=1e-3)
+
+
+class SharedGradNorm(solvers.GradNorm):
+    """GradNorm with one state for every block: its weights and counter advance once per block per step.
+
+    The behaviour before ``Solver.for_block`` gave each block its own state; here only to measure what that change
+    did to the results (examples/RESULTS.md).  ``solvers.GradNorm`` keeps one state per block.
+    """
+
+    def for_block(self, key: int) -> solvers.Solver:
+        return self
+
+
+def make_solver(method: str) -> solvers.Solver | None:
+    """The solver for a method name (``None`` for vanilla); a fresh instance per run (GradNorm has state)."""
     if method == "vanilla":
         return None
+    if method == "gradnorm":
+        return solvers.GradNorm(alpha=0.0)
     if method == "gradnorm-pcgrad":
         return solvers.Compose(solvers.GradNorm(alpha=0.0), solvers.PCGrad())
+    if method == "gradnorm1-pcgrad":  # α = 1 needs a progress signal: the reference's gradient-norm one
+        return solvers.Compose(solvers.GradNorm(alpha=1.0, progress="grad"), solvers.PCGrad())
+    if method == "gradnorm-pcgrad-shared":
+        return solvers.Compose(SharedGradNorm(alpha=0.0), solvers.PCGrad())
+    if method == "mgda-clamped":
+        return ClampedMGDA()
     return solvers.get(method)
+
+
+def label(config: dict) -> str:
+    """A run's column in the tables: its method, with ``, direct`` when a solver ran with ``nested="direct"``."""
+    direct = config.get("nested", "resolved") == "direct" and config["method"] != "vanilla"
+    return f"{config['method']}, direct" if direct else config["method"]
 
 
 @dataclass
@@ -48,10 +104,13 @@ class Config:
     lr: float = 1e-3
     hard_side: int = 16  # the digits trio's hard view has hard_side² pixels
     sigma: float = 0.2  # fixed Gaussian std of the pixel likelihoods
+    nested: str = "resolved"  # impartial.backward's nested= (what a block below another solves on)
     extra: dict = field(default_factory=dict)  # model constructor overrides
 
 
-def step(model, batch, opt: torch.optim.Optimizer, solver, names=None, recorder=None) -> list[float]:
+def step(
+    model, batch, opt: torch.optim.Optimizer, solver, names=None, recorder=None, nested: str = "resolved"
+) -> list[float]:
     """One optimisation step; returns the task losses (floats, for the training curves).  ``names`` label the
     tasks in the report; ``recorder`` (an :class:`impartial.diagnostics.Recorder`) keeps what each block saw."""
     tasks, also = model.loss(batch)
@@ -59,10 +118,8 @@ def step(model, batch, opt: torch.optim.Optimizer, solver, names=None, recorder=
     if solver is None:
         sum(tasks + also).backward()
     else:
-        import impartial
-
         losses = tasks if names is None else dict(zip(names, tasks))
-        report = impartial.backward(losses, model.encoder_params, solver=solver, also=also)
+        report = impartial.backward(losses, model.encoder_params, solver=solver, also=also, nested=nested)
         if recorder is not None:
             recorder.record(report)
     opt.step()
@@ -116,7 +173,7 @@ def run(cfg: Config, tick: Callable[[], None] = lambda: None) -> dict:
     rec = recorder(cfg, len(d[0]) if isinstance(d, tuple) else len(d.x))
     curves, t0 = [], time.perf_counter()
     for _ in range(cfg.epochs):
-        losses = [step(model, b, opt, solver, names, rec) for b in batches(d, cfg.batch, gen)]
+        losses = [step(model, b, opt, solver, names, rec, cfg.nested) for b in batches(d, cfg.batch, gen)]
         curves.append(np.mean(losses, axis=0).tolist())
         tick()
     if isinstance(d, tuple):

@@ -14,22 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..graph._draw import _PALETTE  # one colour per task, as in the graph pictures
 from ._record import Recorder, Series
 
 __all__ = ["plot", "to_tensorboard"]
-
-_PALETTE = [
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-]
 
 
 def _figure(**kwargs: Any) -> Any:

@@ -60,10 +60,25 @@ def _shape(node: Node, nr: int, leaf: Tensor | None) -> tuple[int, ...]:
 
 #: ops that take one tensor and return parts of it: a loss reached from a block through these alone is an
 #: entry of the block tensor itself (``list(loss_vector)``), so its gradient there is one-hot
-_SLICES = frozenset({"UnbindBackward0", "SelectBackward0", "SliceBackward0", "IndexBackward0", "SplitBackward0",
-                     "SplitWithSizesBackward0", "UnsafeSplitBackward0", "SqueezeBackward0", "SqueezeBackward1",
-                     "SqueezeBackward2", "ViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0",
-                     "AsStridedBackward0", "NarrowBackward0"})
+_SLICES = frozenset(
+    {
+        "UnbindBackward0",
+        "SelectBackward0",
+        "SliceBackward0",
+        "IndexBackward0",
+        "SplitBackward0",
+        "SplitWithSizesBackward0",
+        "UnsafeSplitBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "ViewBackward0",
+        "ReshapeAliasBackward0",
+        "UnsqueezeBackward0",
+        "AsStridedBackward0",
+        "NarrowBackward0",
+    }
+)
 
 
 def _check_not_entries(blocks: list[Block], tasks: _Losses, g: Graph) -> None:
@@ -83,10 +98,12 @@ def _check_not_entries(blocks: list[Block], tasks: _Losses, g: Graph) -> None:
                 entries |= mask
         if all(entries >> i & 1 for i in b.tasks):
             names = ", ".join(repr(tasks.names[i]) for i in b.tasks)
-            raise ValueError(f"the losses {names} are entries of one tensor ({b.name}), so the only place their "
-                             "gradients meet is that tensor, where each is one-hot: there is nothing to resolve. "
-                             "Compute each task's loss from the model separately, or mark the blocks (block=[h], "
-                             "h an activation the heads share), or use block='params'")
+            raise ValueError(
+                f"the losses {names} are entries of one tensor ({b.name}), so the only place their "
+                "gradients meet is that tensor, where each is one-hot: there is nothing to resolve. "
+                "Compute each task's loss from the model separately, or mark the blocks (block=[h], "
+                "h an activation the heads share), or use block='params'"
+            )
 
 
 def _renamed(g: Graph, blocks: list[Block]) -> list[Block]:
@@ -138,8 +155,16 @@ def _find(g: Graph, tasks: _Losses, explicit: Sequence[Tensor] | None = None) ->
     if explicit is None and g.k > 1:
         _check_not_entries(g.blocks, tasks, g)
     if cache:
-        remember(_FOUND, g.key, ([(g.index[b.edge.node], b.edge.output_nr, b.tasks, b.above) for b in blocks],
-                                 [g.raw[n] for n in g.nodes], [g.above[n] for n in g.nodes]), _FOUND_SIZE)
+        remember(
+            _FOUND,
+            g.key,
+            (
+                [(g.index[b.edge.node], b.edge.output_nr, b.tasks, b.above) for b in blocks],
+                [g.raw[n] for n in g.nodes],
+                [g.above[n] for n in g.nodes],
+            ),
+            _FOUND_SIZE,
+        )
 
 
 def _marked(explicit: Sequence[Tensor]) -> dict[tuple[Node, int], Tensor]:
@@ -176,7 +201,7 @@ def _walk(g: Graph, tasks: _Losses, marked: dict[tuple[Node, int], Tensor] | Non
     for node, nxt in next_of:
         raw_in = above_in = 0
         raws, aboves, items = raw_edges.get(node, none), above_edges.get(node, none), edge_masks.get(node, none)
-        for nr, mask in (sorted(items.items()) if len(items) > 1 else items.items()):
+        for nr, mask in sorted(items.items()) if len(items) > 1 else items.items():
             t, raw, above = mask & task_bits, raws.get(nr, 0), aboves.get(nr, 0)
             if marked is not None:
                 hit = (node, nr) in marked
@@ -186,8 +211,17 @@ def _walk(g: Graph, tasks: _Losses, marked: dict[tuple[Node, int], Tensor] | Non
                 if not t:
                     raise ValueError(f"block {g.name(node)} is reached by no task loss")
                 leaf = g.leaves.get(node)
-                blocks.append(Block(GradientEdge(node, nr), "", _shape(node, nr, leaf), _bits(t), _bits(above), leaf,
-                                    None if marked is None else marked.get((node, nr))))
+                blocks.append(
+                    Block(
+                        GradientEdge(node, nr),
+                        "",
+                        _shape(node, nr, leaf),
+                        _bits(t),
+                        _bits(above),
+                        leaf,
+                        None if marked is None else marked.get((node, nr)),
+                    )
+                )
                 above |= 1 << (len(blocks) - 1)
                 raw = 0
             raw_in |= raw
@@ -202,8 +236,9 @@ def _walk(g: Graph, tasks: _Losses, marked: dict[tuple[Node, int], Tensor] | Non
     return blocks
 
 
-def _place(g: Graph, blocks: list[tuple[int, int, tuple[int, ...], tuple[int, ...]]], raw: list[int],
-           above: list[int]) -> None:
+def _place(
+    g: Graph, blocks: list[tuple[int, int, tuple[int, ...], tuple[int, ...]]], raw: list[int], above: list[int]
+) -> None:
     """Blocks and masks found on a graph of the same structure, on ``g``'s nodes."""
     nodes = g.nodes
     g.raw = dict(zip(nodes, raw))
@@ -227,4 +262,3 @@ def find_blocks(losses: Losses, shared_params: Params = None, *, also: Sequence[
     [Block(TanhBackward0 [8, 4], tasks=[0, 1])]
     """
     return trace(losses, shared_params, also=also).blocks
-

@@ -20,13 +20,23 @@ from ._trace import Graph, trace
 
 __all__ = ["draw", "to_dot"]
 
-_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-            "#bcbd22", "#17becf"]
+_PALETTE = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+]
 _ALSO = "#bbbbbb"
 
 
 def _rgb(hex_: str) -> tuple[float, float, float]:
-    r, g, b = (int(hex_[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    r, g, b = (int(hex_[i : i + 2], 16) / 255 for i in (1, 3, 5))
     return r, g, b
 
 
@@ -97,8 +107,9 @@ def _matplotlib(g: Graph, path: Path) -> None:
     try:  # Figure without pyplot: no GUI backend, no global figure registry.
         from matplotlib.figure import Figure
     except ModuleNotFoundError:
-        raise ModuleNotFoundError("impartial.graph.draw needs matplotlib (or graphviz with its dot binary): "
-                                  "pip install 'impartial[graph]'") from None
+        raise ModuleNotFoundError(
+            "impartial.graph.draw needs matplotlib (or graphviz with its dot binary): pip install 'impartial[graph]'"
+        ) from None
     from matplotlib.lines import Line2D
     from matplotlib.patches import FancyBboxPatch
 
@@ -107,7 +118,7 @@ def _matplotlib(g: Graph, path: Path) -> None:
     for n in g.nodes:
         rows.setdefault(depth[n], []).append(n)
     width = max(len(r) for r in rows.values())
-    pos = {}
+    pos: dict[Node, tuple[float, float]] = {}
     for d, ns in rows.items():
         for j, n in enumerate(ns):
             pos[n] = ((j + 0.5) / len(ns) * width, -d)
@@ -116,36 +127,57 @@ def _matplotlib(g: Graph, path: Path) -> None:
     ax = fig.add_subplot()
     for n, c, _ in g.edges:
         (x0, y0), (x1, y1) = pos[n], pos[c]
-        ax.annotate("", (x1, y1 + 0.18), (x0, y0 - 0.18),
-                    arrowprops=dict(arrowstyle="->", color="#888888", lw=0.8))
+        ax.annotate("", (x1, y1 + 0.18), (x0, y0 - 0.18), arrowprops=dict(arrowstyle="->", color="#888888", lw=0.8))
     for j, (name, i, node) in enumerate(roots):
         x, y = pos[node]
         colour = _PALETTE[i % len(_PALETTE)] if i < g.k else _ALSO
         lx = x + 0.5 * (j - (len(roots) - 1) / 2) / max(1, len(roots)) * width
-        ax.annotate(name, (x, y + 0.18), (lx, y + 0.8), ha="center", fontsize=8, color=colour,
-                    arrowprops=dict(arrowstyle="->", color=colour, lw=1.0))
-    blocks = _block_nodes(g)
-    for n, (x, y) in pos.items():
-        is_block, is_leaf = n in blocks, n in g.leaves
-        box = FancyBboxPatch((x - 0.42, y - 0.17), 0.84, 0.34,
-                             boxstyle="square,pad=0.02" if is_leaf else "round,pad=0.02,rounding_size=0.12",
-                             fc=_colour(g, n), ec="#e00000" if is_block else "#333333",
-                             lw=3.0 if is_block else (2.0 if n in g.shared else 0.6),
-                             hatch="//" if n in g.shared else None)
-        ax.add_patch(box)
-        ax.text(x, y, _label(g, n)[:22], ha="center", va="center", fontsize=6.5)
-        if is_block:
-            ax.text(x + 0.46, y, f"block {blocks[n]}", ha="left", va="center", fontsize=7, color="#e00000")
-    handles: list[Any] = [Line2D([], [], color=_PALETTE[i % len(_PALETTE)], lw=6, label=name)
-                          for i, name in enumerate(g.task_names)]
-    handles += [Line2D([], [], color="#e00000", lw=2, label="block"),
-                FancyBboxPatch((0, 0), 1, 1, fc="white", ec="#333333", hatch="//", label="shared parameter")]
+        ax.annotate(
+            name,
+            (x, y + 0.18),
+            (lx, y + 0.8),
+            ha="center",
+            fontsize=8,
+            color=colour,
+            arrowprops=dict(arrowstyle="->", color=colour, lw=1.0),
+        )
+    _boxes(ax, g, pos)
+    handles: list[Any] = [
+        Line2D([], [], color=_PALETTE[i % len(_PALETTE)], lw=6, label=name) for i, name in enumerate(g.task_names)
+    ]
+    handles += [
+        Line2D([], [], color="#e00000", lw=2, label="block"),
+        FancyBboxPatch((0, 0), 1, 1, fc="white", ec="#333333", hatch="//", label="shared parameter"),
+    ]
     ax.legend(handles=handles, loc="lower right", fontsize=7, frameon=False)
     ax.set_xlim(-0.6, width + 0.9)
     ax.set_ylim(-(len(rows) - 1) - 0.6, 1.3)
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(path)
+
+
+def _boxes(ax: Any, g: Graph, pos: dict[Node, tuple[float, float]]) -> None:
+    """One box per node: leaves square, blocks outlined in red and labelled, shared parameters hatched."""
+    from matplotlib.patches import FancyBboxPatch
+
+    blocks = _block_nodes(g)
+    for n, (x, y) in pos.items():
+        is_block, is_leaf = n in blocks, n in g.leaves
+        box = FancyBboxPatch(
+            (x - 0.42, y - 0.17),
+            0.84,
+            0.34,
+            boxstyle="square,pad=0.02" if is_leaf else "round,pad=0.02,rounding_size=0.12",
+            fc=_colour(g, n),
+            ec="#e00000" if is_block else "#333333",
+            lw=3.0 if is_block else (2.0 if n in g.shared else 0.6),
+            hatch="//" if n in g.shared else None,
+        )
+        ax.add_patch(box)
+        ax.text(x, y, _label(g, n)[:22], ha="center", va="center", fontsize=6.5)
+        if is_block:
+            ax.text(x + 0.46, y, f"block {blocks[n]}", ha="left", va="center", fontsize=7, color="#e00000")
 
 
 def _graphviz_available() -> bool:
@@ -156,8 +188,14 @@ def _graphviz_available() -> bool:
     return shutil.which("dot") is not None
 
 
-def draw(losses: Losses, shared_params: Params = None, path: str | Path = "graph.svg", *,
-         also: Sequence[Tensor] = (), engine: str | None = None) -> Path:
+def draw(
+    losses: Losses,
+    shared_params: Params = None,
+    path: str | Path = "graph.svg",
+    *,
+    also: Sequence[Tensor] = (),
+    engine: str | None = None,
+) -> Path:
     """Render the traced graph of ``losses`` to ``path`` and return it.
 
     ``engine``: ``"graphviz"``, ``"matplotlib"``, or None (graphviz when its package and ``dot`` binary are

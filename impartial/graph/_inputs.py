@@ -62,12 +62,18 @@ def _as_losses(losses: Any, what: str, offset: int = 0, allow_empty: bool = Fals
         if not loss.requires_grad:
             raise ValueError(f"{what}: {name!r} does not require grad (no parameter produced it)")
         if loss.device.type == "meta":
-            raise ValueError(f"{what}: {name!r} is on the meta device: it has no values, and impartial.backward "
-                             "needs the task gradients' values to resolve them")
+            raise ValueError(
+                f"{what}: {name!r} is on the meta device: it has no values, and impartial.backward "
+                "needs the task gradients' values to resolve them"
+            )
         if loss.ndim:  # a one-element loss of shape [1] (or [1, 1]): its scalar
             loss = loss.reshape(())
-        roots.append(((loss.grad_fn, loss.output_nr) if loss.grad_fn is not None else _leaf_edge(loss),
-                      1 << (offset + len(outs))))
+        roots.append(
+            (
+                (loss.grad_fn, loss.output_nr) if loss.grad_fn is not None else _leaf_edge(loss),
+                1 << (offset + len(outs)),
+            )
+        )
         outs.append(loss)
         kept.append(name)
     return _Losses(outs, kept, roots)
@@ -91,8 +97,10 @@ def _stacked(L: Tensor, what: str, offset: int) -> _Losses:
     # One op made all k losses (e.g. a per-column mean): autograd sees a single root.
     edge = (fn, L.output_nr) if fn is not None else _leaf_edge(L)
     mask = ((1 << L.shape[0]) - 1) << offset
-    why = (f"{what} is a 1-D tensor made by one operation ({fn.name() if fn else 'a leaf'}), so its tasks share "
-           "every node of the graph; pass a list (or torch.stack) of separately computed losses")
+    why = (
+        f"{what} is a 1-D tensor made by one operation ({fn.name() if fn else 'a leaf'}), so its tasks share "
+        "every node of the graph; pass a list (or torch.stack) of separately computed losses"
+    )
     return _Losses(outs, names, [(edge, mask)], fused=why, stacked=True)
 
 
@@ -116,8 +124,9 @@ def _as_params(params: Params, what: str = "shared_params") -> list[tuple[str, T
         if not isinstance(t, Tensor):
             raise TypeError(f"{what}: entry {name!r} is a {type(t).__name__}, not a tensor")
         if t.grad_fn is not None:
-            raise ValueError(f"{what}: {name!r} is not a leaf tensor (it has grad_fn {t.grad_fn.name()}); pass "
-                             "parameters")
+            raise ValueError(
+                f"{what}: {name!r} is not a leaf tensor (it has grad_fn {t.grad_fn.name()}); pass parameters"
+            )
         if not t.requires_grad:
             frozen += 1
             continue
@@ -125,7 +134,10 @@ def _as_params(params: Params, what: str = "shared_params") -> list[tuple[str, T
             seen.add(id(t))
             out.append((name, t))
     if not out:
-        why = f"all {frozen} of its parameters are frozen (requires_grad=False)" if frozen else (
-            "it holds no parameter (an exhausted generator, e.g. model.parameters() used twice?)")
+        why = (
+            f"all {frozen} of its parameters are frozen (requires_grad=False)"
+            if frozen
+            else ("it holds no parameter (an exhausted generator, e.g. model.parameters() used twice?)")
+        )
         raise ValueError(f"{what} is empty: {why}; pass the parameters to resolve, or None to infer them")
     return out

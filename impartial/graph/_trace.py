@@ -143,35 +143,8 @@ def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | No
     nexts: dict[Node, tuple] = {}
     order = _topological(edge_masks, nexts)
     index = {n: i for i, n in enumerate(order)}
-    leaves: dict[Node, Tensor] = {}
-    masks: dict[Node, int] = {}
-    # the structure, flat: each node's type, then (child position or -1, input nr) per edge; types are not
-    # ints, so the sequence parses back into one graph only
-    sig: list = []
-    for node in order:
-        m = 0
-        for v in edge_masks.get(node, {}).values():
-            m |= v
-        masks[node] = m
-        sig.append(type(node))
-        for c, nr in nexts[node]:
-            if c is not None:
-                slot = edge_masks.setdefault(c, {})
-                slot[nr] = slot.get(nr, 0) | m
-                sig.append(index[c])
-            else:
-                sig.append(-1)
-            sig.append(nr)
-        var = getattr(node, "variable", None)
-        if isinstance(var, Tensor):
-            leaves[node] = var
-    bad = next((n for n in order if type(n).__name__ == "CheckpointFunctionBackward"), None)
-    if bad is not None:
-        raise ValueError(
-            "the graph holds a reentrant activation checkpoint (torch.utils.checkpoint with "
-            "use_reentrant=True), which runs its own backward inside autograd and so cannot give "
-            "per-task gradients; use torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
-        )
+    masks, leaves, sig = _propagate(order, nexts, edge_masks, index)
+    _no_reentrant(order)
     names: dict[Node, str] = {}
     g = Graph(
         len(tasks.outs),
@@ -224,3 +197,44 @@ def trace(losses: Losses, shared_params: Params = None, *, also: Sequence[Tensor
     g = _build(tasks, extra, _as_params(shared_params))
     _find(g, tasks)
     return g
+
+
+def _propagate(
+    order: list[Node], nexts: dict[Node, tuple], edge_masks: dict[Node, dict[int, int]], index: dict[Node, int]
+) -> tuple[dict[Node, int], dict[Node, Tensor], list]:
+    """Each node's task mask (pushed down ``edge_masks`` in topological order), the leaves, and the structure's
+    signature."""
+    leaves: dict[Node, Tensor] = {}
+    masks: dict[Node, int] = {}
+    # the structure, flat: each node's type, then (child position or -1, input nr) per edge; types are not
+    # ints, so the sequence parses back into one graph only
+    sig: list = []
+    for node in order:
+        m = 0
+        for v in edge_masks.get(node, {}).values():
+            m |= v
+        masks[node] = m
+        sig.append(type(node))
+        for c, nr in nexts[node]:
+            if c is not None:
+                slot = edge_masks.setdefault(c, {})
+                slot[nr] = slot.get(nr, 0) | m
+                sig.append(index[c])
+            else:
+                sig.append(-1)
+            sig.append(nr)
+        var = getattr(node, "variable", None)
+        if isinstance(var, Tensor):
+            leaves[node] = var
+    return masks, leaves, sig
+
+
+def _no_reentrant(order: list[Node]) -> None:
+    """Raise on a reentrant activation checkpoint: its backward runs inside autograd, out of our reach."""
+    bad = next((n for n in order if type(n).__name__ == "CheckpointFunctionBackward"), None)
+    if bad is not None:
+        raise ValueError(
+            "the graph holds a reentrant activation checkpoint (torch.utils.checkpoint with "
+            "use_reentrant=True), which runs its own backward inside autograd and so cannot give "
+            "per-task gradients; use torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
+        )

@@ -25,8 +25,8 @@ class AlignedMTL(GramSolver):
 
     the condition number of the aligned system is 1 and the direction is ``wᵀJ = Σ_i (BJ)_i``.  It is 0
     exactly when ``1`` is orthogonal to the kept eigenvectors, i.e. when the task gradients sum to 0: then
-    (components of ``1`` at round-off, below ``1e-10 √k``, ``1e-6 √k`` for a float32 ``J``, count as 0) the weights are 0 and the status
-    STATIONARY.  As in the
+    (components of ``1`` at round-off, below ``1e-10 √k``, ``1e-6 √k`` for a float32 ``J``, count as 0) the
+    weights are 0 and the status STATIONARY.  As in the
     authors' code (SamsungLabs/MTL, "min" scale mode, the paper's): eigenvalues at or below
     ``λ_max · k · eps(float32)`` are dropped (whatever the input dtype), and ``λ_min`` is the smallest one
     kept.  ``B`` is a spectral function of ``G``, so the result does not depend on the eigenvector basis

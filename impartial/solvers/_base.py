@@ -241,7 +241,7 @@ class Solver(ABC):
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, but got state with keys {sorted(state)}")
 
-    def _reset(self) -> None:
+    def _reset(self) -> None:  # noqa: B027 -- a hook with a no-op default, overridden by stateful solvers
         """Forget this solver's own per-problem state."""
 
     def _hparams(self) -> dict[str, Any]:

@@ -132,8 +132,14 @@ def params_ref(
     return total
 
 
-def backward_ref_direct(tasks: Sequence[Tensor], blocks: Sequence[Tensor], params: Sequence[Tensor], solver: Solver,
-                        also: Sequence[Tensor] = (), keep_norm: bool = True) -> list[Tensor]:
+def backward_ref_direct(
+    tasks: Sequence[Tensor],
+    blocks: Sequence[Tensor],
+    params: Sequence[Tensor],
+    solver: Solver,
+    also: Sequence[Tensor] = (),
+    keep_norm: bool = True,
+) -> list[Tensor]:
     """``nested="direct"``, the paper's reference hooks: a block solves only the task gradients that reach it on
     paths through no block above (those blocks' gradients cut to zero), and what arrives through the blocks above
     passes it unchanged.  The parameters' gradients: one backward of the summed losses in which each block's
@@ -153,8 +159,13 @@ def backward_ref_direct(tasks: Sequence[Tensor], blocks: Sequence[Tensor], param
         direct_sums.append(J.sum(0).reshape(b.shape))
     handles = [b.register_hook(lambda g, s=s, d=d: g - s + d) for b, s, d in zip(blocks, direct_sums, directions)]
     try:
-        out = torch.autograd.grad(sum(tasks) + sum(also, torch.zeros(())), list(params), retain_graph=True,
-                                  allow_unused=True, materialize_grads=True)
+        out = torch.autograd.grad(
+            sum(tasks) + sum(also, torch.zeros(())),
+            list(params),
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
     finally:
         for h in handles:
             h.remove()

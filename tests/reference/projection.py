@@ -100,8 +100,14 @@ def graddrop_ref(J: Tensor, U: Tensor, leakage: float | list[float] = 0.0, input
     return out
 
 
-def gradnorm_ref(Js: list[Tensor], losses: list[Tensor] | None, alpha: float, lr: float,
-                 progress: str = "loss", reference_step: int = 0) -> list[Tensor]:
+def gradnorm_ref(
+    Js: list[Tensor],
+    losses: list[Tensor] | None,
+    alpha: float,
+    lr: float,
+    progress: str = "loss",
+    reference_step: int = 0,
+) -> list[Tensor]:
     """Chen et al. 2018, Algorithm 1, over a sequence of calls: the direction uses w(t), then w takes its step.
 
     The step is on log w and scaled by 1/Ḡ, as the solver documents.

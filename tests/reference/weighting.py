@@ -112,8 +112,6 @@ def bargain_ref(J: Tensor, p: float, stationary: float = 1e-5) -> Tensor:
     b = [n ** (-2 / (2 - p)) for n in norms]  # exact when the gradients are orthogonal
     for _ in range(500):
         d = sum(x * g for x, g in zip(b, rows))
-        Gb = [float(g @ d) for g in rows]
-        grad = torch.tensor([Gb[i] - b[i] ** (p - 1) for i in range(m)], dtype=J.dtype)
         # Newton system (G + diag h) Δ = −∇F in the scaled step y = S⁻¹Δ, S = diag(h)^{-1/2}: it reads
         # (AᵀA) y = Aᵀz for A = [Jᵀ S; I] and z = [−d; S β^{p−1}], so y is a least-squares solution, found
         # without forming the normal matrix, whose condition squares A's once β runs off to ∞.

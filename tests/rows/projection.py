@@ -59,6 +59,7 @@ def _gradvac_ref(orders_of) -> callable:
     def ref(J: Tensor, **kw: Tensor) -> Tensor:
         k = J.shape[0]
         return gradvac_ref(J, orders_of(k), torch.zeros(k, k, dtype=J.dtype), 1e-2)[0]
+
     return ref
 
 
@@ -77,43 +78,104 @@ _POSITIONS = "the fixed orders i+1, i+2, … are tied to task positions (test_pc
 _SEEDED = {"permutation": RANDOM_DRAW, "batched": RANDOM_DRAW, "vmap": RANDOM_DRAW, "compile": GENERATOR}
 _GLOBAL = "draws from the global RNG: two calls differ (the seeded row claims it)"
 #: rows drawing from the global RNG claim what only they can show: k1 and compile
-_GLOBAL_RNG = {c: _GLOBAL for c in ("permutation", "homogeneous", "rotation", "batched", "vmap", "gram_path",
-                                    "checkpoint", "reference")}
-_DROP = {"rotation": COORDINATES, "gram_path": COORDINATES, "batched": RANDOM_DRAW, "vmap": RANDOM_DRAW,
-         "compile": GENERATOR}
+_GLOBAL_RNG = {
+    c: _GLOBAL
+    for c in ("permutation", "homogeneous", "rotation", "batched", "vmap", "gram_path", "checkpoint", "reference")
+}
+_DROP = {
+    "rotation": COORDINATES,
+    "gram_path": COORDINATES,
+    "batched": RANDOM_DRAW,
+    "vmap": RANDOM_DRAW,
+    "compile": GENERATOR,
+}
 
 ROWS: list[SolverInfo] = [
     SolverInfo("PCGrad", lambda: PCGrad(generator=_gen()), _SEEDED, k1=lambda g: g, reference=_pcgrad_seeded_ref),
     SolverInfo("PCGrad(global-rng)", PCGrad, _GLOBAL_RNG, k1=lambda g: g),
-    SolverInfo("PCGrad(cyclic)", _CyclicPCGrad, {"permutation": _POSITIONS}, k1=lambda g: g,
-               reference=lambda J, **kw: pcgrad_ref(J, cyclic_orders((), J.shape[0]))),
-    SolverInfo("GradVac", lambda: GradVac(generator=_gen()), _SEEDED, k1=lambda g: g,
-               reference=_gradvac_ref(lambda k: random_orders((), k, _gen()))),
+    SolverInfo(
+        "PCGrad(cyclic)",
+        _CyclicPCGrad,
+        {"permutation": _POSITIONS},
+        k1=lambda g: g,
+        reference=lambda J, **kw: pcgrad_ref(J, cyclic_orders((), J.shape[0])),
+    ),
+    SolverInfo(
+        "GradVac",
+        lambda: GradVac(generator=_gen()),
+        _SEEDED,
+        k1=lambda g: g,
+        reference=_gradvac_ref(lambda k: random_orders((), k, _gen())),
+    ),
     SolverInfo("GradVac(global-rng)", GradVac, _GLOBAL_RNG, k1=lambda g: g),
-    SolverInfo("GradVac(cyclic)", _CyclicGradVac, {"permutation": _POSITIONS, "vmap": STATEFUL_VMAP}, k1=lambda g: g,
-               reference=_gradvac_ref(lambda k: cyclic_orders((), k))),
+    SolverInfo(
+        "GradVac(cyclic)",
+        _CyclicGradVac,
+        {"permutation": _POSITIONS, "vmap": STATEFUL_VMAP},
+        k1=lambda g: g,
+        reference=_gradvac_ref(lambda k: cyclic_orders((), k)),
+    ),
     # A scalar leakage and a draw per feature make GradDrop permutation invariant even for a fixed draw.
-    SolverInfo("GradDrop", lambda: GradDrop(generator=_gen()), _DROP, k1=lambda g: g,
-               reference=_graddrop_seeded_ref),
-    SolverInfo("GradDrop(inputs)", lambda: GradDrop(generator=_gen()), _DROP, k1=lambda g: g,
-               reference=_graddrop_seeded_ref, context=_inputs),
-    SolverInfo("GradDrop(inputs,global-rng)", GradDrop, _GLOBAL_RNG | {"rotation": COORDINATES,
-                                                                       "gram_path": COORDINATES},
-               k1=lambda g: g, context=_inputs),
-    SolverInfo("GradDrop(inputs,U=1/2)", _HalfGradDrop, {"rotation": COORDINATES, "gram_path": COORDINATES},
-               k1=lambda g: g, reference=_graddrop_half_ref, context=_inputs),
-    SolverInfo("GradNorm", GradNorm, {"vmap": STATEFUL_VMAP}, k1=lambda g: g, needs_losses=True,
-               reference=lambda J, losses=None, **kw: gradnorm_ref([J], [losses], 1.5, 0.025)[0]),
-    SolverInfo("GradNorm(grad)", lambda: GradNorm(progress="grad"), {"vmap": STATEFUL_VMAP}, k1=lambda g: g,
-               reference=lambda J, **kw: gradnorm_ref([J], None, 1.5, 0.025, "grad", 20)[0]),
+    SolverInfo("GradDrop", lambda: GradDrop(generator=_gen()), _DROP, k1=lambda g: g, reference=_graddrop_seeded_ref),
+    SolverInfo(
+        "GradDrop(inputs)",
+        lambda: GradDrop(generator=_gen()),
+        _DROP,
+        k1=lambda g: g,
+        reference=_graddrop_seeded_ref,
+        context=_inputs,
+    ),
+    SolverInfo(
+        "GradDrop(inputs,global-rng)",
+        GradDrop,
+        _GLOBAL_RNG | {"rotation": COORDINATES, "gram_path": COORDINATES},
+        k1=lambda g: g,
+        context=_inputs,
+    ),
+    SolverInfo(
+        "GradDrop(inputs,U=1/2)",
+        _HalfGradDrop,
+        {"rotation": COORDINATES, "gram_path": COORDINATES},
+        k1=lambda g: g,
+        reference=_graddrop_half_ref,
+        context=_inputs,
+    ),
+    SolverInfo(
+        "GradNorm",
+        GradNorm,
+        {"vmap": STATEFUL_VMAP},
+        k1=lambda g: g,
+        needs_losses=True,
+        reference=lambda J, losses=None, **kw: gradnorm_ref([J], [losses], 1.5, 0.025)[0],
+    ),
+    SolverInfo(
+        "GradNorm(grad)",
+        lambda: GradNorm(progress="grad"),
+        {"vmap": STATEFUL_VMAP},
+        k1=lambda g: g,
+        reference=lambda J, **kw: gradnorm_ref([J], None, 1.5, 0.025, "grad", 20)[0],
+    ),
     SolverInfo("NSGD", NSGD, {"vmap": STATEFUL_VMAP}, k1=lambda g: g, reference=lambda J, **kw: nsgd_ref([J])[0]),
     # GradNorm's first weights are 1, so a fresh Compose(GradNorm, PCGrad) is PCGrad (test_compose runs
     # longer sequences against the members applied in turn).
-    SolverInfo("Compose(GradNorm(alpha=0),PCGrad)", lambda: Compose(GradNorm(alpha=0.0), PCGrad(generator=_gen())),
-               _SEEDED, k1=lambda g: g, reference=_pcgrad_seeded_ref),
-    SolverInfo("Compose(GradNorm(alpha=0),PCGrad)(global-rng)", lambda: Compose(GradNorm(alpha=0.0), PCGrad()),
-               _GLOBAL_RNG, k1=lambda g: g),
-    SolverInfo("Compose(GradNorm(alpha=0),PCGrad(cyclic))", lambda: Compose(GradNorm(alpha=0.0), _CyclicPCGrad()),
-               {"vmap": STATEFUL_VMAP, "permutation": _POSITIONS}, k1=lambda g: g,
-               reference=lambda J, **kw: pcgrad_ref(J, cyclic_orders((), J.shape[0]))),
+    SolverInfo(
+        "Compose(GradNorm(alpha=0),PCGrad)",
+        lambda: Compose(GradNorm(alpha=0.0), PCGrad(generator=_gen())),
+        _SEEDED,
+        k1=lambda g: g,
+        reference=_pcgrad_seeded_ref,
+    ),
+    SolverInfo(
+        "Compose(GradNorm(alpha=0),PCGrad)(global-rng)",
+        lambda: Compose(GradNorm(alpha=0.0), PCGrad()),
+        _GLOBAL_RNG,
+        k1=lambda g: g,
+    ),
+    SolverInfo(
+        "Compose(GradNorm(alpha=0),PCGrad(cyclic))",
+        lambda: Compose(GradNorm(alpha=0.0), _CyclicPCGrad()),
+        {"vmap": STATEFUL_VMAP, "permutation": _POSITIONS},
+        k1=lambda g: g,
+        reference=lambda J, **kw: pcgrad_ref(J, cyclic_orders((), J.shape[0])),
+    ),
 ]
