@@ -31,16 +31,32 @@ from torch import Tensor
 
 from impartial.solvers import Solver
 
-ALL_CLAIMS = frozenset({"k1", "permutation", "homogeneous", "rotation", "batched", "vmap", "compile", "checkpoint",
-                        "gram_path", "reference"})
+ALL_CLAIMS = frozenset(
+    {
+        "k1",
+        "permutation",
+        "homogeneous",
+        "rotation",
+        "batched",
+        "vmap",
+        "compile",
+        "checkpoint",
+        "gram_path",
+        "reference",
+    }
+)
 
 #: reasons shared by many rows
 COORDINATES = "works on J's coordinates (not Gram-space): no rotation equivariance and no Gram path"
-RANDOM_DRAW = ("draws at random: one batched draw differs from B small ones, a draw is tied to task positions, "
-               "and a draw under vmap needs randomness=; the fixed-draw rows claim these")
+RANDOM_DRAW = (
+    "draws at random: one batched draw differs from B small ones, a draw is tied to task positions, "
+    "and a draw under vmap needs randomness=; the fixed-draw rows claim these"
+)
 GENERATOR = "dynamo cannot trace a torch.Generator: the global-RNG row claims compile"
-STATEFUL_VMAP = ("stateful: the generic test keeps one solver outside vmap, whose state would capture batched "
-                 "tensors; the method's own test vmaps whole runs")
+STATEFUL_VMAP = (
+    "stateful: the generic test keeps one solver outside vmap, whose state would capture batched "
+    "tensors; the method's own test vmaps whole runs"
+)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def test_cagrad_maximises_the_worst_improvement_in_the_ball(J: torch.Tensor, c: 
     r = c * float(g0.norm())
     d = CAGrad(c=c)(J)
     best = float((J @ d).min())
-    w = (CAGrad(c=c).weights(gram(J)) - 1 / J.shape[0])  # ∝ the dual minimiser
+    w = CAGrad(c=c).weights(gram(J)) - 1 / J.shape[0]  # ∝ the dual minimiser
     w = w / w.sum() if float(w.sum()) > 0 else w
     dual = float(w @ (J @ g0)) + r * float((w @ J).norm())
     scale = float((J * J).sum(1).max())

@@ -131,8 +131,11 @@ def _same_state(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and set(a) == set(b) and all(_same_state(a[k], b[k]) for k in a)
     if isinstance(a, Tensor):
-        return isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a.double().nan_to_num(7.0),
-                                                                             b.double().nan_to_num(7.0))
+        return (
+            isinstance(b, Tensor)
+            and a.shape == b.shape
+            and torch.equal(a.double().nan_to_num(7.0), b.double().nan_to_num(7.0))
+        )
     return a == b
 
 

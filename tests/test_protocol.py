@@ -263,3 +263,27 @@ def test_float32_direction_matches_float64_at_extreme_scales(make, scale: float)
     expected = make()(J.double())
     got = make()(J).double()
     assert torch.allclose(got, expected, rtol=0, atol=1e-4 * float(expected.abs().max())), make.__name__
+
+
+@pytest.mark.parametrize("base", [solvers.MGDA, solvers.UPGrad, solvers.DualProj, solvers.CAGrad, solvers.IMTLG])
+def test_a_closed_form_below_a_solve_of_its_own_is_refused(base: type) -> None:
+    """Overriding ``_weights`` under a solver whose ``_solve`` computes the weights would be silently ignored."""
+    with pytest.raises(TypeError, match=r"overrides _weights, which \w+\._solve never calls"):
+        type("Clamped", (base,), {"_weights": lambda self, G, *, losses: torch.ones(G.shape[:-1], dtype=G.dtype)})
+
+    class Clamped(base):  # overriding _solve itself is the way, and works
+        def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> solvers.Solution:
+            sol = super()._solve(G, losses=losses, precision=precision, mixing=mixing)
+            return sol._replace(weights=sol.weights.clamp_max(1e-3))
+
+    J = torch.randn(3, 5, dtype=torch.float64)
+    assert Clamped().weights(J @ J.T).max() <= 1e-3
+
+
+def test_a_closed_form_on_gram_solver_is_the_way_for_new_methods() -> None:
+    class Halves(solvers.GramSolver):
+        def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
+            return torch.full(G.shape[:-1], 0.5, dtype=G.dtype)
+
+    J = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(Halves()(J), 0.5 * J.sum(0))

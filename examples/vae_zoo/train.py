@@ -53,8 +53,10 @@ class ClampedMGDA(solvers.MGDA):
     only to run the paper's recommended configuration as it was run; ``solvers.MGDA`` is the method.
     """
 
-    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
-        return super()._weights(G, losses=losses).clamp(max=1e-3)
+    def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> solvers.Solution:
+        sol = super()._solve(G, losses=losses, precision=precision, mixing=mixing)
+        w = sol.weights.clamp(max=1e-3)
+        return sol._replace(weights=w, mixing=torch.diag_embed(w) if mixing else None)
 
 
 class SharedGradNorm(solvers.GradNorm):

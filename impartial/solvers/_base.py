@@ -261,6 +261,17 @@ class GramSolver(Solver):
 
     gram_space = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # a closed form below a solver whose _solve computes the weights itself would never be called: say so now
+        own = sorted({"_weights", "_mixing"} & set(vars(cls)))
+        base = next(b for b in cls.__mro__ if "_solve" in vars(b))
+        if own and base is not cls and base is not GramSolver:
+            raise TypeError(
+                f"{cls.__name__} overrides {' and '.join(own)}, which {base.__name__}._solve never calls "
+                "(it computes the weights and the status itself): override _solve instead"
+            )
+
     def __new__(cls, *args: Any, **kwargs: Any) -> GramSolver:  # noqa: PYI034
         if cls is GramSolver:  # abstract, though every hook has a default: only its subclasses are methods
             raise TypeError("GramSolver is a base class: subclass it and override _solve (or _weights / _mixing)")

@@ -3,9 +3,8 @@
 Liu, Liu, Jin, Stone, Liu, "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021
 (Algorithm 1).  Primal: ``max_d min_i g_i·d`` s.t. ``‖d − g₀‖ ≤ c‖g₀‖``; its dual is a convex problem on the
 simplex that needs only the Gram matrix, solved here exactly: small ``k`` (up to 10) by enumerating every
-face's stationary point (:func:`._qp.enumerates`), larger ``k`` by the batched active-set method of :mod:`._qp`
-(``iters`` fixed iterations, default ``8k + 32``: a cap found by testing, not a proof; 4k + 16 left a
-k = 17 problem unconverged, off by 3% of max|J|, where 5k sufficed).
+face's stationary point, larger ``k`` by the active-set iterations of :mod:`._qp` (host-driven on the CPU,
+a fixed ``8k + 32`` of them elsewhere).
 """
 
 from __future__ import annotations
@@ -15,24 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramSolver
-from ._qp import (
-    active_set,
-    all_faces,
-    check_iters,
-    default_iters,
-    enumerates,
-    face_minimisers,
-    masked_solve,
-    pick_feasible,
-    prepare,
-)
+from ._base import GramSolver, Solution
+from ._qp import REG, check_iters, cutoff, prepare, status, zero_direction
+from ._qp_faces import Face, all_faces, as_step, default_iters, enumerates, face_minimisers, masked_solve, pick_feasible
+from ._qp_host import host_active_set, on_host, residual
 
 __all__ = ["CAGrad"]
-
-
-#: marks the default iteration count, for which small problems are enumerated (see :func:`._qp.enumerates`)
-_DEFAULT = -1
 
 
 def _stationary(sol: Tensor, b: Tensor, r: Tensor) -> tuple[Tensor, ...]:
@@ -49,25 +36,50 @@ def _stationary(sol: Tensor, b: Tensor, r: Tensor) -> tuple[Tensor, ...]:
     return (mu * a - beta) / sqrtD, mu, exact, a, beta, A, C
 
 
-def cagrad_dual(H: Tensor, c: float, iters: int) -> tuple[Tensor, Tensor]:
-    r"""``(w, ρ)``: the dual minimiser ``w`` ``[..., k]`` and ``ρ = r/‖g_w‖``, on a prepared Gram matrix ``H``.
+def _norm(H: Tensor, w: Tensor) -> Tensor:
+    """``‖g_w‖ = √(wᵀHw)`` ``[..., m, 1]`` for ``w`` ``[..., m, k]``."""
+    return ((w @ H) * w).sum(-1, keepdim=True).clamp(min=0).sqrt()
+
+
+def _face(H: Tensor, b: Tensor, r: Tensor, w: Tensor) -> Face:
+    """The face step at the current point ``w``: the face's stationary point where it has one, else the
+    minimiser of the quadratic majoriser ``wᵀb + (r/2q)wᵀHw + rq/2`` at the current ``q = ‖g_w‖``."""
+
+    def face(free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ones = torch.ones_like(b)
+        w_exact, mu_exact, exact, a, beta, A, C = _stationary(masked_solve(H, free, torch.stack([ones, b], -1)), b, r)
+        rho = r / _norm(H, w)
+        mu_mm = (rho + C) / A
+        w_mm = (mu_mm * a - beta) / rho
+        return torch.where(exact, w_exact, w_mm), torch.where(exact, mu_exact, mu_mm), exact
+
+    return face
+
+
+def _grad(H: Tensor, b: Tensor, r: Tensor):
+    return lambda w: b + (r / _norm(H, w)) * (w @ H)
+
+
+def _objective(H: Tensor, b: Tensor, r: Tensor):
+    """``f`` at candidates ``W`` ``[..., m, n, k]`` → ``[..., m, n]`` (for the projected search)."""
+    return lambda W: (W * b.unsqueeze(-2)).sum(-1) + r * ((W @ H.unsqueeze(-3)) * W).sum(-1).clamp(min=0).sqrt()
+
+
+def cagrad_dual(H: Tensor, c: float, iters: int | None, host: bool) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(w, q, residual)``: the dual minimiser ``w`` ``[..., k]``, ``q = ‖g_w‖`` and the KKT residual ``[...]``.
 
     Dual: ``min_{w ∈ Δ} f(w) = wᵀb + r √(wᵀHw)`` with ``b = H1/k`` and ``r = c‖g₀‖ = c √(1ᵀH1)/k``.
     On a face ``F`` stationarity reads ``b + r H w / q = μ1`` with ``q = ‖g_w‖``, so
     ``w = (q/r)(μ a − β)`` with ``a = H_FF⁻¹1``, ``β = H_FF⁻¹b``; ``wᵀHw = q²`` and ``1ᵀw = 1`` give
     ``μ = (C + √D)/A`` and ``r/q = √D`` with ``A = 1ᵀa``, ``C = 1ᵀβ``, ``E = bᵀβ``, ``D = C² − AE + Ar²``.
     When ``D ≤ 0`` the face has no interior stationary point; the step then minimises the quadratic
-    majoriser ``wᵀb + (r/2q)wᵀHw + rq/2`` (at the current ``q``), which also lowers ``f``.
+    majoriser at the current ``q``, which also lowers ``f`` (the iterations are then linear, not finite).
     """
     k = H.shape[-1]
     b = H.sum(-1, keepdim=True).mT / k  # [..., 1, k]
     r = c * (b.sum(-1, keepdim=True) / k).clamp(min=0).sqrt()  # ‖g₀‖² = 1ᵀH1/k² = 1ᵀb/k
     ones = torch.ones_like(b)
-
-    def norm(w: Tensor) -> Tensor:
-        return ((w @ H) * w).sum(-1, keepdim=True).clamp(min=0).sqrt()
-
-    if enumerates(k, 1, None if iters == _DEFAULT else iters):
+    if enumerates(k, 1, iters):
         # every nonempty face's stationary point at once (exact where D > 0), the uniform start as a candidate
         # that always exists; f is strictly convex on the simplex, so the feasible candidate of least f is the
         # optimum, which is the stationary point of its own face
@@ -75,31 +87,39 @@ def cagrad_dual(H: Tensor, c: float, iters: int) -> tuple[Tensor, Tensor]:
         W, _, exact, *_ = _stationary(sol, b.unsqueeze(-2), r.unsqueeze(-1))
         W = torch.where(exact, W, torch.full_like(W, -1.0))  # no stationary point: infeasible, never picked
         W = torch.cat([W, (ones / k).unsqueeze(-2)], dim=-2)
-        f = (W * b.unsqueeze(-2)).sum(-1) + r * ((W @ H.unsqueeze(-3)) * W).sum(-1).clamp(min=0).sqrt()
-        w = pick_feasible(W, f)
-        return w.squeeze(-2), (r / norm(w)).squeeze(-2).squeeze(-1)
+        w = pick_feasible(W, _objective(H, b, r)(W))
+    else:
+        # the majoriser steps converge linearly, not in one step: 4× the QPs' budget
+        cap = 4 * default_iters(k) if iters is None else iters
+        w, free = ones / k, ones > 0
+        if host:
+            w = host_active_set(
+                lambda idx: _row_step(H, b, r, idx), w.reshape(-1, 1, k), free.reshape(-1, 1, k), cap
+            ).reshape(b.shape)
+        else:
+            for _ in range(cap):
+                w, free, _ = as_step(_grad(H, b, r), _face(H, b, r, w), w, free, _objective(H, b, r), simplex=True)
+    g = _grad(H, b, r)(w)
+    return (
+        w.squeeze(-2),
+        _norm(H, w).squeeze(-2).squeeze(-1),
+        residual(g - (g * w).sum(-1, keepdim=True), w).squeeze(-1),
+    )
 
-    # the majoriser step needs q at the current point; the loop reports each new point through grad()
-    state = {"w": ones / k}
 
-    def grad(w: Tensor) -> Tensor:
-        state["w"] = w
-        return b + (r / norm(w)) * (w @ H)
+def _row_step(H: Tensor, b: Tensor, r: Tensor, idx: Tensor):
+    """:func:`._qp_faces.as_step` on the problems ``idx`` of the flattened batch (rows ``[n, 1, k]``)."""
+    k = H.shape[-1]
+    Hr, br, rr = H.reshape(-1, k, k), b.reshape(-1, 1, k), r.reshape(-1, 1, 1)
+    Hr, br, rr = (Hr[idx] if Hr.shape[0] > 1 else Hr.expand(idx.numel(), k, k)), br[idx], rr[idx]
 
-    def face(free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        w_exact, mu_exact, exact, a, beta, A, C = _stationary(
-            masked_solve(H, free, torch.stack([ones, b], dim=-1)), b, r)
-        # majoriser step at the current point: r/q with q = ‖g_w‖ of the current w
-        rho = r / norm(state["w"])
-        mu_mm = (rho + C) / A
-        w_mm = (mu_mm * a - beta) / rho
-        return torch.where(exact, w_exact, w_mm), torch.where(exact, mu_exact, mu_mm), exact
+    def step(w: Tensor, free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        w, free, settled = as_step(
+            _grad(Hr, br, rr), _face(Hr, br, rr, w), w, free, _objective(Hr, br, rr), simplex=True
+        )
+        return w, free, settled.squeeze(-1)
 
-    # 4x the QPs' budget by default: on faces without an interior stationary point the majoriser steps
-    # converge linearly, not in one step (a k = 17 case needed ~5k iterations)
-    iters = 4 * default_iters(k) if iters == _DEFAULT else iters
-    w = active_set(grad, face, ones / k, ones > 0, iters)
-    return w.squeeze(-2), (r / norm(w)).squeeze(-2).squeeze(-1)
+    return step
 
 
 class CAGrad(GramSolver):
@@ -115,9 +135,10 @@ class CAGrad(GramSolver):
     Choices: ``c = 0.4`` by default (the paper's setting on NYUv2 and CityScapes).  No rescale: the
     paper's update is ``θ ← θ − α d``; the official code's ``rescale=1`` divides ``d`` by ``1 + c²``, which
     only changes the step size.  The dual is solved exactly (:func:`cagrad_dual`), not by SLSQP.  As in
-    :mod:`._qp`, the instance solved is that of the gradients ``[J, √δ·diag(‖g_i‖)]`` (``δ = 1e-12``);
-    this matters when some ``g_w`` vanishes (0 in the hull: a Pareto-stationary point), where the paper's
-    ``g_w/‖g_w‖`` is 0/0 and the perturbation selects a finite optimal ``d`` (accurate to ~1e-6 there).
+    :mod:`._qp`, the instance solved is that of the gradients ``[J, √δ·diag(‖g_i‖)]`` (``δ = 1e-12``).
+    At a Pareto-stationary point (0 in the hull: ``g_{w*} = 0``) the paper's ``g_w/‖g_w‖`` is 0/0: for
+    ``c ≥ 1`` every optimal ``d`` lies in the dual cone, and the one of least norm, ``d = 0``, is returned
+    (status STATIONARY); for ``c < 1``, ``g_{w*} ≠ 0``.  STATIONARY also wherever ``d = 0`` (``g₀ = 0``).
 
     >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])
     >>> CAGrad(c=0.5)(J)
@@ -131,14 +152,23 @@ class CAGrad(GramSolver):
         self.c = float(c)
         self.iters = iters
 
-    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
+    def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> Solution:
+        host = on_host(G)
         k = G.shape[-1]
         mean = torch.full_like(G[..., 0], 1.0 / k)
         if self.c == 0.0:  # a hyperparameter, not a tensor value: no host sync
-            return mean
-        H, _ = prepare(G)
-        w, rho = cagrad_dual(H, self.c, _DEFAULT if self.iters is None else self.iters)
-        return mean + rho.unsqueeze(-1) * w
+            w, r, stationary = mean, torch.zeros_like(G[..., 0, 0]), zero_direction(G, mean)
+        else:
+            H = prepare(G, precision, host).H
+            u, q, r = cagrad_dual(H, self.c, self.iters, host)
+            # ρ = c‖g₀‖/‖g_w‖ (H's normalisation cancels)
+            rho = self.c * (H.sum((-2, -1)).clamp(min=0).sqrt() / k) / q.clamp(min=1e-300)
+            w = mean + rho.unsqueeze(-1) * u
+            stationary = (q * q <= cutoff(precision, k) + 2 * REG) & (self.c >= 1.0)
+            w = torch.where(stationary.unsqueeze(-1), 0.0, w)
+            r = torch.where(stationary, 0.0, r)  # the residual of the formula's 0/0 means nothing there
+            stationary = stationary | zero_direction(G, w)  # g₀ = 0: d = g₀ + 0 (every task gradient 0, say)
+        return Solution(w, status(r, stationary), r, torch.diag_embed(w) if mixing else None)
 
     def _hparams(self) -> dict[str, Any]:
         return {"c": self.c} | ({} if self.iters is None else {"iters": self.iters})

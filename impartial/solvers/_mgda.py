@@ -12,15 +12,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramSolver
-from ._qp import check_iters, prepare, simplex_qp
+from ._base import GramSolver, Solution, Status
+from ._qp import REG, check_iters, cutoff, prepare, simplex_qp, status
+from ._qp_host import on_host
 
 __all__ = ["MGDA"]
 
 
 def _two_tasks(G: Tensor) -> Tensor:
-    """The paper's closed form for ``k = 2``: ``w = (γ, 1 − γ)``, ``γ = clip((g₂ − g₁)·g₂ / ‖g₁ − g₂‖², 0, 1)``.
-    """
+    """The paper's closed form for ``k = 2``: ``w = (γ, 1 − γ)``, ``γ = clip((g₂ − g₁)·g₂ / ‖g₁ − g₂‖², 0, 1)``."""
     num = G[..., 1, 1] - G[..., 0, 1]
     den = G[..., 0, 0] + G[..., 1, 1] - 2 * G[..., 0, 1]
     # g₁ = g₂ (den = 0): every γ gives the same direction; take the middle.  torch.where: no host sync.
@@ -37,11 +37,10 @@ class MGDA(GramSolver):
 
     Sener & Koltun, NeurIPS 2018.  Optimality (KKT): ``g_t · d ≥ ‖d‖²`` for every task, with equality on the
     support ``w_t > 0``; so ``d`` decreases every loss, or is 0 when 0 is in the hull (Pareto-stationary:
-    e.g. a zero task gradient, or an antiparallel pair).  ``k = 1`` returns the gradient, ``k = 2`` uses the
-    paper's closed form; ``k > 2`` solves the QP exactly with :mod:`._qp`: by enumerating the faces up to
-    ``k = 10``, beyond by its batched active-set method (``iters`` iterations, default ``2k + 8``), not the paper's Frank–Wolfe loop, whose fixed step budget leaves
-    10% errors at ``k = 40``.  The solution is scale-free: ``G`` is normalised inside, so gradient norms
-    from 1e-10 to 1e15 behave alike (LibMTL's ``dmin = 1e8`` start breaks at norms ≥ 1e4).
+    e.g. a zero task gradient, or an antiparallel pair; the status then says STATIONARY).  ``k = 1`` returns
+    the gradient, ``k = 2`` uses the paper's closed form; ``k > 2`` solves the QP exactly with :mod:`._qp`
+    (``iters`` caps its active-set iterations), not with the paper's Frank–Wolfe loop.  The solution is
+    scale-free: ``G`` is normalised inside, so gradient norms from 1e-10 to 1e15 behave alike.
 
     Gradient normalisation: none.  Problem (3) of the paper weights the raw gradients; the authors' code
     optionally divides them by their norm or loss (``l2`` / ``loss`` / ``loss+``) -- compose with
@@ -56,14 +55,22 @@ class MGDA(GramSolver):
         check_iters("MGDA", iters)
         self.iters = iters
 
-    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
+    def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> Solution:
+        host = on_host(G)
         k = G.shape[-1]
-        if k == 1:  # a shape, not a value: no host sync
-            return torch.ones_like(G[..., 0])
-        if k == 2:
-            return _two_tasks(G)
-        H, _ = prepare(G)
-        return simplex_qp(H, torch.zeros_like(G[..., :1, :]), self.iters).squeeze(-2)
+        # Pareto-stationary: the min-norm point is 0 but for the ridge and what the precision cannot resolve
+        tol = cutoff(precision, k) + 2 * REG
+        if k <= 2:  # a shape, not a value: no host sync.  Closed form: no residual, the fewest ops
+            w = torch.ones_like(G[..., 0]) if k == 1 else _two_tasks(G)
+            s = G.diagonal(dim1=-2, dim2=-1).amax(-1)
+            stationary = ((w.unsqueeze(-2) @ G).squeeze(-2) * w).sum(-1) <= tol * s  # all-zero G: 0 ≤ 0
+            code = stationary.to(torch.int8) * int(Status.STATIONARY)
+            return Solution(w, code, torch.zeros_like(s), torch.diag_embed(w) if mixing else None)
+        prep = prepare(G, precision, host)
+        w, r = simplex_qp(prep.H, torch.zeros_like(G[..., :1, :]), self.iters, host)
+        w, r = w.squeeze(-2), r.squeeze(-1)
+        stationary = ((w.unsqueeze(-2) @ prep.H).squeeze(-2) * w).sum(-1) <= tol
+        return Solution(w, status(r, stationary), r, torch.diag_embed(w) if mixing else None)
 
     def _hparams(self) -> dict[str, Any]:
         return {} if self.iters is None else {"iters": self.iters}

@@ -5,139 +5,78 @@ Two problem shapes, each solved for many right-hand sides at once (``m`` problem
 - :func:`nonneg_qp`: ``min_x ½ xᵀHx + cᵀx`` s.t. ``x ≥ 0`` (UPGrad's and DualProj's ``v ≥ u`` with ``v = u + x``);
 - :func:`simplex_qp`: the same on the simplex ``x ≥ 0, 1ᵀx = 1`` (MGDA's min-norm point).
 
-**Method.** A primal active-set method (Nocedal & Wright, *Numerical Optimization*, §16.5) on a *working
-set* ``F`` of free variables: each iteration minimises the objective on the face ``{x_j = 0, j ∉ F}`` (one
-masked, batched Cholesky solve), walks from the current feasible ``x`` towards that face minimiser until the
-first variable hits zero (the ratio test; hitting variables leave ``F``), and when the step is full, adds
-*every* variable whose multiplier is negative.  The objective never increases, so the method cannot cycle
-between faces, and once ``F`` is the optimal support the face minimiser is the exact solution: an exact
-method, not a first-order approximation.  The batch runs a fixed number of iterations (``iters``, or by
-default ``2k + 8`` for the mid sizes that are neither enumerated nor given to the interior point, below;
-converged problems are fixed points), with ``torch.where`` for every branch: no host sync.
-
-**Large problems: interior point, then the active set.**  From ``k ≥`` :data:`IPM_K` (default ``iters``) a
-fixed number of Mehrotra predictor-corrector steps (:func:`interior_point`; their count does not grow with
-``k``) find the support, and :data:`POLISH` active-set iterations from there land on the exact face
-minimiser.  The ``2k + 8`` active-set iterations from a cold start made UPGrad O(k⁵) at large k.
-
-**Small problems: enumeration.**  For ``m k 2ᵏ ≤`` :data:`ENUM_WORK` (UPGrad up to ``k = 8``, a single problem
-up to ``k = 10``) every face's minimiser is computed in one batched Cholesky and the feasible one of least
-objective is taken.  The optimum minimises the objective on its own face, so this is the exact solution
-too, in ~15 ATen ops instead of ``2k + 8`` iterations of ~40 (measured 3–16× faster, 1 thread).
-
 **Conditioning.** :func:`prepare` divides ``G`` by its largest diagonal entry (the solutions are scale-free,
-so inputs from 1e-10 to 1e15 behave alike), projects the tasks' correlation matrix onto the PSD cone
-(``eigh``; a float32 Gram has negative round-off eigenvalues) and adds ``δ = 1e-12`` to its diagonal.  The
-solvers thus solve *exactly* the problem of the slightly perturbed gradients ``[J, √δ·diag(‖g_i‖)]`` (a
-zero gradient is perturbed as if it had the largest norm): every face system is positive definite (a plain
-Cholesky, no pivoting), rank-deficient, duplicate and zero rows need no special case, among equivalent
-optimal weights the perturbation picks one, and the direction moves by ``O(δ)`` relative to each task
-(by up to ``O(√δ) = 1e-6`` where the feasible cone or the hull is degenerate, e.g. 0 on its boundary).
-Known limit: where the dual cone is *nearly* {0} (k > d), the projections are combinations with huge
-weights and the shift grows with them: 7.5e-5 of the largest gradient on one UPGrad input (k = 26,
-d = 9, rank 9), against 1e-6 elsewhere.  Every method here (enumeration, active set, interior point) solves
-the same perturbed problem, so they agree with each other there, not with the unperturbed projection.
+so inputs from 1e-10 to 1e15 behave alike), sets the eigenvalues of the tasks' correlation matrix that the
+input's precision cannot tell from zero to zero (:func:`cutoff`), and adds ``δ = 1e-12`` to its diagonal.
+The solvers thus solve *exactly* the problem of the slightly perturbed gradients ``[J, √δ·diag(‖g_i‖)]`` (a
+zero gradient is perturbed as if it had the largest norm): every face system is positive definite,
+rank-deficient, duplicate and zero rows need no special case, and the direction moves by ``O(δ)`` relative
+to each task (by up to ``O(√δ) = 1e-6`` where the feasible cone or the hull is degenerate, e.g. 0 on its
+boundary).
+
+**Methods** (:mod:`._qp_faces`, :mod:`._qp_host`).  Small problems enumerate every face (exact, no
+iteration).  Otherwise, on the CPU outside any trace (:func:`._qp_host.on_host`), box QPs run accelerated
+projected gradient until the KKT residual is at round-off, and the problems where it stalls run exact
+active-set iterations until they settle; simplex QPs take the affine hull's minimiser where it is feasible
+and run the active set from the centre of the simplex elsewhere.
+Elsewhere (CUDA, ``vmap``, ``torch.compile``) a fixed, sync-free schedule runs: an interior point then
+active-set iterations for ``k ≥ IPM_K``, ``2k + 8`` active-set iterations below.  Both return the KKT
+residual (:func:`nonneg_residual`, :func:`simplex_residual`), which the solvers report as their status:
+above :data:`RESIDUAL_TOL` a problem did not converge.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_iters", "prepare", "masked_solve", "active_set", "nonneg_qp", "simplex_qp", "default_iters",
-           "enumerates", "all_faces", "face_minimisers", "pick_feasible", "quadratic", "REG", "TOL",
-           "ENUM_WORK"]
+from ._base import Status
+from ._qp_faces import (
+    IPM_K,
+    POLISH,
+    Face,
+    active_set,
+    all_faces,
+    as_step,
+    chol_solve,
+    default_iters,
+    enumerates,
+    face_minimisers,
+    interior_point,
+    masked_solve,
+    pick_feasible,
+    quadratic,
+    simplex_point,
+)
+from ._qp_host import host_active_set, host_iters, projected_gradient, residual
+
+__all__ = [
+    "Prepared",
+    "prepare",
+    "cutoff",
+    "min_norm",
+    "nonneg_qp",
+    "simplex_qp",
+    "nonneg_residual",
+    "simplex_residual",
+    "status",
+    "zero_direction",
+    "check_iters",
+    "REG",
+    "RESIDUAL_TOL",
+]
 
 #: relative Tikhonov term added to the normalised Gram matrix (see the module docstring).
 REG = 1e-12
-#: a multiplier below ``-TOL`` (relative to the normalised Gram matrix) puts its variable in the working set.
-TOL = 1e-11
-
-
-#: with the default iteration count, ``m`` problems of ``k`` variables are solved by enumerating all ``2ᵏ``
-#: faces while ``m k 2ᵏ ≤ ENUM_WORK`` (UPGrad up to k = 8, one problem up to k = 10).  Measured, 1 thread:
-#: 9–16× faster than the active set for k ≤ 6, 3× (UPGrad) and 2–9× (one problem) at the limit, slower beyond.
-ENUM_WORK = 2**14
-
-
-def enumerates(k: int, m: int, iters: int | None) -> bool:
-    """Whether :func:`nonneg_qp` / :func:`simplex_qp` enumerate the faces (a shape rule: no sync)."""
-    return iters is None and m * k * 2**k <= ENUM_WORK
-
-
-def all_faces(k: int, like: Tensor) -> Tensor:
-    """All ``2ᵏ`` supports as a ``[2ᵏ, k]`` 0/1 matrix in ``like``'s dtype (row ``r`` has bit ``j`` of ``r``)."""
-    r = torch.arange(2**k, device=like.device).unsqueeze(-1)
-    bit = 2 ** torch.arange(k, device=like.device)
-    return ((r // bit) % 2).to(like.dtype)
-
-
-def chol_solve(L: Tensor, rhs: Tensor) -> Tensor:
-    """``(L Lᵀ)⁻¹ rhs`` by two triangular solves (measured 1.2× to 7× faster than ``torch.cholesky_solve`` on
-    batches of k × k systems for k = 16…256, one CPU thread; equal below)."""
-    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rhs, upper=False), upper=True)
-
-
-def _plus_diag(A: Tensor, diag: Tensor) -> Tensor:
-    """``A + diag_embed(diag)`` for a freshly made ``A`` (added in place: one ``k × k`` pass, not three)."""
-    A.diagonal(dim1=-2, dim2=-1).add_(diag)
-    return A
-
-
-def face_minimisers(H: Tensor, F: Tensor, rhs: Tensor) -> Tensor:
-    """``(H_FF)⁻¹ rhs_F`` on every face ``F`` ``[n, k]`` at once.
-
-    ``rhs`` ``[..., m, k, r]`` → ``[..., m, n, k, r]`` (zero off each face).
-    """
-    A = _plus_diag(H.unsqueeze(-3) * (F.unsqueeze(-1) * F.unsqueeze(-2)), 1 - F)  # [..., n, k, k]
-    L, _ = torch.linalg.cholesky_ex(A)  # positive definite (prepare's ridge): no check, no sync
-    m, k, r = rhs.shape[-3:]
-    # the m problems' right-hand sides become columns: one solve per face, not one per face and problem
-    R = rhs.movedim(-3, -2).reshape(*rhs.shape[:-3], 1, k, m * r) * F.unsqueeze(-1)  # [..., n, k, m r]
-    X = chol_solve(L, R)
-    return X.reshape(*X.shape[:-1], m, r).movedim(-2, -4)  # [..., m, n, k, r]
-
-
-def quadratic(H: Tensor, c: Tensor, X: Tensor) -> Tensor:
-    """``½ xᵀHx + cᵀx`` for candidates ``X`` ``[..., m, n, k]`` of the problems ``c`` ``[..., m, k]`` → ``[..., m, n]``."""
-    return ((X @ H.unsqueeze(-3)) * X).sum(-1) / 2 + (X * c.unsqueeze(-2)).sum(-1)
-
-
-def _simplex_point(sol: Tensor) -> tuple[Tensor, Tensor]:
-    """``(x, μ)`` on a face from ``sol = H_FF⁻¹ [1, c]`` (``[..., k, 2]``): ``x = μa − b``, ``μ = (1 + 1ᵀb)/1ᵀa``."""
-    a, b = sol[..., 0], sol[..., 1]
-    mu = (1 + b.sum(-1, keepdim=True)) / a.sum(-1, keepdim=True)
-    return mu * a - b, mu
-
-
-def pick_feasible(X: Tensor, f: Tensor) -> Tensor:
-    """The candidate ``X[..., m, n, k]`` of least objective ``f`` ``[..., m, n]`` among the feasible (``X ≥ 0``) ones.
-
-    Feasibility allows round-off (``-1e-12`` relative to the candidate's largest entry), then clamps.
-    """
-    tol = 1e-12 * X.abs().amax(-1).clamp(min=1.0)
-    feasible = X.amin(-1) >= -tol
-    f = torch.where(feasible, f, torch.full_like(f, torch.inf))
-    best = f.argmin(-1, keepdim=True)  # [..., m, 1]
-    return X.gather(-2, best.unsqueeze(-1).expand(*best.shape[:-1], 1, X.shape[-1])).squeeze(-2).clamp(min=0.0)
-
-
-#: with the default iteration count, problems of at least this many variables run :func:`interior_point`
-#: and then :data:`POLISH` active-set iterations from its support, instead of ``2k + 8`` active-set
-#: iterations.  Measured (1 thread, against the active set): about equal at k = 20–32 (the interior point's
-#: 30 steps cost ~6 ms of dispatch); k = 64: UPGrad 5×, DualProj 3×, MGDA 2× faster; k = 256: DualProj 21×,
-#: MGDA 12×.
-IPM_K = 24
-#: interior-point iterations (Mehrotra's predictor-corrector) from the fixed start on the normalised problems of
-#: :func:`prepare`: a cap found by testing, like ``2k + 8``.  With the polish, on randn / correlated / low-rank /
-#: mixed-norm inputs with zero and antiparallel rows, k = 24…100: 30 steps agree with 3 × (2k + 8) active-set
-#: iterations to 1e-10 of the largest gradient; 22 left MGDA 1e-5 off, 14 left UPGrad 7e-8 off.
-IPM_ITERS = 30
-#: active-set iterations after the interior point: the first lands on the exact face minimiser when the
-#: interior point's support is right; the others correct a support that round-off left ambiguous
-POLISH = 8
+#: a KKT residual above this (relative to the normalised Gram matrix) means "did not converge"
+RESIDUAL_TOL = 1e-9
+#: projected gradient stops at this residual (then the error is at most a few times it, where it converges)
+PG_TOL = 1e-12
+#: cap on projected-gradient iterations (the stall test of :func:`._qp_host.projected_gradient` ends most runs)
+PG_ITERS = 500
 
 
 def check_iters(who: str, iters: int | None) -> None:
@@ -146,198 +85,272 @@ def check_iters(who: str, iters: int | None) -> None:
         raise ValueError(f"{who}: iters must be ≥ 0, got {iters}")
 
 
-def default_iters(k: int) -> int:
-    """The fixed iteration count of the active-set loop for ``k`` variables (a shape, not a value: no sync)."""
-    return 2 * k + 8
+def cutoff(precision: torch.dtype, k: int) -> float:
+    """Eigenvalues of the correlation matrix of ``k`` tasks at or below this are zero for input of ``precision``.
 
-
-def prepare(G: Tensor) -> tuple[Tensor, Tensor]:
-    """``(H, s)``: the normalised, regularised Gram matrix ``H`` ``[..., k, k]`` and the scale ``s = max diag G``.
-
-    With ``D = diag(G/s)^½`` (zero rows: ``D_j = 1``), ``H = D (PSD(C) + δ I) D`` where ``C`` is the
-    correlation matrix of the task gradients.  Working on ``C`` makes the PSD fix and ``δ`` relative to each
-    task's own norm, so tasks whose norms differ by 1e4 are treated as accurately as equal ones.
+    The Gram matrix of float32 (or lower) task gradients is accumulated in float32: its correlation matrix
+    carries errors of ~1e-7 (measured up to 5e-7 on rank-deficient inputs, k ≤ 64), which would otherwise
+    be taken for directions of curvature and give weights of 1e4 and more along them.
     """
-    s = G.diagonal(dim1=-2, dim2=-1).amax(-1)
-    s = torch.where(s > 0, s, torch.ones_like(s))  # torch.where: no host sync on the all-zero case
-    H = G / s[..., None, None]
-    diag = H.diagonal(dim1=-2, dim2=-1)
-    D = torch.where(diag > 0, diag, torch.ones_like(diag)).sqrt()
-    C = H / (D.unsqueeze(-1) * D.unsqueeze(-2))
-    lam, V = torch.linalg.eigh((C + C.mT) / 2)
-    C = (V * lam.clamp(min=0).unsqueeze(-2)) @ V.mT
-    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-    C = (C + C.mT) / 2 + REG * eye
-    return C * (D.unsqueeze(-1) * D.unsqueeze(-2)), s
+    eps = torch.finfo(torch.float64 if precision == torch.float64 else torch.float32).eps
+    return 8 * math.sqrt(k) * eps
 
 
-def masked_solve(H: Tensor, free: Tensor, rhs: Tensor) -> Tensor:
-    """``x`` with ``x_F = (H_FF)⁻¹ rhs_F`` and ``x_j = 0`` off the free set, for each problem.
+class Prepared(NamedTuple):
+    #: ``[..., k, k]`` the normalised, regularised Gram matrix
+    H: Tensor
+    #: ``[...]`` the scale ``max diag G``
+    s: Tensor
+    #: ``[..., k]`` the normalised task norms ``√diag(G/s)`` (1 for a zero gradient)
+    D: Tensor
+    #: ``[..., k, k]`` the projector onto the null space of the correlation matrix, or None when it has none
+    null: Tensor | None
 
-    ``H`` ``[..., k, k]`` (positive definite, shared by the ``m`` problems), ``free`` ``[..., m, k]`` (bool),
-    ``rhs`` ``[..., m, k, r]``.  The fixed variables get an identity row, so one batched Cholesky serves all
-    supports at once.
+
+def prepare(G: Tensor, precision: torch.dtype | None = None, host: bool = False) -> Prepared:
+    """The normalised, regularised problem of ``G`` ``[..., k, k]`` (see the module docstring).
+
+    With ``D = diag(G/s)^½`` (zero rows: ``D_j = 1``), ``H = D (C₊ + δ I) D`` where ``C`` is the correlation
+    matrix of the task gradients and ``C₊`` is ``C`` with its eigenvalues ``≤`` :func:`cutoff` set to zero.
+    Working on ``C`` makes the cut-off and ``δ`` relative to each task's own norm.  With ``host`` a Cholesky
+    of ``C − cutoff·I`` that succeeds proves there is nothing to cut, and the eigendecomposition is skipped.
     """
-    f = free.to(H.dtype)
-    A = _plus_diag(H.unsqueeze(-3) * (f.unsqueeze(-1) * f.unsqueeze(-2)), 1 - f)
-    L, _ = torch.linalg.cholesky_ex(A)  # _ex: no error check, hence no host sync; A is positive definite
-    return chol_solve(L, rhs * f.unsqueeze(-1))
+    k = G.shape[-1]
+    d = G.diagonal(dim1=-2, dim2=-1)
+    s = d.amax(-1, keepdim=True)
+    s = torch.where(s > 0, s, 1.0)  # torch.where: no host sync on the all-zero case
+    n = torch.where(d > 0, d, s)  # a zero gradient is scaled as if it had the largest norm
+    D = (n / s).sqrt()
+    rn = n.rsqrt()
+    C = G * (rn.unsqueeze(-1) * rn.unsqueeze(-2))
+    C = (C + C.mT) * 0.5  # BLAS does not promise a symmetric J Jᵀ; the residuals read both triangles
+    tau = cutoff(precision or G.dtype, k)
+    eye = torch.eye(k, dtype=G.dtype, device=G.device)
+    null = None
+    if not host or int(torch.linalg.cholesky_ex(torch.add(C, eye, alpha=-tau))[1].amax()) != 0:
+        lam, V = torch.linalg.eigh(C)
+        keep = lam > tau
+        C = (V * torch.where(keep, lam, 0.0).unsqueeze(-2)) @ V.mT
+        C = (C + C.mT) / 2
+        null = (V * (~keep).to(V.dtype).unsqueeze(-2)) @ V.mT
+    return Prepared(torch.add(C, eye, alpha=REG) * (D.unsqueeze(-1) * D.unsqueeze(-2)), s.squeeze(-1), D, null)
 
 
-# A face solver maps the working set [..., m, k] to (x̂ [..., m, k], multiplier offset μ [..., m, 1], exact
-# [..., m, 1] bool): x̂ is the face minimiser where exact, else a point of lower objective on that face.
-Face = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+def min_norm(w: Tensor, prep: Prepared) -> Tensor:
+    """The weights ``[..., k]`` of least norm (in units of each task's norm) with the direction of ``w``.
 
-
-def active_set(grad: Callable[[Tensor], Tensor], face: Face, x: Tensor, free: Tensor, iters: int,
-               objective: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """The primal active-set loop (see the module docstring), ``iters`` fixed iterations, batched.
-
-    ``grad(x)`` is the objective's gradient ``[..., m, k]``; the multipliers of the bounds ``x ≥ 0`` are
-    ``grad(x̂) − μ`` at a face minimiser.  ``x`` must be feasible and zero off ``free``.  Variables enter
-    the working set only after a full step to an *exact* face minimiser (see :data:`Face`).
-
-    With ``objective`` (``[..., m, k] → [..., m]``; bound constraints only), the step is a *projected
-    search*: the best of the points ``max(x + t p, 0)`` at every breakpoint ``t ≤ 1`` of the path, which is
-    never worse than the plain ratio test (its first breakpoint) and drops many variables at once.
+    Moving weights along the null space of the correlation matrix leaves the direction unchanged; the QPs
+    leave there whatever the ridge ``δ`` picked (up to ``1/√δ``), which summed against a float32 ``J`` would
+    cost digits.
     """
-    for _ in range(iters):
-        xh, mu, exact = face(free)
-        p = xh - x
-        block = free & (p < 0)
-        # ratio test: the largest step in [0, 1] keeping x + t p ≥ 0 on the free set
-        ratio = torch.where(block, x / torch.where(block, -p, torch.ones_like(p)), torch.full_like(p, torch.inf))
-        full = ratio.amin(-1, keepdim=True) >= 1.0
-        if objective is None:
-            t = ratio.amin(-1, keepdim=True).clamp(max=1.0)
-        else:
-            # candidate steps: every breakpoint (clamped to 1); pick the best point of the projected path
-            T = ratio.clamp(max=1.0).unsqueeze(-1)  # [..., m, k, 1]
-            X = (x.unsqueeze(-2) + T * p.unsqueeze(-2)).clamp(min=0.0)  # [..., m, k, k]
-            best = objective(X).argmin(-1, keepdim=True)  # [..., m, 1]
-            t = T.squeeze(-1).gather(-1, best)
-        hit = block & (ratio <= t)
-        x = torch.where(hit, torch.zeros_like(x), (x + t * p).clamp(min=0.0))
-        free = free & ~hit
-        # a full step lands on the face minimiser: now every negative multiplier joins the working set
-        lam = grad(x) - mu
-        free = free | ((lam < -TOL) & full & exact)
-    return x
+    if prep.null is None:
+        return w
+    y = w * prep.D
+    return (y - (y.unsqueeze(-2) @ prep.null).squeeze(-2)) / prep.D
 
 
-def interior_point(H: Tensor, c: Tensor, simplex: bool, iters: int | None = None) -> tuple[Tensor, Tensor]:
-    """``(x, support)`` of ``min ½ xᵀHx + cᵀx`` s.t. ``x ≥ 0`` (and ``1ᵀx = 1`` if ``simplex``), by ``iters``
-    steps of Mehrotra's predictor-corrector method, batched over ``c``'s rows.
+def status(r: Tensor, stationary: Tensor | None = None) -> Tensor:
+    """:class:`Status` codes ``[...]`` (int8): NOT_CONVERGED where the residual ``r`` exceeds
+    :data:`RESIDUAL_TOL`, else STATIONARY where ``stationary``, else OK.  (Non-finite input is the caller's:
+    :meth:`GramSolver.solve`.)"""
+    code = torch.where(r <= RESIDUAL_TOL, int(Status.OK), int(Status.NOT_CONVERGED))
+    if stationary is not None:
+        code = torch.where(stationary & (code == int(Status.OK)), int(Status.STATIONARY), code)
+    return code.to(torch.int8)
 
-    Runs on the Jacobi-scaled variables ``y = x ⊙ √diag H`` (unit curvature each, whatever the task
-    gradients' norms), from ``y = z = 1`` (the simplex: ``y`` on the scaled constraint).  Each step factors
-    ``Ĥ + diag(z/y)`` once per problem and solves with it twice (predictor, corrector), each step cut to 0.99
-    of the way to the boundary.  The residuals of stationarity and of ``1ᵀx = 1`` shrink with the steps.
-    ``support`` is ``y > z`` (strict complementarity), which :func:`nonneg_qp` / :func:`simplex_qp` polish.
+
+def zero_direction(G: Tensor, w: Tensor) -> Tensor:
+    """Where the direction ``wᵀJ`` is 0 ``[...]``: ``wᵀGw ≤ 2δ max diag G`` (the ridge's level; all of it when
+    every task gradient is 0).  Those problems are Pareto-stationary: the exact answer is 0."""
+    norm2 = ((w.unsqueeze(-2) @ G).squeeze(-2) * w).sum(-1)
+    return norm2 <= 2 * REG * G.diagonal(dim1=-2, dim2=-1).amax(-1)
+
+
+def nonneg_residual(H: Tensor, c: Tensor, x: Tensor) -> Tensor:
+    """The KKT residual ``[..., m]`` of ``x ≥ 0`` for ``min ½ xᵀHx + cᵀx`` (on the Jacobi-scaled variables)."""
+    h = H.diagonal(dim1=-2, dim2=-1).sqrt().unsqueeze(-2)
+    return residual((x @ H + c) / h, x * h)
+
+
+def simplex_residual(H: Tensor, c: Tensor, x: Tensor) -> Tensor:
+    """The KKT residual ``[..., m]`` of ``x`` on the simplex: ``λ = Hx + c − μ1`` with ``μ = xᵀ(Hx + c)``."""
+    g = x @ H + c
+    return residual(g - (g * x).sum(-1, keepdim=True), x)
+
+
+def nonneg_qp(H: Tensor, c: Tensor, iters: int | None = None, host: bool = False) -> tuple[Tensor, Tensor]:
+    """``(x, r)``: ``x = argmin_{x ≥ 0} ½ xᵀHx + cᵀx`` for each row of ``c`` ``[..., m, k]`` and its KKT residual.
+
+    ``H`` ``[..., k, k]`` comes from :func:`prepare`; ``host`` selects the host-driven schedule (see the module
+    docstring).  ``iters`` (default: by size) caps the active-set iterations and turns off enumeration, the
+    interior point and projected gradient: the active set then starts from ``x = 0`` with every variable in
+    the working set, so its first ratio test drops all variables the unconstrained minimiser wants negative.
     """
-    k = c.shape[-1]
-    iters = IPM_ITERS if iters is None else iters
-    h = H.diagonal(dim1=-2, dim2=-1).sqrt().unsqueeze(-2)  # [..., 1, k], > 0 (prepare's ridge)
-    H = H / (h.mT * h)
-    c = c / h
-    e = 1 / h  # the simplex constraint on y: eᵀy = 1
-    ones = torch.ones_like(c)
-    y = ones / (e * k).sum(-1, keepdim=True) if simplex else ones  # the simplex: eᵀy = 1
-    z = torch.ones_like(c)
-    nu = torch.zeros_like(c[..., :1])
-
-    def longest(v: Tensor, dv: Tensor) -> Tensor:  # largest t ≤ 1 keeping v + t dv ≥ 0
-        neg = dv < 0
-        return torch.where(neg, v / torch.where(neg, -dv, ones), 2 * ones).amin(-1, keepdim=True).clamp(max=1.0)
-
-    for _ in range(iters):
-        rd = y @ H + c - z - nu * e  # stationarity residual (ν = 0 without the simplex)
-        M = _plus_diag(H.unsqueeze(-3).expand(*y.shape, k).clone(), z / y)
-        L, _ = torch.linalg.cholesky_ex(M)  # positive definite: no check, no sync
-        if simplex:
-            a = chol_solve(L, e.expand_as(c).unsqueeze(-1)).squeeze(-1)  # M⁻¹e
-            rp = (e * y).sum(-1, keepdim=True) - 1
-
-        def newton(rc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            # Ĥ Δy − Δz − Δν e = −rd,  z Δy + y Δz = −rc,  eᵀΔy = −rp  ⇒  (Ĥ + Z/Y) Δy = −rd − rc/y + Δν e
-            dy = chol_solve(L, (-rd - rc / y).unsqueeze(-1)).squeeze(-1)
-            dnu = torch.zeros_like(nu)
-            if simplex:
-                dnu = (-rp - (e * dy).sum(-1, keepdim=True)) / (e * a).sum(-1, keepdim=True)
-                dy = dy + dnu * a
-            return dy, (-rc - z * dy) / y, dnu
-
-        mu = (y * z).sum(-1, keepdim=True) / k
-        dy, dz, _ = newton(y * z)  # predictor (affine scaling)
-        t = torch.minimum(longest(y, dy), longest(z, dz))
-        sigma = (((y + t * dy) * (z + t * dz)).sum(-1, keepdim=True) / k / mu) ** 3
-        dy, dz, dnu = newton(y * z + dy * dz - sigma * mu)  # corrector, centred
-        t = 0.99 * torch.minimum(longest(y, dy), longest(z, dz))
-        y, z, nu = y + t * dy, z + t * dz, nu + t * dnu
-    return y / h, y > z
-
-
-def nonneg_qp(H: Tensor, c: Tensor, iters: int | None = None) -> Tensor:
-    """``argmin_{x ≥ 0} ½ xᵀHx + cᵀx`` for each row of ``c`` ``[..., m, k]``; ``H`` ``[..., k, k]``.
-
-    ``H`` comes from :func:`prepare`.
-
-    Starts from ``x = 0`` with every variable in the working set: the first ratio test then drops, in one
-    step, all variables the unconstrained minimiser wants negative.  Returns ``x`` ``[..., m, k]``.
-
-    For small ``m k 2ᵏ`` (:func:`enumerates`, default ``iters``) all ``2ᵏ`` faces are solved at once
-    instead, and the feasible face minimiser of least objective is returned: the optimum is the minimiser of
-    its own face (``H`` is positive definite), so this is exact, with no iteration at all.
-    """
-    k = H.shape[-1]
-    if enumerates(k, c.shape[-2], iters):
+    k, m = H.shape[-1], c.shape[-2]
+    if enumerates(k, m, iters):
         X = -face_minimisers(H, all_faces(k, H), c.unsqueeze(-1)).squeeze(-1)  # [..., m, 2ᵏ, k]
         # at a face minimiser xᵀHx = −cᵀx, so the objective is ½ cᵀx
-        return pick_feasible(X, 0.5 * (X * c.unsqueeze(-2)).sum(-1))
+        x = pick_feasible(X, 0.5 * (X * c.unsqueeze(-2)).sum(-1))
+    elif host:
+        return _nonneg_host(H, c, iters)
+    else:
+        x = _nonneg_fixed(H, c, iters)
+    return x, nonneg_residual(H, c, x)
 
+
+def _nonneg_face(H: Tensor, c: Tensor) -> Face:
     def face(free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         zero = torch.zeros_like(c[..., :1])
-        exact = torch.ones_like(zero, dtype=torch.bool)
-        return -masked_solve(H, free, c.unsqueeze(-1)).squeeze(-1), zero, exact
+        return -masked_solve(H, free, c.unsqueeze(-1)).squeeze(-1), zero, torch.ones_like(zero, dtype=torch.bool)
 
-    m = c.shape[-2]
+    return face
+
+
+def _units(H: Tensor) -> Tensor:
+    """``1/√diag H`` ``[..., 1, k]``: a box QP's multipliers in each task's own units (see :func:`nonneg_residual`)."""
+    return H.diagonal(dim1=-2, dim2=-1).rsqrt().unsqueeze(-2)
+
+
+def _nonneg_fixed(H: Tensor, c: Tensor, iters: int | None) -> Tensor:
+    k, m = H.shape[-1], c.shape[-2]
     # the projected search costs m k³ an iteration: only where that is cheap
     search = (lambda X: quadratic(H, c, X)) if m * k**3 <= 2**24 else None
+    face, grad = _nonneg_face(H, c), lambda x: x @ H + c
     if iters is None and k >= IPM_K:
         x, free = interior_point(H, c, simplex=False)
-        return active_set(lambda x: x @ H + c, face, torch.where(free, x, 0.0), free, POLISH, search)
-    x = torch.zeros_like(c)
-    return active_set(lambda x: x @ H + c, face, x, torch.ones_like(c, dtype=torch.bool),
-                      default_iters(k) if iters is None else iters, search)
+        return active_set(grad, face, torch.where(free, x, 0.0), free, POLISH, search, scale=_units(H))
+    return active_set(
+        grad,
+        face,
+        torch.zeros_like(c),
+        torch.ones_like(c, dtype=torch.bool),
+        default_iters(k) if iters is None else iters,
+        search,
+        scale=_units(H),
+    )
 
 
-def simplex_qp(H: Tensor, c: Tensor, iters: int | None = None) -> Tensor:
-    """``argmin_{x ≥ 0, 1ᵀx = 1} ½ xᵀHx + cᵀx`` for each row of ``c`` ``[..., m, k]``; ``H`` [..., k, k].
+def _nonneg_host(H: Tensor, c: Tensor, iters: int | None) -> tuple[Tensor, Tensor]:
+    k = H.shape[-1]
+    if iters is None:
+        x, r = projected_gradient(H, c, PG_ITERS, PG_TOL)
+        todo = r > PG_TOL
+        if not bool(todo.any()):
+            return x, r
+        free = x > 0
+    else:
+        x, free = torch.zeros_like(c), torch.ones_like(c, dtype=torch.bool)
+        todo = torch.ones_like(c[..., 0], dtype=torch.bool)
+    rows = todo.reshape(-1).nonzero().squeeze(-1)
+    x = x.reshape(-1, k).clone()
+    step_for = _row_steps(H, c, rows, _nonneg_face)
+    x[rows] = host_active_set(step_for, x[rows], free.reshape(-1, k)[rows], host_iters(k) if iters is None else iters)
+    x = x.reshape(c.shape)
+    return x, nonneg_residual(H, c, x)
 
-    ``H`` comes from :func:`prepare`.
+
+def _row_steps(H: Tensor, c: Tensor, rows: Tensor, make_face, simplex: bool = False):
+    """Steps of :func:`._qp_faces.as_step` on chosen rows of the flattened problems ``c`` ``[..., m, k]``.
+
+    One Gram matrix: the rows share it (they are the ``m`` problems of one call).  Several: each row takes
+    its own as a batch of one problem.  The step is a projected search where it costs at most ``2²⁴``.
+    """
+    k, m = H.shape[-1], c.shape[-2]
+    Hb, cf = H.reshape(-1, k, k), c.reshape(-1, k)
+
+    def step_for(idx: Tensor):
+        g = rows[idx]
+        if Hb.shape[0] == 1:
+            Hr, cr, squeeze = Hb[0], cf[g], False
+        else:
+            Hr, cr, squeeze = Hb[torch.div(g, m, rounding_mode="floor")], cf[g].unsqueeze(-2), True
+        n = cr.shape[0]
+        objective = (lambda X: quadratic(Hr, cr, X)) if n * k**3 <= 2**24 else None
+        face, scale = make_face(Hr, cr), None if simplex else _units(Hr)
+
+        def step(x: Tensor, free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            if squeeze:
+                x, free = x.unsqueeze(-2), free.unsqueeze(-2)
+            x, free, settled = as_step(lambda x: x @ Hr + cr, face, x, free, objective, simplex, scale)
+            if squeeze:
+                return x.squeeze(-2), free.squeeze(-2), settled.squeeze(-1)
+            return x, free, settled
+
+        return step
+
+    return step_for
+
+
+def simplex_qp(H: Tensor, c: Tensor, iters: int | None = None, host: bool = False) -> tuple[Tensor, Tensor]:
+    """``(x, r)``: ``argmin_{x ≥ 0, 1ᵀx = 1} ½ xᵀHx + cᵀx`` for each row of ``c`` ``[..., m, k]``, and its residual.
 
     On a face ``F`` the minimiser is ``x = μ a − b`` with ``a = H_FF⁻¹ 1``, ``b = H_FF⁻¹ c`` and
     ``μ = (1 + 1ᵀb) / 1ᵀa`` (``F`` is never empty: the ratio test cannot zero all of a point summing to 1).
-    Starts at the best vertex.  Returns ``x`` ``[..., m, k]``.  For small ``m k 2ᵏ``
-    (:func:`enumerates`, default ``iters``) every nonempty face is solved at once and the best feasible face
-    minimiser returned (exact).
+    Small problems enumerate every nonempty face; the host schedule starts at the centre of the simplex with
+    every variable free (the affine-hull minimiser is often the answer), the fixed one at the best vertex.
     """
     k = H.shape[-1]
     ones = torch.ones_like(c)
     if enumerates(k, c.shape[-2], iters):
         F = all_faces(k, H)[1:]  # nonempty supports
-        X, _ = _simplex_point(face_minimisers(H, F, torch.stack([ones, c], dim=-1)))  # [..., m, n, k]
-        return pick_feasible(X, quadratic(H, c, X))
+        X, _ = simplex_point(face_minimisers(H, F, torch.stack([ones, c], dim=-1)))  # [..., m, n, k]
+        x = pick_feasible(X, quadratic(H, c, X))
+    elif host:
+        x = _simplex_host(H, c, iters)
+    else:
+        x = _simplex_fixed(H, c, iters)
+    return x, simplex_residual(H, c, x)
+
+
+def _simplex_host(H: Tensor, c: Tensor, iters: int | None) -> Tensor:
+    """The host schedule of :func:`simplex_qp`: the affine hull's minimiser where it is feasible, else the
+    active set from the centre on the other problems.
+
+    With every variable free the minimiser of the hull ``1ᵀx = 1`` satisfies ``Hx + c = μ1``: where it is
+    also ``≥ 0`` it is the solution (every bound multiplier is 0).  That is the usual case for task
+    gradients far from collinear, and costs one Cholesky and no search.
+    """
+    k = H.shape[-1]
+    ones = torch.ones_like(c)
+    x = c.new_full(c.shape, 1.0 / k)
+    todo = torch.ones_like(c[..., 0], dtype=torch.bool)
+    if iters is None:
+        L, info = torch.linalg.cholesky_ex(H)  # positive definite after prepare's ridge: info is 0
+        hull, _ = simplex_point(chol_solve(L.unsqueeze(-3), torch.stack([ones, c], dim=-1)))
+        todo = (hull.amin(-1) < 0) | (info != 0).unsqueeze(-1)
+        if not bool(todo.any()):
+            return hull
+        x = torch.where(todo.unsqueeze(-1), x, hull)
+    rows = todo.reshape(-1).nonzero().squeeze(-1)
+    x = x.reshape(-1, k).clone()
+    step_for = _row_steps(H, c, rows, _simplex_face, simplex=True)
+    x[rows] = host_active_set(
+        step_for, x[rows], ones.reshape(-1, k)[rows] > 0, host_iters(k) if iters is None else iters
+    )
+    return x.reshape(c.shape)
+
+
+def _simplex_face(H: Tensor, c: Tensor) -> Face:
+    ones = torch.ones_like(c)
 
     def face(free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x, mu = _simplex_point(masked_solve(H, free, torch.stack([ones, c], dim=-1)))
+        x, mu = simplex_point(masked_solve(H, free, torch.stack([ones, c], dim=-1)))
         return x, mu, torch.ones_like(mu, dtype=torch.bool)
 
+    return face
+
+
+def _simplex_fixed(H: Tensor, c: Tensor, iters: int | None) -> Tensor:
+    k = H.shape[-1]
     if iters is None and k >= IPM_K:
         x, free = interior_point(H, c, simplex=True)
         free = free | (x == x.amax(-1, keepdim=True))  # never empty (x sums to 1): the largest entry is in it
         x = torch.where(free, x, 0.0)
-        return active_set(lambda x: x @ H + c, face, x / x.sum(-1, keepdim=True), free, POLISH)
+        return active_set(
+            lambda x: x @ H + c, _simplex_face(H, c), x / x.sum(-1, keepdim=True), free, POLISH, simplex=True
+        )
     vertex = (0.5 * H.diagonal(dim1=-2, dim2=-1).unsqueeze(-2) + c).argmin(-1)
     x = (torch.arange(k, device=c.device) == vertex.unsqueeze(-1)).to(c.dtype)  # one_hot would sync
-    return active_set(lambda x: x @ H + c, face, x, x > 0, default_iters(k) if iters is None else iters)
+    return active_set(
+        lambda x: x @ H + c, _simplex_face(H, c), x, x > 0, default_iters(k) if iters is None else iters, simplex=True
+    )

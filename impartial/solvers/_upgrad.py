@@ -3,22 +3,35 @@
 Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024 (arXiv:2406.16232; reference code
 TorchJD).  The dual cone ``{x : J x ≥ 0}`` holds the directions that conflict with no task.  By their
 Proposition 1 the projection of ``Jᵀu`` onto it is ``Jᵀv`` with ``v = argmin_{v ≥ u} vᵀGv``: a small QP on the
-Gram matrix, solved here for all projections at once by :mod:`._qp` (``v = u + x``, ``x ≥ 0``): exactly,
-by enumerating the faces for small problems (UPGrad up to k = 8, DualProj up to k = 10), beyond by the
-batched active-set method.
+Gram matrix, solved here for all projections at once by :mod:`._qp` (``v = u + x``, ``x ≥ 0``).
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._base import GramSolver
-from ._qp import check_iters, nonneg_qp, prepare
+from ._base import GramSolver, Solution
+from ._qp import Prepared, check_iters, min_norm, nonneg_qp, prepare, status, zero_direction
+from ._qp_host import on_host
 
 __all__ = ["UPGrad", "DualProj", "project_weights"]
+
+
+def _project(
+    G: Tensor, U: Tensor | None, iters: int | None, precision: torch.dtype, host: bool
+) -> tuple[Tensor, Tensor, Prepared]:
+    """``(V, r, prepared)`` for the rows of ``U`` (None: the identity, UPGrad's ``k`` problems)."""
+    prep = prepare(G, precision, host)
+    # c = H u: the objective ½(u + x)ᵀH(u + x) in x, up to a constant (c = H for U = I: H is symmetric)
+    x, r = nonneg_qp(prep.H, prep.H if U is None else U @ prep.H, iters, host)
+    if U is None:
+        x.diagonal(dim1=-2, dim2=-1).add_(1.0)  # V = I + X, in place on the fresh X
+        return x, r, prep
+    return U + x, r, prep
 
 
 def project_weights(G: Tensor, U: Tensor, iters: int | None = None) -> Tensor:
@@ -26,17 +39,29 @@ def project_weights(G: Tensor, U: Tensor, iters: int | None = None) -> Tensor:
 
     ``G`` ``[..., k, k]``, ``U`` ``[..., m, k]``.  KKT: ``v ≥ u``, ``G v ≥ 0``, ``(G v)_j (v_j − u_j) = 0``.
     """
-    H, _ = prepare(G)
-    # c = H u: the objective ½(u + x)ᵀH(u + x) in x, up to a constant
-    return U + nonneg_qp(H, U @ H, iters)
+    return _project(G, U, iters, G.dtype, on_host(G, U))[0]
 
 
 class _DualCone(GramSolver):
-    """What UPGrad and DualProj share: the iteration cap of their box QPs."""
+    """What UPGrad and DualProj share: the box QPs ``v ≥ u`` for the rows ``u`` of :meth:`_preferences`."""
 
     def __init__(self, *, iters: int | None = None) -> None:
         check_iters(type(self).__name__, iters)
         self.iters = iters
+
+    @abstractmethod
+    def _preferences(self, G: Tensor) -> Tensor | None:
+        """The rows ``u`` ``[..., m, k]`` whose combinations ``Jᵀu`` are projected (None: the identity)."""
+
+    def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> Solution:
+        host = on_host(G)
+        if G.shape[-1] == 1:  # a shape, not a value: no host sync
+            w, r = torch.ones_like(G[..., 0]), torch.zeros_like(G[..., 0, 0])
+        else:
+            V, r, prep = _project(G, self._preferences(G), self.iters, precision, host)
+            # the mean of the projections, as the weights of least norm that give its direction
+            w, r = min_norm(V.mean(-2), prep), r.amax(-1)
+        return Solution(w, status(r, zero_direction(G, w)), r, torch.diag_embed(w) if mixing else None)
 
     def _hparams(self) -> dict[str, Any]:
         return {} if self.iters is None else {"iters": self.iters}
@@ -49,19 +74,19 @@ class UPGrad(_DualCone):
                v_i = \arg\min_{v \ge e_i} v^\top G v, \qquad w = \tfrac{1}{k} \textstyle\sum_i v_i .
 
     Quinton & Rey 2024 (UPGrad with TorchJD's default mean preference, ``U = I/k``).  Non-conflicting:
-    ``J d ≥ 0``.  The ``k`` box QPs share ``G`` and run as one batch.  TorchJD solves each one with
-    ``quadprog`` on the CPU after regularising ``G``; we solve them exactly (see :mod:`._qp`).
-    ``k = 1`` returns the gradient.
+    ``J d ≥ 0``.  The ``k`` box QPs share ``G`` and run as one batch, solved exactly (see :mod:`._qp`), where
+    TorchJD regularises ``G`` by 1e-4 before its QP.  Among the weights giving ``d`` (many, when the task
+    gradients are linearly dependent) the ones of least norm are returned.  ``k = 1`` returns the gradient.
+    Status STATIONARY where ``d = 0`` (e.g. an antiparallel pair), NOT_CONVERGED where a QP's residual is
+    over its tolerance (the weights are then the last iterate).
 
     >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
     >>> UPGrad()(J)
     tensor([0.2500, 0.7500])
     """
 
-    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
-        k = G.shape[-1]
-        U = torch.eye(k, dtype=G.dtype, device=G.device).expand(*G.shape[:-2], k, k)
-        return project_weights(G, U, self.iters).mean(-2)
+    def _preferences(self, G: Tensor) -> Tensor | None:
+        return None
 
 
 class DualProj(_DualCone):
@@ -70,14 +95,13 @@ class DualProj(_DualCone):
     .. math::  d = \pi_J(\bar g) = J^\top w, \qquad w = \arg\min_{v \ge \mathbf{1}/k} v^\top G v .
 
     Quinton & Rey 2024 (DualProj with the mean preference).  Non-conflicting: ``J d ≥ 0``; equals the
-    mean when no task conflicts with it.  ``k = 1`` returns the gradient.
+    mean when no task conflicts with it.  The weights of least norm that give ``d`` are returned.  ``k = 1``
+    returns the gradient.  Status as for :class:`UPGrad`.
 
     >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
     >>> DualProj()(J)
     tensor([0.0000, 0.5000])
     """
 
-    def _weights(self, G: Tensor, *, losses: Tensor | None) -> Tensor:
-        k = G.shape[-1]
-        u = torch.full_like(G[..., :1, :], 1.0 / k)
-        return project_weights(G, u, self.iters).squeeze(-2)
+    def _preferences(self, G: Tensor) -> Tensor | None:
+        return torch.full_like(G[..., :1, :], 1.0 / G.shape[-1])
