@@ -30,7 +30,7 @@ from ._checks import Blame, Check, said
 from ._plan import Plan
 from .graph._blocks import Block
 from .solvers import Solver, Status, combine, gram
-from .solvers._base import _LOW, mix
+from .solvers._gram import _LOW, mix
 
 __all__ = ["Solved", "block_gram", "solve_level", "solve_pieces", "rescale"]
 

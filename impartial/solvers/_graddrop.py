@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import _LOW, Solver, _check_jacobian
+from ._base import Solver, _check_jacobian
+from ._gram import _LOW
 
 __all__ = ["GradDrop"]
 
