@@ -45,11 +45,21 @@ from .solvers import Solver
 __all__ = ["backward", "Report"]
 
 
-def backward(losses: Losses, shared_params: Params = None, *,
-             solver: Solver | str | Sequence[Solver | str] | None = None,
-             block: str | Tensor | Sequence[Tensor] = "auto", also: Sequence[Tensor | float] = (),
-             per_sample: bool = False, keep_norm: bool = True, retain_graph: bool = False, task_grads: str = "auto",
-             nonfinite: str = "raise", process_group: Any = None, nested: str = "resolved") -> Report:
+def backward(
+    losses: Losses,
+    shared_params: Params = None,
+    *,
+    solver: Solver | str | Sequence[Solver | str] | None = None,
+    block: str | Tensor | Sequence[Tensor] = "auto",
+    also: Sequence[Tensor | float] = (),
+    per_sample: bool = False,
+    keep_norm: bool = True,
+    retain_graph: bool = False,
+    task_grads: str = "auto",
+    nonfinite: str = "raise",
+    process_group: Any = None,
+    nested: str = "resolved",
+) -> Report:
     """Backpropagate ``losses`` (one scalar per task), resolving their conflicts where their gradients meet.
 
     - ``losses``: one-element tensors (a list, a dict name → loss, or a 1-D tensor), one per task.
@@ -61,7 +71,9 @@ def backward(losses: Losses, shared_params: Params = None, *,
       one solver per block.  A stateful solver keeps one state per block (``Solver.for_block``).
     - ``block``: ``"auto"`` (the blocks of :func:`impartial.graph.find_blocks`), ``"params"`` (solve on the shared
       parameters' own gradients; where the graph proves every shared parameter is a Linear layer's weight or
-      bias, the Gram matrix comes from the layers' inputs and output gradients, without forming ``J``), or the
+      bias, the Gram matrix comes from the layers' inputs and output gradients, without forming ``J``; with a
+      1-D tensor of per-sample losses, every sample is a task and, where the graph proves each loss depends on
+      its own sample only, the Gram matrix comes from one plain backward: :mod:`impartial._per_sample`), or the
       activation tensor(s) to use as blocks.
     - ``also``: terms added plainly, never tasks (a KL, a regulariser); constants add nothing.
     - ``per_sample``: a block's leading dim is the batch: B problems of size ``k × numel/B``.
@@ -94,16 +106,36 @@ def backward(losses: Losses, shared_params: Params = None, *,
     >>> report.blocks[0].name, enc.weight.grad.shape
     ('AddmmBackward0 [8, 4]', torch.Size([4, 3]))
     """
-    call = parse(losses, shared_params, solver, block, also, per_sample, keep_norm, retain_graph, task_grads,
-                 nonfinite, process_group, nested)
+    call = parse(
+        losses,
+        shared_params,
+        solver,
+        block,
+        also,
+        per_sample,
+        keep_norm,
+        retain_graph,
+        task_grads,
+        nonfinite,
+        process_group,
+        nested,
+    )
     full, fsdp = _fsdp.session(call)  # FSDP2: the unsharded parameters are the leaves (None: no fully_shard)
     with _fsdp.hold(fsdp):  # FSDP's post-backward runs once, after the write
         (reports, total, g, log, notes), dropped = _attempts(full, fsdp)
         write(g, total)
     _fsdp.finish(fsdp)
     names = full.tasks.names + full.extra.names
-    return Report(full.mode, full.solver_name, tuple(full.tasks.names), tuple(full.extra.names), tuple(reports),
-                  log.fallback, tuple(names[i] for i in sorted(dropped)), tuple(notes))
+    return Report(
+        full.mode,
+        full.solver_name,
+        tuple(full.tasks.names),
+        tuple(full.extra.names),
+        tuple(reports),
+        log.fallback,
+        tuple(names[i] for i in sorted(dropped)),
+        tuple(notes),
+    )
 
 
 def _attempts(full: Call, fsdp: _fsdp.Session | None) -> tuple[tuple, list[int]]:
@@ -123,8 +155,9 @@ def _attempts(full: Call, fsdp: _fsdp.Session | None) -> tuple[tuple, list[int]]
             call = _without(full, dropped)
 
 
-def _run(call: Call, fsdp: _fsdp.Session | None,
-         strict: bool) -> tuple[list[BlockReport], dict[Node, Tensor], Graph, Log, list[str]]:
+def _run(
+    call: Call, fsdp: _fsdp.Session | None, strict: bool
+) -> tuple[list[BlockReport], dict[Node, Tensor], Graph, Log, list[str]]:
     """Every stage but the write: the block reports, each leaf's total, the plan, the log, warnings."""
     g = _build(call.tasks, call.extra, call.params if call.tasks.outs else None, strict=strict)
     _fsdp.prepare(fsdp, g)
@@ -159,11 +192,17 @@ def _run(call: Call, fsdp: _fsdp.Session | None,
 def _notes(call: Call, g: Any) -> list[str]:
     """Warnings for the report (also raised as ``UserWarning``)."""
     notes = []
-    if (call.mode == "auto" and g.blocks and all(b.leaf is not None for b in g.blocks)
-            and any(type(n).__name__ == "CompiledFunctionBackward" for n in g.nodes)):
-        notes.append("the whole multi-loss forward was compiled as one graph (torch.compile): autograd sees one node "
-                     f"for it, so each of the {len(g.blocks)} shared parameters is its own block. Compile the trunk "
-                     "and the heads separately to resolve at the trunk's output (docs/compile.md)")
+    if (
+        call.mode == "auto"
+        and g.blocks
+        and all(b.leaf is not None for b in g.blocks)
+        and any(type(n).__name__ == "CompiledFunctionBackward" for n in g.nodes)
+    ):
+        notes.append(
+            "the whole multi-loss forward was compiled as one graph (torch.compile): autograd sees one node "
+            f"for it, so each of the {len(g.blocks)} shared parameters is its own block. Compile the trunk "
+            "and the heads separately to resolve at the trunk's output (docs/compile.md)"
+        )
     for n in notes:
         warnings.warn(n, stacklevel=4)
     return notes
@@ -189,10 +228,17 @@ def _without(full: Call, dropped: list[int]) -> Call:
         return sum(1 << new[b] for b in range(m.bit_length()) if m >> b & 1 and b in new)
 
     roots = [(e, remask(m)) for e, m in full.tasks.roots]
-    tasks = _Losses([full.tasks.outs[i] for i in kept], [full.tasks.names[i] for i in kept],
-                    [(e, m) for e, m in roots if m], full.tasks.fused, full.tasks.stacked)
+    tasks = _Losses(
+        [full.tasks.outs[i] for i in kept],
+        [full.tasks.names[i] for i in kept],
+        [(e, m) for e, m in roots if m],
+        full.tasks.fused,
+        full.tasks.stacked,
+    )
     extra_roots = [(e, remask(m)) for e, m in full.extra.roots]
-    extra = _Losses([full.extra.outs[j] for j in kept_also], [full.extra.names[j] for j in kept_also],
-                    [(e, m) for e, m in extra_roots if m])
+    extra = _Losses(
+        [full.extra.outs[j] for j in kept_also],
+        [full.extra.names[j] for j in kept_also],
+        [(e, m) for e, m in extra_roots if m],
+    )
     return replace(full, tasks=tasks, extra=extra)
-

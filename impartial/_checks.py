@@ -21,7 +21,7 @@ from ._torch_compat import foreach_norm, is_freed_graph
 from .graph._inputs import _Losses
 from .graph._trace import Graph
 
-__all__ = ["NonFinite", "Blame", "Check", "rows_check", "first_bad", "freed", "guard", "said"]
+__all__ = ["NonFinite", "Blame", "Check", "each", "rows_check", "first_bad", "freed", "guard", "said"]
 
 
 class NonFinite(FloatingPointError):
@@ -44,6 +44,22 @@ def said(template: str, *args: object) -> Callable[[], str]:
 
 def _format(template: str, args: tuple[object, ...]) -> str:
     return template.format(*(a() if callable(a) else a for a in args))
+
+
+class each(Sequence[Blame]):
+    """``(i, said(template, names[i]))`` for task ``i``, built when asked: with hundreds of tasks (every sample a
+    task) the error path alone reads them."""
+
+    def __init__(self, template: str, names: Sequence[str]) -> None:
+        self.template, self.names = template, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> Blame:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return i % len(self), said(self.template, self.names[i])
 
 
 @dataclass
@@ -87,10 +103,12 @@ def first_bad(checks: list[Check], group: Any = None) -> tuple[str, int | None] 
     suspects: list[tuple[Blame, bool]] = []  # (blame, finite here)
     i = 0
     for c in checks:
-        for r, who in enumerate(c.blame):
-            if who is not None and not ok[i + r]:
+        n = len(c.blame)
+        for r in [r for r, fine in enumerate(ok[i : i + n]) if not fine]:  # blames are built for flagged rows only
+            who = c.blame[r]
+            if who is not None:
                 suspects.append((who, c.exact is not None and c.exact(r)))
-        i += len(c.blame)
+        i += n
     if group is not None and suspects:  # a row flagged by an overflowing sum on one rank only is finite
         here = torch.tensor([f for _, f in suspects], device=dev)
         fine = _dist.all_true(here, group).to("cpu").tolist()

@@ -10,14 +10,16 @@ Two ways to get ``J`` (one row per task, one column per shared parameter entry),
   tensor made by one op), one backward from the k losses, batched or a loop.
 
 Where the graph proves every shared parameter is a Linear layer's weight or bias, ``J`` is not formed at all
-(:mod:`._param_gram`).  The parameters above the blocks and the ``also`` terms get their plain gradients.  Every
-node between the losses and the parameters runs once per task here (the trunk on k rows): the parameters are the
-block, so the whole model is "above" it, and hooks there see per-task gradients.
+(:mod:`._param_gram`); where the losses are the entries of one per-sample loss vector and the graph proves each
+depends on its own sample only, neither (:mod:`._per_sample`: one plain backward).  The parameters above the
+blocks and the ``also`` terms get their plain gradients.  Every node between the losses and the parameters runs
+once per task here (the trunk on k rows): the parameters are the block, so the whole model is "above" it, and
+hooks there see per-task gradients.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -30,6 +32,7 @@ from ._autograd import Log, Rows, SparseGradient, checked, choose, rows, zeros
 from ._call import Call
 from ._checks import Check, rows_check, said
 from ._param_gram import linear_layers, params_gram
+from ._per_sample import per_sample_stage
 from ._plan import plan
 from ._report import BlockReport
 from ._solve import solve_pieces
@@ -51,8 +54,9 @@ class Cut:
     heads: list[Node]
 
 
-def params_stage(call: Call, g: Graph,
-                 log: Log) -> tuple[list[BlockReport], list[tuple[Node, Tensor]], dict[Node, tuple[int, ...]]]:
+def params_stage(
+    call: Call, g: Graph, log: Log
+) -> tuple[list[BlockReport], list[tuple[Node, Tensor]], dict[Node, tuple[int, ...]]]:
     """The block report, every leaf's gradient parts, and the task that alone reaches each head leaf whose
     gradient is checked only with the totals."""
     shared = [n for n in g.nodes if n in g.shared]
@@ -60,6 +64,9 @@ def params_stage(call: Call, g: Graph,
     leaf_tensors = [g.leaves[n] for n in g.nodes if n in g.leaves]
     with quiet(leaf_tensors):
         parts = _also(call, g)
+        sampled = per_sample_stage(call, g, log, shared, others)  # a 1-D loss tensor: every task one sample
+        if isinstance(sampled, tuple):
+            return [sampled[0]], parts + sampled[1], {}
         cut = _cut(call, g, shared, others)
         layers = linear_layers(call, g, cut, shared, others) if cut is not None else None
         if layers is not None:
@@ -69,7 +76,8 @@ def params_stage(call: Call, g: Graph,
             owner = {n: _bits(g.raw[n]) for n in cut.heads if n not in also}
             return [rep], parts + got, owner
         rep, got = _j_path(call, g, log, cut, shared, others)
-    return [rep], parts + got, {}
+    note = None if sampled is None else f"per-sample Gram not used: {sampled}"
+    return [replace(rep, note=note)], parts + got, {}
 
 
 def _also(call: Call, g: Graph) -> list[tuple[Node, Tensor]]:
@@ -77,13 +85,19 @@ def _also(call: Call, g: Graph) -> list[tuple[Node, Tensor]]:
     if not call.extra.outs:
         return []
     leaves = [n for n in g.nodes if n in g.leaves and g.mask(n) >> g.k]
-    out = torch.autograd.grad(call.extra.outs, [g.leaves[n] for n in leaves],
-                              [torch.ones_like(a) for a in call.extra.outs], retain_graph=True, allow_unused=True)
+    out = torch.autograd.grad(
+        call.extra.outs,
+        [g.leaves[n] for n in leaves],
+        [torch.ones_like(a) for a in call.extra.outs],
+        retain_graph=True,
+        allow_unused=True,
+    )
     return [(n, a) for n, a in zip(leaves, out) if a is not None]
 
 
-def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
-            others: list[Node]) -> tuple[BlockReport, list[tuple[Node, Tensor]]]:
+def _j_path(
+    call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node], others: list[Node]
+) -> tuple[BlockReport, list[tuple[Node, Tensor]]]:
     k = g.k
     mask = 0
     for n in shared:
@@ -99,8 +113,19 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
     def compute(batched: bool) -> Rows:
         if cut is None:  # the loop asks row i only for the other leaves task i reaches
             needs = [[len(shared) + j for j, n in enumerate(others) if g.mask(n) >> i & 1] for i in range(k)]
-            res = rows(log, call.tasks.outs, inputs, None, n=k, onehot=k, dense=len(shared),
-                       needs=needs, batched=batched, retain=call.keep, structure=(g.key, "params"))
+            res = rows(
+                log,
+                call.tasks.outs,
+                inputs,
+                None,
+                n=k,
+                onehot=k,
+                dense=len(shared),
+                needs=needs,
+                batched=batched,
+                retain=call.keep,
+                structure=(g.key, "params"),
+            )
         else:
             res = _through_blocks(call, g, log, cut, shared, others, batched)
         if call.group is not None and not shard:  # the full-batch task gradients: the mean over the ranks
@@ -118,27 +143,44 @@ def _j_path(call: Call, g: Graph, log: Log, cut: Cut | None, shared: list[Node],
             G = _dist.all_sum(G, call.group)
         holder[:] = [G, *Js]
         names = call.tasks.names
-        out = [Check(G.diagonal().isfinite(), [
-            (i, said("the gradient of {!r} w.r.t. the shared parameters", names[i])) for i in ts])]
-        return out + [rows_check(r, [(i, said("the gradient of {!r} w.r.t. {!r}", names[i], partial(g.name, n)))
-                                     if i in g.tasks(n) else None for i in range(k)])
-                      for n, r in zip(others, res.sparse)]
+        out = [
+            Check(
+                G.diagonal().isfinite(),
+                [(i, said("the gradient of {!r} w.r.t. the shared parameters", names[i])) for i in ts],
+            )
+        ]
+        return out + [
+            rows_check(
+                r,
+                [
+                    (i, said("the gradient of {!r} w.r.t. {!r}", names[i], partial(g.name, n)))
+                    if i in g.tasks(n)
+                    else None
+                    for i in range(k)
+                ],
+            )
+            for n, r in zip(others, res.sparse)
+        ]
 
     # through the blocks, the per-task pass runs over the heads only: disjoint, so the loop
     try:
-        res = checked(log, compute, checks, choose(call.task_grads, g, None, g.task_bits, disjoint=cut is not None),
-                      call.group)
+        res = checked(
+            log, compute, checks, choose(call.task_grads, g, None, g.task_bits, disjoint=cut is not None), call.group
+        )
     except SparseGradient as err:
-        raise ValueError(f"{g.name(shared[err.input])!r} gets a sparse gradient (an nn.Embedding(sparse=True)): "
-                         "block='params' needs each task's gradient of the shared parameters as a dense row; use "
-                         "sparse=False there, or block='auto'") from None
+        raise ValueError(
+            f"{g.name(shared[err.input])!r} gets a sparse gradient (an nn.Embedding(sparse=True)): "
+            "block='params' needs each task's gradient of the shared parameters as a dense row; use "
+            "sparse=False there, or block='auto'"
+        ) from None
     parts = [(n, p) for n, r in zip(others, res.sparse) for p in r if p is not None]
     rep, ds = _j_solve(call, [r[sel].reshape(len(ts), -1) for r in res.dense], ts, holder, shard, log.passes[-1])
     return rep, parts + [(n, d.reshape(g.leaves[n].shape)) for n, d in zip(shared, ds)]
 
 
-def _j_solve(call: Call, Js: list[Tensor], ts: tuple[int, ...], holder: list[Tensor], shard: bool,
-             how: str) -> tuple[BlockReport, list[Tensor]]:
+def _j_solve(
+    call: Call, Js: list[Tensor], ts: tuple[int, ...], holder: list[Tensor], shard: bool, how: str
+) -> tuple[BlockReport, list[Tensor]]:
     """The solve on the shared parameters' rows ``Js`` (``holder``: the Gram, then the columns it came from)."""
     solver = call.solvers[0]  # one problem: the solver itself (its own state)
     if shard:  # the norms from the shares; each rank writes its own wᵀ J_r, which the ranks' average makes wᵀ J
@@ -148,8 +190,17 @@ def _j_solve(call: Call, Js: list[Tensor], ts: tuple[int, ...], holder: list[Ten
     else:
         ds, _, s = solve_pieces(call, solver, Js, ts, None, False, holder[0])
     D = sum(J.shape[-1] for J in Js)
-    rep = BlockReport(f"{len(Js)} shared parameters [{D}]", (D,), tuple(call.tasks.names[i] for i in ts), s.G,
-                      s.w, s.scale, task_grads=how, gram_from="J", status=s.status)
+    rep = BlockReport(
+        f"{len(Js)} shared parameters [{D}]",
+        (D,),
+        tuple(call.tasks.names[i] for i in ts),
+        s.G,
+        s.w,
+        s.scale,
+        task_grads=how,
+        gram_from="J",
+        status=s.status,
+    )
     return rep, ds
 
 
@@ -192,15 +243,26 @@ def heads_pass(call: Call, g: Graph, log: Log, cut: Cut, batched: bool) -> Rows:
     # the last pass through the heads: the trunk pass below starts at the blocks (the also terms ran before); the
     # block tensors' hooks fire in the trunk pass that starts there, not here too
     with quiet(p.block_tensors):
-        got = rows(log, call.tasks.outs, captures + [g.leaves[n] for n in cut.heads], None,
-                   n=k, onehot=k, dense=nc, needs=needs, batched=batched, retain=call.keep,
-                   disjoint=not call.tasks.stacked)
+        got = rows(
+            log,
+            call.tasks.outs,
+            captures + [g.leaves[n] for n in cut.heads],
+            None,
+            n=k,
+            onehot=k,
+            dense=nc,
+            needs=needs,
+            batched=batched,
+            retain=call.keep,
+            disjoint=not call.tasks.stacked,
+        )
     own = [[r[c] if i == c else None for i in range(k)] for c, r in zip(owner, got.sparse)]
     return Rows(_blocks_rows(p, range(len(cut.blocks)), got.dense, k), own)
 
 
-def _through_blocks(call: Call, g: Graph, log: Log, cut: Cut, shared: list[Node], others: list[Node],
-                    batched: bool) -> Rows:
+def _through_blocks(
+    call: Call, g: Graph, log: Log, cut: Cut, shared: list[Node], others: list[Node], batched: bool
+) -> Rows:
     """The rows of ``shared`` (dense) and ``others`` (per row) from the losses' gradients at the blocks (one pass
     over the heads) and one backward from the blocks through the trunk."""
     k, blocks = g.k, cut.blocks
@@ -212,14 +274,25 @@ def _through_blocks(call: Call, g: Graph, log: Log, cut: Cut, shared: list[Node]
     if act and below:
         # every row seeds every block: batched (the loop only when asked for; a row's 0 × inf here is the loop's
         # too, as the rows at the blocks are the task gradients themselves); the last pass through the trunk
-        vjp = rows(log, [blocks[j].edge for j in act], [g.leaves[n] for n in below], [res.dense[j] for j in act],
-                   n=k, onehot=0, dense=len(below), needs=None, batched=(_autograd.FORCE or call.task_grads) != "loop",
-                   retain=call.keep, structure=(g.key, "trunk"))
+        vjp = rows(
+            log,
+            [blocks[j].edge for j in act],
+            [g.leaves[n] for n in below],
+            [res.dense[j] for j in act],
+            n=k,
+            onehot=0,
+            dense=len(below),
+            needs=None,
+            batched=(_autograd.FORCE or call.task_grads) != "loop",
+            retain=call.keep,
+            structure=(g.key, "trunk"),
+        )
         log.passes.pop()  # the report names the per-task pass (the one above)
         dense.update(zip(below, vjp.dense))
     for n in others:  # a leaf below the blocks that is not shared: its rows, one per task
         if n in dense:
             per[n] = list(dense[n].unbind(0))
     # a shared parameter no block reaches (only a leaf block does elsewhere): zero rows, as from the losses
-    return Rows([dense[n] if n in dense else zeros(g.leaves[n], k) for n in shared],
-                [per.get(n, [None] * k) for n in others])
+    return Rows(
+        [dense[n] if n in dense else zeros(g.leaves[n], k) for n in shared], [per.get(n, [None] * k) for n in others]
+    )

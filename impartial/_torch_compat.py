@@ -10,6 +10,11 @@ by name instead of silently changing a result or losing speed.  Nothing here cat
   ``MmBackward0``: ``_saved_mat1`` / ``_saved_self``, ``_saved_alpha`` / ``_saved_beta``);
 - :func:`saved_tensors`: the tensors a node saved for backward (its ``_saved_*`` attributes), among which the
   tensor at an automatic block is found when a consumer saved it;
+- :func:`saved` and :func:`saved_input`: one value a node saved for backward (a dim, a flag, a shape; a tensor
+  only when saved without a hook), by name, for the per-sample proof and rules (:mod:`impartial._samples`,
+  :mod:`impartial._layer_grams`), which also name the node types they know (``Node.name()``);
+- :func:`view_base`: the tensor a view was taken from (``Tensor._base``): the whole loss vector behind the scalars
+  ``L.unbind(0)`` gives, read without stacking ``B`` scalars again;
 - :func:`quiet`: a tensor's own hooks switched off while impartial computes gradients that are not the one
   the tensor receives (``Tensor._backward_hooks``, the dict torch's C++ hook reads at call time), and the
   ``.grad`` of a tensor that retains its gradient kept as it was;
@@ -51,7 +56,10 @@ __all__ = [
     "is_freed_graph",
     "linear_saved",
     "quiet",
+    "saved",
+    "saved_input",
     "saved_tensors",
+    "view_base",
 ]
 
 
@@ -83,6 +91,36 @@ def _unhooked(node: Node, name: str) -> Tensor | None:
     return getattr(node, "_saved_" + name)
 
 
+def saved(node: Node, name: str) -> Any:
+    """The value ``node`` saved for backward as ``name`` (its ``_saved_<name>`` attribute): an int, a float, a bool,
+    a tuple of ints, a tensor or None.  Autograd stores int arguments as unsigned 64-bit numbers (a dim of -1 reads
+    ``2**64 - 1``): they are read back signed.  ``AttributeError`` names the node when torch renamed it."""
+    try:
+        value = getattr(node, "_saved_" + name)
+    except AttributeError:
+        raise AttributeError(f"{node.name()} has no saved value {name!r} in this torch version") from None
+    return _signed(value)
+
+
+def _signed(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, tuple, list)):
+        return value
+    if isinstance(value, int):
+        return value - 2**64 if value >= 2**63 else value
+    return tuple(_signed(v) for v in value)
+
+
+def saved_input(node: Node, name: str) -> Tensor | None:
+    """Tensor ``name`` that ``node`` saved for backward, or None where it saved none or saved it through a
+    saved-tensor hook (checkpointing: reading it would recompute the region)."""
+    return _unhooked(node, name)
+
+
+def view_base(t: Tensor) -> Tensor | None:
+    """The tensor ``t`` is a view of (None: ``t`` is not a view)."""
+    return t._base
+
+
 def _plain(raw: Any) -> bool:
     """Whether saved tensor(s) ``raw`` were saved without a saved-tensor hook."""
     items = raw if isinstance(raw, (list, tuple)) else [raw]
@@ -93,7 +131,7 @@ def saved_tensors(node: Node, only: str | None = None) -> Iterator[tuple[str, Te
     """``(attribute, tensor)`` for the tensors ``node`` saved for its backward without a saved-tensor hook (an input
     it saved is the very tensor object it read; a hooked one, under checkpointing, is not unpacked: that would
     recompute it).  ``only``: that attribute alone (as the first call found it)."""
-    names = [only] if only is not None else [a[len("_raw_saved_"):] for a in dir(node) if a.startswith("_raw_saved_")]
+    names = [only] if only is not None else [a[len("_raw_saved_") :] for a in dir(node) if a.startswith("_raw_saved_")]
     for attr in names:
         try:  # a Python Function's node lists _raw_saved_tensors but saves through ctx (not an input it read)
             raw = getattr(node, "_raw_saved_" + attr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.checkpoint import checkpoint
 
@@ -211,3 +212,200 @@ def test_is_dtensor_boundary_finds_from_local_and_to_local(one_rank) -> None:
     assert C.is_dtensor_boundary(z.grad_fn)
     assert C.is_dtensor_boundary(z.to_local().grad_fn)
     assert not C.is_dtensor_boundary(x.tanh().grad_fn)
+
+
+def test_saved_reads_a_nodes_values_with_negative_ints_signed() -> None:
+    x = torch.randn(4, 5, requires_grad=True)
+    assert C.saved(x.sum(-1).grad_fn, "dim") == (-1,) and C.saved(x.sum(-1).grad_fn, "keepdim") is False
+    t = x.transpose(-1, 0).grad_fn
+    assert (C.saved(t, "dim0"), C.saved(t, "dim1")) == (-1, 0)
+    assert C.saved(F.embedding(torch.tensor([1]), x).grad_fn, "padding_idx") == -1  # None is stored as -1
+    assert C.saved(x[:, -2].grad_fn, "index") == -2
+    with pytest.raises(AttributeError, match="SumBackward1 has no saved value 'nope'"):
+        C.saved(x.sum(-1).grad_fn, "nope")
+
+
+def test_saved_input_is_the_tensor_a_node_saved_and_none_under_a_hook() -> None:
+    img = torch.randn(2, 3, 6, 6, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    h = img.tanh()
+    assert C.saved_input(F.conv2d(h, w).grad_fn, "input") is h
+    y = checkpoint(lambda a: F.conv2d(a.tanh(), w), img, use_reentrant=False)
+    assert C.saved_input(y.grad_fn, "input") is None
+
+
+def test_view_base_is_the_loss_vector_behind_its_entries() -> None:
+    L = torch.randn(5, requires_grad=True) * 2
+    assert C.view_base(L.unbind(0)[3]) is L and C.view_base(L[1]) is L and C.view_base(L) is None
+
+
+x3 = torch.randn(4, 3, 5, requires_grad=True)
+y3 = torch.randn(4, 3, 5, requires_grad=True)
+img4 = torch.randn(2, 3, 6, 6, requires_grad=True)
+vol5 = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
+W2 = torch.randn(5, 5, requires_grad=True)
+q4 = torch.randn(2, 2, 4, 8, requires_grad=True)
+_ONE = torch.ones(1, requires_grad=True)
+_DIM, _DIMS = ("dim", "keepdim"), ("dims",)
+
+#: every node type the per-sample proof and rules know (impartial._sample_ops, impartial._layer_grams): an op that
+#: makes it, and the saved values they read
+MAKERS: dict[str, tuple] = {
+    "AbsBackward0": (lambda: x3.abs(), ()),
+    "AddBackward0": (lambda: x3 + y3, ("alpha",)),
+    "AliasBackward0": (lambda: torch.ops.aten.alias(x3), ()),
+    "Atan2Backward0": (lambda: torch.atan2(x3, y3), ()),
+    "AtanBackward0": (lambda: x3.atan(), ()),
+    "BinaryCrossEntropyBackward0": (
+        lambda: F.binary_cross_entropy(x3.sigmoid(), torch.rand(4, 3, 5), reduction="none"),
+        (),
+    ),
+    "BinaryCrossEntropyWithLogitsBackward0": (
+        lambda: F.binary_cross_entropy_with_logits(x3, torch.rand(4, 3, 5), reduction="none"),
+        (),
+    ),
+    "CeluBackward0": (lambda: F.celu(x3), ()),
+    "ClampBackward0": (lambda: x3.clamp(torch.zeros(5), torch.ones(5)), ()),
+    "ClampBackward1": (lambda: x3.clamp(0, 1), ()),
+    "ClampMaxBackward1": (lambda: x3.clamp_max(torch.zeros(5)), ()),
+    "ClampMinBackward1": (lambda: x3.clamp_min(torch.zeros(5)), ()),
+    "CloneBackward0": (lambda: x3.clone(), ()),
+    "CosBackward0": (lambda: x3.cos(), ()),
+    "DivBackward0": (lambda: x3 / y3, ()),
+    "DivBackward2": (lambda: torch.div(x3, y3, rounding_mode=None), ()),
+    "EluBackward0": (lambda: F.elu(x3), ()),
+    "ErfBackward0": (lambda: x3.erf(), ()),
+    "Exp2Backward0": (lambda: x3.exp2(), ()),
+    "ExpBackward0": (lambda: x3.exp(), ()),
+    "ExpandBackward0": (lambda: x3[:1].expand(4, 3, 5), ()),
+    "Expm1Backward0": (lambda: x3.expm1(), ()),
+    "GeluBackward0": (lambda: F.gelu(x3), ()),
+    "HardsigmoidBackward0": (lambda: F.hardsigmoid(x3), ()),
+    "HardswishBackward0": (lambda: F.hardswish(x3), ()),
+    "HardtanhBackward0": (lambda: F.hardtanh(x3), ()),
+    "HuberLossBackward0": (lambda: F.huber_loss(x3, y3.detach(), reduction="none"), ()),
+    "LeakyReluBackward0": (lambda: F.leaky_relu(x3), ()),
+    "Log1PBackward0": (lambda: x3.abs().log1p(), ()),
+    "LogBackward0": (lambda: x3.abs().log(), ()),
+    "LogSigmoidBackward0": (lambda: F.logsigmoid(x3), ()),
+    "MaskedFillBackward0": (lambda: x3.masked_fill(x3 > 0, 0.0), ()),
+    "MaskedFillBackward1": (lambda: x3.masked_fill(x3 > 0, _ONE[0]), ()),
+    "MaximumBackward0": (lambda: torch.maximum(x3, y3), ()),
+    "MinimumBackward0": (lambda: torch.minimum(x3, y3), ()),
+    "MishBackward0": (lambda: F.mish(x3), ()),
+    "MseLossBackward0": (lambda: F.mse_loss(x3, y3.detach(), reduction="none"), ()),
+    "MulBackward0": (lambda: x3 * y3, ()),
+    "NativeDropoutBackward0": (lambda: torch.native_dropout(x3, 0.5, True)[0], ()),
+    "NegBackward0": (lambda: -x3, ()),
+    "PowBackward0": (lambda: x3**2, ()),
+    "PowBackward1": (lambda: x3.abs() ** y3, ()),
+    "PowBackward2": (lambda: 2**x3, ()),
+    "ReciprocalBackward0": (lambda: x3.reciprocal(), ()),
+    "ReluBackward0": (lambda: x3.relu(), ()),
+    "RsqrtBackward0": (lambda: x3.abs().rsqrt(), ()),
+    "RsubBackward0": (lambda: torch.rsub(x3, y3), ()),
+    "RsubBackward1": (lambda: 1 - x3, ()),
+    "SigmoidBackward0": (lambda: x3.sigmoid(), ()),
+    "SiluBackward0": (lambda: F.silu(x3), ()),
+    "SinBackward0": (lambda: x3.sin(), ()),
+    "SmoothL1LossBackward0": (lambda: F.smooth_l1_loss(x3, y3.detach(), reduction="none"), ()),
+    "SoftplusBackward0": (lambda: F.softplus(x3), ()),
+    "SqrtBackward0": (lambda: x3.abs().sqrt(), ()),
+    "SubBackward0": (lambda: x3 - y3, ("alpha",)),
+    "TanhBackward0": (lambda: x3.tanh(), ()),
+    "ThresholdBackward0": (lambda: F.threshold(x3, 0.0, 0.0), ()),
+    "ToCopyBackward0": (lambda: x3.double(), ()),
+    "WhereBackward0": (lambda: torch.where(x3 > 0, x3, y3), ()),
+    "ViewBackward0": (lambda: x3.view(4, 15), ()),
+    "UnsafeViewBackward0": (lambda: x3.transpose(0, 1).reshape(-1), ()),
+    "ReshapeAliasBackward0": (lambda: torch.ops.aten._reshape_alias(x3, (4, 15), (15, 1)), ()),
+    "SqueezeBackward0": (lambda: x3[:, :1].squeeze(), ()),
+    "SqueezeBackward1": (lambda: x3[:, :1].squeeze(1), ()),
+    "SqueezeBackward2": (lambda: x3[:, :1].squeeze((1,)), ()),
+    "SqueezeBackward4": (lambda: F.linear(x3[0, 0], W2), ()),
+    "UnsqueezeBackward0": (lambda: x3.unsqueeze(0), ()),
+    "TBackward0": (lambda: W2.t(), ()),
+    "TransposeBackward0": (lambda: x3.transpose(0, 2), ("dim0", "dim1")),
+    "PermuteBackward0": (lambda: x3.permute(2, 0, 1), _DIMS),
+    "SumBackward1": (lambda: x3.sum(1), _DIM),
+    "MeanBackward1": (lambda: x3.mean(1), _DIM),
+    "AmaxBackward0": (lambda: x3.amax(1), _DIM),
+    "AminBackward0": (lambda: x3.amin(1), _DIM),
+    "LogsumexpBackward0": (lambda: x3.logsumexp(1), _DIM),
+    "LinalgVectorNormBackward0": (lambda: x3.norm(dim=1), _DIM),
+    "VarBackward0": (lambda: x3.var(1), _DIM),
+    "StdBackward0": (lambda: x3.std(1), _DIM),
+    "MaxBackward0": (lambda: x3.max(1).values, _DIM),
+    "MinBackward0": (lambda: x3.min(1).values, _DIM),
+    "SoftmaxBackward0": (lambda: x3.softmax(1), ("dim",)),
+    "LogSoftmaxBackward0": (lambda: x3.log_softmax(1), ("dim",)),
+    "CumsumBackward0": (lambda: x3.cumsum(1), ("dim",)),
+    "SliceBackward0": (lambda: x3[:, 1:], ("dim", "start", "step", "self_sym_sizes")),
+    "CatBackward0": (lambda: torch.cat([x3, y3], 1), ("dim",)),
+    "FlipBackward0": (lambda: x3.flip(1), _DIMS),
+    "RollBackward0": (lambda: x3.roll(1, 1), _DIMS),
+    "SelectBackward0": (lambda: x3[:, 1], ("dim", "index")),
+    "StackBackward0": (lambda: torch.stack([x3, y3], 1), ("dim",)),
+    "SplitBackward0": (lambda: x3.split(1, 1)[0], ("dim",)),
+    "SplitWithSizesBackward0": (lambda: x3.split([1, 2], 1)[0], ("dim",)),
+    "UnbindBackward0": (lambda: x3.unbind(1)[0], ("dim",)),
+    "AddmmBackward0": (lambda: F.linear(x3[0], W2, _ONE.expand(5) * 1), ("alpha", "beta")),
+    "MmBackward0": (lambda: x3[0] @ W2, ()),
+    "BmmBackward0": (lambda: torch.bmm(x3, x3.transpose(1, 2)), ()),
+    "BaddbmmBackward0": (lambda: torch.baddbmm(torch.zeros(4, 3, 3), x3, x3.transpose(1, 2)), ()),
+    "ScaledDotProductFlashAttentionForCpuBackward0": (lambda: F.scaled_dot_product_attention(q4, q4, q4), ()),
+    "ConvolutionBackward0": (
+        lambda: F.conv2d(img4, torch.randn(2, 3, 3, 3)),
+        ("transposed", "stride", "padding", "dilation", "output_padding", "groups"),
+    ),
+    "NativeGroupNormBackward0": (lambda: F.group_norm(img4, 1), ("group",)),
+    "NativeLayerNormBackward0": (lambda: F.layer_norm(x3, (5,)), ("normalized_shape",)),
+    "AvgPool2DBackward0": (lambda: F.avg_pool2d(img4, 2), ()),
+    "AvgPool3DBackward0": (lambda: F.avg_pool3d(vol5, 2), ()),
+    "AdaptiveAvgPool2DBackward0": (lambda: F.adaptive_avg_pool2d(img4, 2), ()),
+    "AdaptiveAvgPool3DBackward0": (lambda: F.adaptive_avg_pool3d(vol5, 2), ()),
+    "AdaptiveMaxPool2DBackward0": (lambda: F.adaptive_max_pool2d(img4, 2), ()),
+    "AdaptiveMaxPool3DBackward0": (lambda: F.adaptive_max_pool3d(vol5, 2), ()),
+    "MaxPool2DWithIndicesBackward0": (lambda: F.max_pool2d(img4, 2), ()),
+    "MaxPool3DWithIndicesBackward0": (lambda: F.max_pool3d(vol5, 2), ()),
+    "NativeBatchNormBackward0": (
+        lambda: F.batch_norm(img4, torch.zeros(3), torch.ones(3), training=False),
+        ("training", "eps"),
+    ),
+    "EmbeddingBackward0": (
+        lambda: F.embedding(torch.tensor([1]), W2),
+        ("sparse", "padding_idx", "scale_grad_by_freq", "weight_sym_argsize_0"),
+    ),
+    "PreluKernelBackward0": (lambda: F.prelu(x3, _ONE), ()),
+    "NllLossBackward0": (lambda: F.nll_loss(x3[:, :, 0], torch.zeros(4, dtype=torch.long), reduction="none"), ()),
+    "NllLoss2DBackward0": (lambda: F.nll_loss(img4, torch.zeros(2, 6, 6, dtype=torch.long), reduction="none"), ()),
+}
+#: attention kernels only CUDA builds make (the rule treats them as the CPU one)
+GPU_ONLY = {
+    "ScaledDotProductEfficientAttentionBackward0",
+    "ScaledDotProductFlashAttentionBackward0",
+    "ScaledDotProductCudnnAttentionBackward0",
+}
+#: saved tensors the per-sample rules read (impartial._layer_grams), by node type
+SAVED_INPUTS = {
+    "ConvolutionBackward0": ("input",),
+    "EmbeddingBackward0": ("indices",),
+    "NativeLayerNormBackward0": ("input", "result1", "result2"),
+    "NativeGroupNormBackward0": ("input", "result1", "result2"),
+    "NativeBatchNormBackward0": ("input", "running_mean", "running_var"),
+    "MulBackward0": ("self", "other"),
+}
+
+
+def test_every_node_type_the_per_sample_proof_knows_is_one_torch_makes() -> None:
+    from impartial._layer_grams import DEDICATED
+    from impartial._sample_ops import REINDEX, RULES
+
+    assert set(RULES) | REINDEX | set(DEDICATED) == set(MAKERS) | GPU_ONLY
+    for name, (make, attrs) in MAKERS.items():
+        node = make().grad_fn
+        assert node.name() == name
+        for attr in attrs:
+            C.saved(node, attr)
+        for attr in SAVED_INPUTS.get(name, ()):
+            assert isinstance(C.saved_input(node, attr), torch.Tensor), (name, attr)

@@ -116,7 +116,14 @@ class Graph:
 
 
 def _bits(mask: int) -> tuple[int, ...]:
-    return tuple(i for i in range(mask.bit_length()) if mask >> i & 1)
+    if mask & (mask + 1) == 0:  # every task from 0 (every sample a task: hundreds of bits, one Python step each)
+        return tuple(range(mask.bit_length()))
+    return tuple(i for i, c in enumerate(reversed(bin(mask)[2:])) if c == "1")
+
+
+def _two(mask: int) -> bool:
+    """Whether ``mask`` has two or more bits set."""
+    return mask & (mask - 1) != 0
 
 
 def remember(cache: dict, key: Any, value: Any, size: int = 8) -> None:
@@ -153,11 +160,11 @@ def _build(tasks: _Losses, extra: _Losses, params: list[tuple[str, Tensor]] | No
     )
     by_id = {id(t): n for n, t in leaves.items()}
     if params is None:  # infer: the leaves that two or more tasks reach
-        g.shared = {n for n in leaves if len(g.tasks(n)) >= 2}
+        g.shared = {n for n in leaves if _two(g.mask(n) & g.task_bits)}
     else:
         for name, p in params:
             found = by_id.get(id(p))
-            if found is None or not g.tasks(found):
+            if found is None or not g.mask(found) & g.task_bits:
                 if not strict:
                     continue
                 raise ValueError(f"shared_params: {name!r} is not reached by any task loss (nothing to share)")
