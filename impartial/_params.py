@@ -30,7 +30,7 @@ from . import _autograd
 from . import _distributed as _dist
 from ._autograd import Log, Rows, SparseGradient, checked, choose, rows, zeros
 from ._call import Call
-from ._checks import Check, rows_check, said
+from ._checks import Blame, Check, rows_check, said
 from ._param_gram import linear_layers, params_gram
 from ._per_sample import per_sample_stage
 from ._plan import plan
@@ -104,28 +104,14 @@ def _j_path(
         mask |= g.mask(n) & g.task_bits
     ts = _bits(mask)  # tasks that reach no shared parameter take no part in the solve
     sel = slice(None) if len(ts) == k else list(ts)  # a slice: no copy of the k rows
-    inputs = [g.leaves[n] for n in shared + others]
     holder: list[Tensor] = []  # the Gram matrix, then J's columns it was computed from
     # across ranks with a Gram-space solver: the Gram from each rank's share of J's columns (one reduce-scatter of
     # J_r and k² numbers instead of an all-reduce of J_r)
     shard = call.group is not None and call.solvers[0].gram_space
 
     def compute(batched: bool) -> Rows:
-        if cut is None:  # the loop asks row i only for the other leaves task i reaches
-            needs = [[len(shared) + j for j, n in enumerate(others) if g.mask(n) >> i & 1] for i in range(k)]
-            res = rows(
-                log,
-                call.tasks.outs,
-                inputs,
-                None,
-                n=k,
-                onehot=k,
-                dense=len(shared),
-                needs=needs,
-                batched=batched,
-                retain=call.keep,
-                structure=(g.key, "params"),
-            )
+        if cut is None:
+            res = _from_losses(call, g, log, shared, others, batched)
         else:
             res = _through_blocks(call, g, log, cut, shared, others, batched)
         if call.group is not None and not shard:  # the full-batch task gradients: the mean over the ranks
@@ -143,24 +129,8 @@ def _j_path(
             G = _dist.all_sum(G, call.group)
         holder[:] = [G, *Js]
         names = call.tasks.names
-        out = [
-            Check(
-                G.diagonal().isfinite(),
-                [(i, said("the gradient of {!r} w.r.t. the shared parameters", names[i])) for i in ts],
-            )
-        ]
-        return out + [
-            rows_check(
-                r,
-                [
-                    (i, said("the gradient of {!r} w.r.t. {!r}", names[i], partial(g.name, n)))
-                    if i in g.tasks(n)
-                    else None
-                    for i in range(k)
-                ],
-            )
-            for n, r in zip(others, res.sparse)
-        ]
+        msgs = [(i, said("the gradient of {!r} w.r.t. the shared parameters", names[i])) for i in ts]
+        return [Check(G.diagonal().isfinite(), msgs), *_heads_checks(call, g, others, res.sparse)]
 
     # through the blocks, the per-task pass runs over the heads only: disjoint, so the loop
     try:
@@ -169,13 +139,44 @@ def _j_path(
         )
     except SparseGradient as err:
         raise ValueError(
-            f"{g.name(shared[err.input])!r} gets a sparse gradient (an nn.Embedding(sparse=True)): "
-            "block='params' needs each task's gradient of the shared parameters as a dense row; use "
-            "sparse=False there, or block='auto'"
+            f"{g.name(shared[err.input])!r} gets a sparse gradient (an nn.Embedding(sparse=True)): block='params' "
+            "needs each task's gradient of the shared parameters as a dense row; use sparse=False there, or "
+            "block='auto'"
         ) from None
     parts = [(n, p) for n, r in zip(others, res.sparse) for p in r if p is not None]
     rep, ds = _j_solve(call, [r[sel].reshape(len(ts), -1) for r in res.dense], ts, holder, shard, log.passes[-1])
     return rep, parts + [(n, d.reshape(g.leaves[n].shape)) for n, d in zip(shared, ds)]
+
+
+def _from_losses(call: Call, g: Graph, log: Log, shared: list[Node], others: list[Node], batched: bool) -> Rows:
+    """Each task's gradient of the shared parameters (dense rows) and of the other leaves it reaches, from the
+    losses (the loop asks row i only for the other leaves task i reaches)."""
+    k = g.k
+    needs = [[len(shared) + j for j, n in enumerate(others) if g.mask(n) >> i & 1] for i in range(k)]
+    inputs = [g.leaves[n] for n in shared + others]
+    return rows(
+        log,
+        call.tasks.outs,
+        inputs,
+        None,
+        n=k,
+        onehot=k,
+        dense=len(shared),
+        needs=needs,
+        batched=batched,
+        retain=call.keep,
+        structure=(g.key, "params"),
+    )
+
+
+def _heads_checks(call: Call, g: Graph, others: list[Node], sparse: list) -> list[Check]:
+    """Each task's gradient of the leaves beside the shared parameters (its heads), finite, each task named."""
+    names = call.tasks.names
+
+    def blame(i: int, n: Node) -> Blame | None:
+        return (i, said("the gradient of {!r} w.r.t. {!r}", names[i], partial(g.name, n))) if i in g.tasks(n) else None
+
+    return [rows_check(r, [blame(i, n) for i in range(g.k)]) for n, r in zip(others, sparse)]
 
 
 def _j_solve(

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 from torch.autograd.graph import Node
 
-from ._sample_ops import REINDEX, RULES, SUM, Lay, Refuse, State
+from ._sample_ops import SUM, Lay, Refuse, State
+from ._sample_rules import REINDEX, RULES
 from ._torch_compat import input_metadata
 from .graph._trace import Graph
 

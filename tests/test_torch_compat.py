@@ -248,7 +248,7 @@ q4 = torch.randn(2, 2, 4, 8, requires_grad=True)
 _ONE = torch.ones(1, requires_grad=True)
 _DIM, _DIMS = ("dim", "keepdim"), ("dims",)
 
-#: every node type the per-sample proof and rules know (impartial._sample_ops, impartial._layer_grams): an op that
+#: every node type the per-sample proof and rules know (impartial._sample_rules, impartial._layer_grams): an op that
 #: makes it, and the saved values they read
 MAKERS: dict[str, tuple] = {
     "AbsBackward0": (lambda: x3.abs(), ()),
@@ -399,7 +399,7 @@ SAVED_INPUTS = {
 
 def test_every_node_type_the_per_sample_proof_knows_is_one_torch_makes() -> None:
     from impartial._layer_grams import DEDICATED
-    from impartial._sample_ops import REINDEX, RULES
+    from impartial._sample_rules import REINDEX, RULES
 
     assert set(RULES) | REINDEX | set(DEDICATED) == set(MAKERS) | GPU_ONLY
     for name, (make, attrs) in MAKERS.items():
