@@ -25,7 +25,7 @@ from torch.autograd.graph import Node
 from ._call import Call
 from ._checks import Blame, Check, NonFinite, first_bad, said
 from ._plan import Plan
-from ._torch_compat import foreach_norm, quiet
+from ._torch_compat import foreach_norm, quiet, run_backward
 from .graph._trace import Graph
 
 __all__ = ["final_pass", "totals", "write"]
@@ -141,4 +141,4 @@ def write(g: Graph, total: dict[Node, Tensor]) -> None:
         grads.append(t)
     with torch.enable_grad():  # (a sparse gradient, which a view cannot take, is seeded at the leaf itself)
         roots = [p if t.is_sparse else p.view_as(p) for p, t in zip(leaves, grads)]
-    torch.autograd.backward(roots, grads)
+    run_backward(roots, grads)

@@ -93,6 +93,25 @@ def test_accumulate_grad_takes_a_fresh_view_without_a_copy() -> None:
     assert p.grad.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()
 
 
+def test_run_backward_accumulates_as_backward_does_and_the_engine_still_checks_the_seeds() -> None:
+    """``impartial._final.write``'s engine call: the same ``.grad`` (no copy through a fresh view, accumulation into
+    an existing one, post-accumulate hooks once) as ``torch.autograd.backward``, and a seed of the wrong shape is
+    still refused (by the engine, not by the Python checks it skips)."""
+    from impartial._torch_compat import run_backward
+
+    p = torch.zeros(1000, requires_grad=True)
+    seen: list[int] = []
+    p.register_post_accumulate_grad_hook(lambda t: seen.append(1))
+    g = torch.randn(1000)
+    run_backward([p.view_as(p)], [g])
+    assert p.grad.untyped_storage().data_ptr() == g.untyped_storage().data_ptr() and seen == [1]
+    expected = g + 1  # (p.grad is g's storage now: accumulating adds into it, as plain backward does)
+    run_backward([p.view_as(p)], [torch.ones(1000)])
+    torch.testing.assert_close(p.grad, expected)
+    with pytest.raises(RuntimeError, match="shape"):
+        run_backward([p.view_as(p)], [torch.ones(999)])
+
+
 def _sharded() -> tuple[torch.nn.Module, torch.Tensor]:
     from torch.distributed.fsdp import fully_shard
 
