@@ -69,20 +69,7 @@ class Generic:
                 D = self.delta[nr]
                 mask = torch.nn.functional.one_hot(chunk.to(D.device), B).to(D.dtype)  # [n, B]
                 seeds.append((D.reshape(1, outer, B, inner) * mask.view(-1, 1, B, 1)).reshape(-1, *D.shape))
-            got = rows(
-                log,
-                [GradientEdge(node, nr) for nr, _ in outs],
-                edges,
-                seeds,
-                n=len(chunk),
-                onehot=0,
-                dense=len(edges),
-                needs=None,
-                batched=True,
-                retain=True,
-            )
-            log.passes.pop()
-            for p, r in zip(parts, got.dense):
+            for p, r in zip(parts, _batched(log, [GradientEdge(node, nr) for nr, _ in outs], edges, seeds)):
                 p.append(r)
         return [torch.cat(p) for p in parts]
 
@@ -92,20 +79,7 @@ class Generic:
         step = max(1, budget(self.B) // max(1, J[0].numel() + sum(t.numel() for t in tensors)))
         parts: list[list[Tensor]] = [[] for _ in found]
         for s in range(0, J.shape[0], step):
-            got = rows(
-                log,
-                [edge],
-                tensors,
-                [J[s : s + step]],
-                n=min(step, J.shape[0] - s),
-                onehot=0,
-                dense=len(tensors),
-                needs=None,
-                batched=True,
-                retain=True,
-            )
-            log.passes.pop()
-            for p, r in zip(parts, got.dense):
+            for p, r in zip(parts, _batched(log, [edge], tensors, [J[s : s + step]])):
                 p.append(r)
         return {n: torch.cat(p) for n, p in zip(found, parts)}
 
@@ -135,3 +109,11 @@ def unchain(t: Tensor, chain: list[Node], lead: int) -> Tensor:
         elif name not in ("CloneBackward0", "AliasBackward0"):  # views: the leaf's shape, same order
             t = t.reshape(*t.shape[:lead], *shape)
     return t
+
+
+def _batched(log: Log, outputs: list, inputs: list, seeds: list[Tensor]) -> list[Tensor]:
+    """One batched backward of ``seeds`` (``[n, ...]`` each) from ``outputs`` to ``inputs`` (dense rows), the graph
+    kept; an inner pass, so the report does not list it."""
+    got = rows(log, outputs, inputs, seeds, n=seeds[0].shape[0], onehot=0, dense=len(inputs), needs=None, batched=True)
+    log.passes.pop()
+    return got.dense
