@@ -75,9 +75,11 @@ def projected_gradient(H: Tensor, c: Tensor, iters: int, tol: float) -> tuple[Te
     on): the loop ends when every problem has ``r ≤ tol`` or after ``iters`` iterations.  Where the worst
     residual falls less than a hundredfold in :data:`CHECK` iterations, the
     iterations turn into FISTA, whose momentum restarts per problem where the gradient points along the
-    last step; when even that does not cut the residual tenfold in ``4 CHECK`` iterations, the loop gives
-    up (ill-conditioned problems: the active set does better there).
+    last step; when even that does not cut the residual tenfold in ``4 CHECK`` iterations, or when, after
+    ``k/2`` iterations, its rate needs more than ``k`` more (an exact active-set iteration costs about ``k`` of
+    these), the loop gives up (ill-conditioned problems: the active set does better there).
     """
+    k = H.shape[-1]
     h = H.diagonal(dim1=-2, dim2=-1).rsqrt()
     cs = c * h.unsqueeze(-2)
     x = torch.zeros_like(cs)
@@ -123,8 +125,11 @@ def projected_gradient(H: Tensor, c: Tensor, iters: int, tol: float) -> tuple[Te
             fista = fista or rate > 0.4  # plain steps cut the residual less than a hundredfold in five
             if fista and len([s for s in seen if s[0] >= it - 4 * CHECK]) > 4 and r1 > 0.1 * seen[-5][1]:
                 break
-            # the next check where the current rate would reach tol (between 2 and 4 CHECK from here)
+            # the iterations the current rate needs to reach tol
             ahead = math.log(max(tol, 1e-300) / max(r1, 1e-300)) / math.log(min(max(rate, 1e-3), 0.99))
+            if fista and it >= k // 2 and ahead > k:
+                break  # slower than the active set from here (one of its iterations costs ~k of these)
+            # the next check where the current rate would reach tol (between 2 and 4 CHECK from here)
             check = it + min(max(math.ceil(ahead), 2), 4 * CHECK)
     return x * h.unsqueeze(-2), r
 
