@@ -10,7 +10,8 @@ the batch:
   shared by all problems: no factorisation.  It converges fast where the task gradients are far from
   collinear, and it is given up on problems whose residual stalls.
 - :func:`host_active_set`: the exact active-set iterations of :func:`._qp_faces.as_step`, on the unsolved
-  problems only, until each one settles (a full step to its face minimiser with no negative multiplier).
+  problems only, until each one settles (a full step to its face minimiser with no negative multiplier);
+  from :data:`COMPACT_K` variables its face systems shrink to the largest free set (:func:`compact_solve`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._qp_faces import chol_solve
+
 #: iterations between two residual checks of :func:`projected_gradient` (each check reads one value)
 CHECK = 5
+#: the active set solves faces by :func:`compact_solve` from this many variables on
+COMPACT_K = 64
 
 
 def on_host(*tensors: Tensor) -> bool:
@@ -141,6 +146,26 @@ def _affine(b: Tensor, y: Tensor, M: Tensor) -> Tensor:
     if M.ndim == 3 and y.ndim == 3:
         return torch.baddbmm(b, y, M)
     return b + y @ M
+
+
+def compact_solve(H: Tensor, free: Tensor, rhs: Tensor) -> Tensor:
+    """:func:`._qp_faces.masked_solve` for one shared ``H`` ``[k, k]``, on matrices of the largest free set only.
+
+    ``free`` ``[n, k]`` (bool), ``rhs`` ``[n, k, r]``.  Each problem's free variables are gathered to the front
+    (the rest of its ``f = max |F|`` slots get identity rows), so the batched Cholesky costs ``n f³``, not
+    ``n k³``: where the supports are small (correlated tasks) that is a fraction.  Reads ``f``: host only.
+    """
+    n, k = free.shape
+    size = free.sum(-1)
+    f = int(size.max())
+    order = torch.argsort((~free).to(torch.uint8), dim=-1, stable=True)[:, :f]  # free ones first
+    on = torch.arange(f, device=free.device) < size.unsqueeze(-1)  # [n, f]: the slot holds a free variable
+    A = H[order.unsqueeze(-1), order.unsqueeze(-2)]
+    A.masked_fill_(~(on.unsqueeze(-1) & on.unsqueeze(-2)), 0.0).diagonal(dim1=-2, dim2=-1).add_(~on)
+    L, _ = torch.linalg.cholesky_ex(A)  # positive definite (prepare's ridge)
+    b = rhs.gather(-2, order.unsqueeze(-1).expand(n, f, rhs.shape[-1])) * on.unsqueeze(-1)
+    X = chol_solve(L, b)
+    return torch.zeros_like(rhs).scatter_(-2, order.unsqueeze(-1).expand_as(X), X)
 
 
 Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
