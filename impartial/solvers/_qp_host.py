@@ -5,10 +5,10 @@ would stall the device or break the trace.  On the CPU a value costs nothing to 
 the call (:func:`on_host`) the solvers stop as soon as each problem is solved, and drop solved problems from
 the batch:
 
-- :func:`projected_gradient`: accelerated projected gradient (FISTA with per-problem gradient restarts,
-  O'Donoghue & Candès 2015) on the Jacobi-scaled box QP.  One ``m × k`` by ``k × k`` product per iteration,
-  shared by all problems: no factorisation.  It converges fast where the task gradients are far from
-  collinear, and it is given up on problems whose residual stalls.
+- :func:`projected_gradient`: accelerated projected gradient (FISTA, Beck & Teboulle 2009, restarted where
+  the residual rises, O'Donoghue & Candès 2015) on the Jacobi-scaled box QP.  One ``m × k`` by ``k × k``
+  product per iteration, shared by all problems: no factorisation.  It converges fast where the task
+  gradients are far from collinear, and it is given up on problems whose residual stalls.
 - :func:`host_active_set`: the exact active-set iterations of :func:`._qp_faces.as_step`, on the unsolved
   problems only, until each one settles (a full step to its face minimiser with no negative multiplier);
   from :data:`COMPACT_K` variables its face systems shrink to the largest free set (:func:`compact_solve`).
@@ -78,11 +78,12 @@ def projected_gradient(H: Tensor, c: Tensor, iters: int, tol: float) -> tuple[Te
     Projected gradient on ``y = x ⊙ √diag H`` with step ``1/L``, from ``y = 0``.  The residual is read after
     :data:`CHECK` iterations, then where the rate seen so far predicts ``tol`` (2 to ``4 CHECK`` iterations
     on): the loop ends when every problem has ``r ≤ tol`` or after ``iters`` iterations.  Where the worst
-    residual falls less than a hundredfold in :data:`CHECK` iterations, the
-    iterations turn into FISTA, whose momentum restarts per problem where the gradient points along the
-    last step; when even that does not cut the residual tenfold in ``4 CHECK`` iterations, or when, after
-    ``k/2`` iterations, its rate needs more than ``k`` more (an exact active-set iteration costs about ``k`` of
-    these), the loop gives up (ill-conditioned problems: the active set does better there).
+    residual falls less than a hundredfold in :data:`CHECK` iterations, the iterations turn into FISTA, one
+    momentum for all problems (three ops an iteration: at small ``k`` each op costs more than its flops),
+    restarted at a check where the worst residual rose; when even that does not cut the residual tenfold in
+    ``4 CHECK`` iterations, or when, after ``k/2`` iterations, its rate needs more than ``k`` more (an exact
+    active-set iteration costs about ``k`` of these), the loop gives up (ill-conditioned problems: the active
+    set does better there).
     """
     k = H.shape[-1]
     h = H.diagonal(dim1=-2, dim2=-1).rsqrt()
@@ -97,17 +98,15 @@ def projected_gradient(H: Tensor, c: Tensor, iters: int, tol: float) -> tuple[Te
     # one iteration is z = y − step (y Hs + cs) = y M + b, then x = max(z, 0): one product and one clamp
     M = torch.eye(Hs.shape[-1], dtype=Hs.dtype, device=Hs.device) - step * Hs
     b = -step * cs
-    y, t, fista, it, check = x, torch.ones_like(cs[..., :1]), False, 0, CHECK
+    y, t, fista, it, check = x, 1.0, False, 0, CHECK
     while seen[-1][1] > tol and it < iters:
         it += 1
         z = _affine(b, y, M)
         xn = z.clamp(min=0.0)
         if fista:
-            d = xn - x
-            tn = (1 + (1 + 4 * t * t).sqrt()) / 2
-            restart = ((y - z) * d).sum(-1, keepdim=True) > 0  # the gradient at y points along the step
-            y = torch.addcmul(xn, torch.where(restart, 0.0, (t - 1) / tn), d)
-            t = torch.where(restart, 1.0, tn)
+            tn = (1 + math.sqrt(1 + 4 * t * t)) / 2
+            y = torch.lerp(x, xn, 1 + (t - 1) / tn)
+            t = tn
         else:
             y = xn
         x = xn
@@ -117,12 +116,14 @@ def projected_gradient(H: Tensor, c: Tensor, iters: int, tol: float) -> tuple[Te
             (i0, r0), (i1, r1) = seen[-2], seen[-1]
             if r1 <= tol:
                 break
+            if r1 > r0:
+                t = 1.0
             if not r1 < 10 * r0:  # diverging (a step too long for an underestimated L), or NaN: back off
                 step = step / 4
                 M = torch.eye(Hs.shape[-1], dtype=Hs.dtype, device=Hs.device) - step * Hs
                 b = -step * cs
                 x = y = torch.zeros_like(cs)
-                t = torch.ones_like(cs[..., :1])
+                t = 1.0
                 seen.append((it, seen[0][1]))
                 check = it + CHECK
                 continue
