@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from impartial.solvers import _qp_host
 from impartial.solvers._qp import REG, RESIDUAL_TOL, cutoff, nonneg_qp, prepare, simplex_qp
 from impartial.solvers._qp_faces import IPM_K, default_iters, enumerates, masked_solve
 from impartial.solvers._qp_host import COMPACT_K, compact_solve, on_host, projected_gradient
@@ -108,10 +109,13 @@ def test_projected_gradient_gives_up_where_it_stalls_and_the_active_set_finishes
     _directions_close(xs, xl, J / J.norm(dim=1).max(), 1e-10)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("size", [0, 1, 9, 20])
-def test_compact_solve_equals_the_masked_solve(size: int) -> None:
+def test_compact_solve_equals_the_masked_solve(size: int, chunked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Free sets of every size up to ``size`` (an empty one, a full one): the gathered solve on the largest free
-    set gives the masked solve's face minimisers, zero off each free set."""
+    set gives the masked solve's face minimisers, zero off each free set, whole or in chunks of problems."""
+    if chunked:
+        monkeypatch.setattr(_qp_host, "CHUNK", 2 * 20 * max(size, 1))  # two problems a chunk
     gen = torch.Generator().manual_seed(size)
     k = 20
     J = torch.randn(k, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 30, generator=gen, dtype=torch.float64)

@@ -28,6 +28,8 @@ from ._qp_faces import chol_solve
 CHECK = 5
 #: the active set solves faces by :func:`compact_solve` from this many variables on
 COMPACT_K = 64
+#: :func:`compact_solve` takes its problems in chunks of at most this many gathered entries (1 MB in float64)
+CHUNK = 2**17
 
 
 def on_host(*tensors: Tensor) -> bool:
@@ -154,11 +156,15 @@ def compact_solve(H: Tensor, free: Tensor, rhs: Tensor) -> Tensor:
 
     ``free`` ``[n, k]`` (bool), ``rhs`` ``[n, k, r]``.  Each problem's free variables are gathered to the front
     (the rest of its ``f = max |F|`` slots get identity rows), so the batched Cholesky costs ``n f³``, not
-    ``n k³``: where the supports are small (correlated tasks) that is a fraction.  Reads ``f``: host only.
+    ``n k³``: where the supports are small (correlated tasks) that is a fraction.  Problems are taken in chunks
+    of :data:`CHUNK` gathered entries, so the memory does not grow with ``n``.  Reads ``f``: host only.
     """
     n, k = free.shape
     size = free.sum(-1)
     f = int(size.max())
+    rows = max(1, CHUNK // (max(f, 1) * k))  # memory: the gathered rows of H, [rows · f, k], are the largest buffer
+    if n > rows:
+        return torch.cat([compact_solve(H, free[i : i + rows], rhs[i : i + rows]) for i in range(0, n, rows)])
     order = torch.argsort((~free).to(torch.uint8), dim=-1, stable=True)[:, :f]  # free ones first
     on = torch.arange(f, device=free.device) < size.unsqueeze(-1)  # [n, f]: the slot holds a free variable
     # rows then columns: two plain gathers run ~3x faster than one advanced index [n, f, f]
