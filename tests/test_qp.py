@@ -8,9 +8,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from impartial.solvers import _qp_host
 from impartial.solvers._qp import REG, RESIDUAL_TOL, cutoff, nonneg_qp, prepare, simplex_qp
-from impartial.solvers._qp_faces import IPM_K, default_iters, enumerates
-from impartial.solvers._qp_host import on_host, projected_gradient
+from impartial.solvers._qp_faces import IPM_K, default_iters, enumerates, masked_solve
+from impartial.solvers._qp_host import COMPACT_K, compact_solve, on_host, projected_gradient
 from strategies import jacobians
 
 KKT_TOL = 1e-9  # relative to the normalised Gram matrix (max diagonal 1)
@@ -106,6 +107,41 @@ def test_projected_gradient_gives_up_where_it_stalls_and_the_active_set_finishes
     xl, _ = nonneg_qp(H, H, 3 * default_iters(32), host=False)
     assert float(rs.max()) <= 1e-12
     _directions_close(xs, xl, J / J.norm(dim=1).max(), 1e-10)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("size", [0, 1, 9, 20])
+def test_compact_solve_equals_the_masked_solve(size: int, chunked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free sets of every size up to ``size`` (an empty one, a full one): the gathered solve on the largest free
+    set gives the masked solve's face minimisers, zero off each free set, whole or in chunks of problems."""
+    if chunked:
+        monkeypatch.setattr(_qp_host, "CHUNK", 2 * 20 * max(size, 1))  # two problems a chunk
+    gen = torch.Generator().manual_seed(size)
+    k = 20
+    J = torch.randn(k, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 30, generator=gen, dtype=torch.float64)
+    H = prepare(J @ J.T).H  # rank 6: the face systems are as ill-conditioned as prepare leaves them
+    free = torch.rand(7, k, generator=gen) < torch.linspace(0, 1, 7).unsqueeze(-1)
+    free[:, size:] = False
+    free[-1, :size] = True
+    rhs = H @ torch.randn(7, k, 2, generator=gen, dtype=torch.float64)  # c = Hu, as the solvers' are
+    X = compact_solve(H, free, rhs)
+    assert bool((X[~free] == 0).all())
+    _directions_close(X.mT, masked_solve(H, free, rhs).mT, J / J.norm(dim=1).max(), 1e-7)
+
+
+def test_host_active_set_on_compact_faces_matches_the_fixed_schedule() -> None:
+    """Correlated tasks at ``k ≥ COMPACT_K`` (per-sample-like: many agree): projected gradient hands them to the
+    active set, which solves its faces by :func:`compact_solve`; the fixed schedule's answer is the same."""
+    gen = torch.Generator().manual_seed(1)
+    k = COMPACT_K + 8
+    J = torch.randn(k, 1, generator=gen, dtype=torch.float64) * torch.randn(1, 500, generator=gen, dtype=torch.float64)
+    J = J + 0.1 * torch.randn(k, 500, generator=gen, dtype=torch.float64)
+    H = prepare(J @ J.T).H
+    assert float(projected_gradient(H, H, 500, 1e-12)[1].max()) > 1e-12  # the active set has work to do
+    xs, rs = nonneg_qp(H, H, host=True)
+    xf, _ = nonneg_qp(H, H, 3 * default_iters(k), host=False)
+    assert float(rs.max()) <= 1e-12
+    _directions_close(xs, xf, J / J.norm(dim=1).max(), 1e-9)
 
 
 @pytest.mark.parametrize("host", PATHS)

@@ -47,7 +47,7 @@ from ._qp_faces import (
     quadratic,
     simplex_point,
 )
-from ._qp_host import host_active_set, host_iters, projected_gradient, residual
+from ._qp_host import COMPACT_K, compact_solve, host_active_set, host_iters, projected_gradient, residual
 from ._qp_prepare import (
     PG_ITERS,
     PG_TOL,
@@ -111,10 +111,14 @@ def nonneg_qp(H: Tensor, c: Tensor, iters: int | None = None, host: bool = False
     return x, nonneg_residual(H, c, x)
 
 
-def _nonneg_face(H: Tensor, c: Tensor) -> Face:
+def _nonneg_face(H: Tensor, c: Tensor, host: bool = False) -> Face:
+    # on the host one shared H is solved on the largest free set only (free [n, k] there); below COMPACT_K
+    # the gathers cost more than the smaller Cholesky saves
+    solve = compact_solve if host and H.ndim == 2 and c.ndim == 2 and H.shape[-1] >= COMPACT_K else masked_solve
+
     def face(free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         zero = torch.zeros_like(c[..., :1])
-        return -masked_solve(H, free, c.unsqueeze(-1)).squeeze(-1), zero, torch.ones_like(zero, dtype=torch.bool)
+        return -solve(H, free, c.unsqueeze(-1)).squeeze(-1), zero, torch.ones_like(zero, dtype=torch.bool)
 
     return face
 
@@ -156,7 +160,7 @@ def _nonneg_host(H: Tensor, c: Tensor, iters: int | None) -> tuple[Tensor, Tenso
         todo = torch.ones_like(c[..., 0], dtype=torch.bool)
     rows = todo.reshape(-1).nonzero().squeeze(-1)
     x = x.reshape(-1, k).clone()
-    step_for = _row_steps(H, c, rows, _nonneg_face)
+    step_for = _row_steps(H, c, rows, lambda H, c: _nonneg_face(H, c, host=True))
     x[rows] = host_active_set(step_for, x[rows], free.reshape(-1, k)[rows], host_iters(k) if iters is None else iters)
     x = x.reshape(c.shape)
     return x, nonneg_residual(H, c, x)
