@@ -24,30 +24,54 @@ def jacobians(
     scales: bool = True,
     degenerate: bool = True,
 ) -> Tensor:
-    """A float64 ``J [k, d]``."""
+    """A float64 ``J [k, d]`` (:func:`build` of the drawn structure)."""
     k = draw(st.integers(min_k, max_k))
     d = draw(st.integers(min_d, max_d))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    rank = draw(st.integers(1, min(k, d))) if degenerate and draw(st.booleans()) else min(k, d)
-    J = torch.randn(k, rank, generator=gen, dtype=DTYPE) @ torch.randn(rank, d, generator=gen, dtype=DTYPE)
-    if draw(st.booleans()):  # rows of very different norms
-        J = J * torch.exp(torch.empty(k, 1, dtype=DTYPE).uniform_(-4, 4, generator=gen))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rank = draw(st.integers(1, min(k, d))) if degenerate and draw(st.booleans()) else None
+    spread = draw(st.booleans())
+    edits: list[tuple[str, int, int, float]] = []
     if degenerate and k > 1:
-        n_special = draw(st.integers(0, min(3, k - 1)))
-        for _ in range(n_special):
+        for _ in range(draw(st.integers(0, min(3, k - 1)))):
             i, j = draw(st.integers(0, k - 1)), draw(st.integers(0, k - 1))
             kind = draw(st.sampled_from(["zero", "duplicate", "antiparallel", "parallel"]))
-            if kind == "zero":
-                J[i] = 0
-            elif kind == "duplicate":
-                J[i] = J[j]
-            elif kind == "antiparallel":
-                J[i] = -J[j] * draw(st.sampled_from([1.0, 0.5, 3.0]))
-            else:
-                J[i] = J[j] * draw(st.sampled_from([0.5, 3.0]))
-    if scales:
-        J = J * 10.0 ** draw(st.sampled_from([0, 0, 0, -10, -5, -2, 2, 5, 10, 15]))
-    return J
+            f = 1.0
+            if kind == "antiparallel":
+                f = draw(st.sampled_from([1.0, 0.5, 3.0]))
+            elif kind == "parallel":
+                f = draw(st.sampled_from([0.5, 3.0]))
+            edits.append((kind, i, j, f))
+    scale = draw(st.sampled_from([0, 0, 0, -10, -5, -2, 2, 5, 10, 15])) if scales else 0
+    return build(k, d, seed, rank, spread, edits, scale)
+
+
+def build(
+    k: int,
+    d: int,
+    seed: int,
+    rank: int | None = None,
+    spread: bool = False,
+    edits: list[tuple[str, int, int, float]] | tuple = (),
+    scale: int = 0,
+) -> Tensor:
+    """The ``J`` that :func:`jacobians` draws from this structure (for explicit examples of its failures): rank
+    ``rank`` (default full), rows scaled by ``e^U(-4, 4)`` where ``spread``, then each ``(kind, i, j, f)`` of
+    ``edits`` (row ``i`` := 0, ``g_j``, ``−f g_j`` or ``f g_j``), then the global scale ``10^scale``."""
+    gen = torch.Generator().manual_seed(seed)
+    r = min(k, d) if rank is None else rank
+    J = torch.randn(k, r, generator=gen, dtype=DTYPE) @ torch.randn(r, d, generator=gen, dtype=DTYPE)
+    if spread:  # rows of very different norms
+        J = J * torch.exp(torch.empty(k, 1, dtype=DTYPE).uniform_(-4, 4, generator=gen))
+    for kind, i, j, f in edits:
+        if kind == "zero":
+            J[i] = 0
+        elif kind == "duplicate":
+            J[i] = J[j]
+        elif kind == "antiparallel":
+            J[i] = -J[j] * f
+        else:
+            J[i] = J[j] * f
+    return J * 10.0**scale
 
 
 @st.composite
