@@ -204,7 +204,7 @@ def _row_steps(H: Tensor, c: Tensor, rows: Tensor, make_face, simplex: bool = Fa
         def step(x: Tensor, free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             if squeeze:
                 x, free = x.unsqueeze(-2), free.unsqueeze(-2)
-            x, free, settled = as_step(lambda x: x @ Hr + cr, face, x, free, objective, simplex, scale)
+            x, free, settled = as_step(lambda x: x @ Hr + cr, face, x, free, objective, simplex, scale, True)
             if squeeze:
                 return x.squeeze(-2), free.squeeze(-2), settled.squeeze(-1)
             return x, free, settled

@@ -86,7 +86,9 @@ def quadratic(H: Tensor, c: Tensor, X: Tensor) -> Tensor:
 
     Returns ``[..., m, n]``.
     """
-    return ((X @ H.unsqueeze(-3)) * X).sum(-1) / 2 + (X * c.unsqueeze(-2)).sum(-1)
+    # one H (the host's rows): a plain [m n, k] × [k, k] product; broadcasting a [1, k, k] runs a slow bmm
+    HX = X @ (H if H.ndim == 2 else H.unsqueeze(-3))
+    return (HX.mul_(0.5).add_(c.unsqueeze(-2)) * X).sum(-1)
 
 
 def simplex_point(sol: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,6 +131,7 @@ def as_step(
     objective: Callable[[Tensor], Tensor] | None = None,
     simplex: bool = False,
     scale: Tensor | None = None,
+    breakpoints: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One active-set iteration (see the module docstring): ``(x, free, settled [..., m])``.
 
@@ -143,6 +146,7 @@ def as_step(
     onto it), which is never worse than the plain ratio test (its first breakpoint, feasible as it is) and
     drops many variables at once.  Where the face has no minimiser (not exact) the breakpoints past 1 are
     candidates too: the optimum is on the face's boundary, and a majoriser step would only creep towards it.
+    ``breakpoints`` (host only: reads a value) keeps only as many breakpoints as the most blocked problem has.
     """
     xh, mu, exact = face(free)
     p = xh - x
@@ -160,6 +164,8 @@ def as_step(
         # candidate steps: every breakpoint, and 1; pick the best point of the projected path.  Past 1 only on
         # a face without a minimiser (not exact): the optimum is then on its boundary, so go on to it
         T = torch.where(exact & (ratio > 1.0), 1.0, ratio)
+        if breakpoints:  # host: only the most blocking variables' breakpoints (the others' are 1, or ∞ → 1)
+            T = T.topk(max(int(block.sum(-1).amax()), 1), -1, largest=False).values
         T = torch.cat([torch.where(T.isinf(), 1.0, T), torch.ones_like(T[..., :1])], -1).unsqueeze(-1)
         X = (x.unsqueeze(-2) + T * p.unsqueeze(-2)).clamp(min=0.0)  # [..., m, k, k]
         if simplex:
