@@ -3,8 +3,8 @@
 A *face* of ``{x ≥ 0}`` (or of the simplex) fixes the variables off a *working set* ``F`` at zero.  Every method
 of :mod:`._qp` is built from the minimisers of the objective on faces:
 
-- :func:`face_minimisers` solves every face of a small problem at once (enumeration: the optimum is the
-  feasible face minimiser of least objective, since a strictly convex QP's optimum minimises its own face);
+- :func:`face_minimisers` solves every face of a small problem at once (enumeration: a strictly convex QP's
+  optimum minimises its own face, and is the one face minimiser that is both feasible and dual feasible);
 - :func:`as_step` is one iteration of the primal active-set method (Nocedal & Wright, *Numerical
   Optimization*, §16.5): minimise on ``F`` (one masked, batched Cholesky), walk towards that minimiser until
   the first variable hits zero (the ratio test; hitting variables leave ``F``), and after a full step add
@@ -99,7 +99,7 @@ def simplex_point(sol: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def pick_feasible(X: Tensor, f: Tensor) -> Tensor:
-    """The candidate ``X[..., m, n, k]`` of least objective ``f`` ``[..., m, n]`` among the feasible (``X ≥ 0``) ones.
+    """The candidate ``X[..., m, n, k]`` of least score ``f`` ``[..., m, n]`` among the feasible (``X ≥ 0``) ones.
 
     Feasibility allows round-off (``-1e-12`` relative to the candidate's largest entry), then clamps.
     """
