@@ -25,7 +25,7 @@ from ._autograd import Log, Rows, checked, choose, rows
 from ._call import Call
 from ._checks import Check, said
 from ._report import BlockReport
-from ._solve import rescale
+from ._solve import rescale_pieces
 from ._torch_compat import linear_saved
 from .graph._trace import Graph
 from .solvers import GramSolver, solve_dtype
@@ -144,17 +144,7 @@ def params_gram(
         if bn is not None:
             got[bn] = dl.sum(0)
     ds = [got[n] for n in shared]
-    flat, _, scale, status = rescale(
-        call,
-        [d.reshape(-1) for d in ds],
-        None,
-        G,
-        w,
-        sol.status.to(torch.int8),
-        False,
-        layers[0][1].dtype,
-        lambda c: plain.clamp_min(0) * c * c,
-    )
+    flat, scale, status = rescale_pieces(call, ds, G, sol, layers[0][1].dtype, lambda c: plain.clamp_min(0) * c * c)
     D = sum(g.leaves[n].numel() for n in shared)
     name = f"{len(shared)} shared parameters [{D}]"
     rep = BlockReport(

@@ -29,7 +29,7 @@ from ._layer_grams import DEDICATED
 from ._report import BlockReport
 from ._sample_ops import Refuse
 from ._samples import Layer, Proof, prove
-from ._solve import rescale
+from ._solve import rescale_pieces
 from ._torch_compat import input_metadata, saved, view_base
 from .graph._trace import Graph
 from .solvers import GramSolver, solve_dtype
@@ -129,17 +129,7 @@ def _solve(
     sol = solver.solve(G, losses=losses, precision=dtype)
     w = sol.weights
     ds = _directions(shared, proof, rules, Js, w.to(dtype), g)
-    flat, _, scale, status = rescale(
-        call,
-        [d.reshape(-1) for d in ds],
-        None,
-        G,
-        w,
-        sol.status.to(torch.int8),
-        False,
-        dtype,
-        lambda c: G.sum().clamp_min(0) * c * c,
-    )
+    flat, scale, status = rescale_pieces(call, ds, G, sol, dtype, lambda c: G.sum().clamp_min(0) * c * c)
     D = sum(g.leaves[n].numel() for n in shared)
     kinds = tuple(
         (g.name(n), "+".join(sorted({rules[i].kind for i, _ in proof.owners.get(n, [])})) or "none") for n in shared

@@ -29,7 +29,7 @@ from ._call import Call
 from ._checks import Blame, Check, said
 from ._plan import Plan
 from .graph._blocks import Block
-from .solvers import Solver, Status, combine, gram
+from .solvers import Solution, Solver, Status, combine, gram
 from .solvers._gram import _LOW, mix
 
 __all__ = ["Solved", "block_gram", "solve_level", "solve_pieces", "rescale"]
@@ -234,6 +234,17 @@ def rescale(
     if R is not None:
         R = R * scale[..., None, None].to(R.dtype)
     return ds, R, scale, status
+
+
+def rescale_pieces(
+    call: Call, ds: list[Tensor], G: Tensor, sol: Solution, dtype: torch.dtype, plain_sq: Callable[[Tensor], Tensor]
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """:func:`rescale` of one problem solved in one process whose direction is the pieces ``ds`` (no resolved rows):
+    the flat rescaled pieces, the ``keep_norm`` scale and the status."""
+    flat, _, scale, status = rescale(
+        call, [d.reshape(-1) for d in ds], None, G, sol.weights, sol.status.to(torch.int8), False, dtype, plain_sq
+    )
+    return flat, scale, status
 
 
 def combine2(w: Tensor, J: Tensor) -> Tensor:
