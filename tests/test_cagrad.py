@@ -7,7 +7,8 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from impartial.solvers import MGDA, CAGrad, gram
+from impartial.solvers import MGDA, CAGrad, _cagrad, gram
+from impartial.solvers._qp import RESIDUAL_TOL
 from reference.qp import cagrad_ref
 from strategies import jacobians
 
@@ -83,3 +84,35 @@ def test_cagrad_c0_is_the_mean_and_large_c_approaches_mgda() -> None:
 def test_cagrad_rejects_negative_c() -> None:
     with pytest.raises(ValueError, match="c must be"):
         CAGrad(c=-0.1)
+
+
+@given(J=jacobians(min_k=3, max_k=24, min_d=24, max_d=60), c=st.sampled_from([0.1, 0.5, 1.0, 3.0]))
+def test_the_direct_interior_answer_equals_the_general_path(J: torch.Tensor, c: float) -> None:
+    """One problem on the host takes the whole simplex's stationary point directly where it is inside
+    (:func:`._cagrad._interior`); a batch of one runs :func:`._cagrad.cagrad_dual`.  Same weights (float64,
+    relative to their size), same status, residuals at round-off."""
+    G = gram(J)
+    one, batch = CAGrad(c=c).solve(G), CAGrad(c=c).solve(G[None])
+    scale = float(batch.weights.abs().max().clamp(min=1.0))
+    assert torch.allclose(one.weights, batch.weights[0], rtol=0, atol=1e-9 * scale)
+    assert int(one.status) == int(batch.status[0])
+    assert float(one.residual) <= RESIDUAL_TOL and float(batch.residual[0]) <= RESIDUAL_TOL
+
+
+def test_the_direct_interior_answer_runs_where_the_stationary_point_is_inside_and_only_there(monkeypatch) -> None:
+    seen: list[bool] = []
+    real = _cagrad._interior
+
+    def spy(H: torch.Tensor, c: float, tol: float):
+        out = real(H, c, tol)
+        seen.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_cagrad, "_interior", spy)
+    J = torch.randn(16, 1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))  # inside at c = 0.5
+    w = CAGrad(c=0.5).weights(gram(J))
+    J2 = torch.cat([J[:8], J[:1] + 0.05 * J[8:]])  # half the rows near row 0: the stationary point leaves the simplex
+    w2 = CAGrad(c=0.5).weights(gram(J2))
+    assert seen == [True, False]
+    assert torch.allclose(w, CAGrad(c=0.5).weights(gram(J)[None])[0], rtol=0, atol=1e-9)
+    assert torch.allclose(w2, CAGrad(c=0.5).weights(gram(J2)[None])[0], rtol=0, atol=1e-9)

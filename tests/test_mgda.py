@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 
-from impartial.solvers import MGDA, gram
+from impartial.solvers import MGDA, _mgda, gram
 from impartial.solvers._mgda import _two_tasks
-from impartial.solvers._qp import REG
+from impartial.solvers._qp import REG, RESIDUAL_TOL
 from reference.qp import mgda_ref
 from strategies import jacobians
 
@@ -79,3 +79,38 @@ def test_mgda_rejects_negative_iters() -> None:
 
     with pytest.raises(ValueError, match="iters"):
         MGDA(iters=-1)
+
+
+@given(J=jacobians(min_k=3, max_k=24, min_d=24, max_d=60))
+def test_the_direct_hull_answer_equals_the_general_path(J: torch.Tensor) -> None:
+    """One problem on the host takes the affine hull's minimiser directly where it is inside the simplex
+    (:func:`._mgda._interior_hull`); a batch of one runs :func:`._qp.simplex_qp`.  Same weights (float64),
+    same status, residuals at round-off."""
+    G = gram(J)
+    one, batch = MGDA().solve(G), MGDA().solve(G[None])
+    assert torch.allclose(one.weights, batch.weights[0], rtol=0, atol=1e-9)
+    assert int(one.status) == int(batch.status[0])
+    assert float(one.residual) <= RESIDUAL_TOL and float(batch.residual[0]) <= RESIDUAL_TOL
+
+
+def test_the_direct_hull_answer_runs_where_the_hull_point_is_inside_and_only_there(monkeypatch) -> None:
+    seen: list[bool] = []
+    real = _mgda._interior_hull
+
+    def spy(H: torch.Tensor, tol: float):
+        out = real(H, tol)
+        seen.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_mgda, "_interior_hull", spy)
+    J = torch.randn(8, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = MGDA().weights(gram(J))  # random directions in 50 dims: the hull point is inside
+    J2 = torch.cat([J[:4], J[:1] + 0.1 * J[4:]])  # rows 4.. near row 0: row 0 leaves the support
+    w2 = MGDA().weights(gram(J2))
+    assert seen == [True, False]
+    assert (w > 0).all() and float(w2.min()) == 0.0
+    assert torch.allclose(w2, mgda_weights_batched(J2), rtol=0, atol=1e-9)
+
+
+def mgda_weights_batched(J: torch.Tensor) -> torch.Tensor:
+    return MGDA().weights(gram(J)[None])[0]

@@ -52,6 +52,7 @@ from ._gram import combine, gram, mix, solve_dtype, sync_free
 from ._solution import (
     Solution,
     Status,
+    _all_finite,
     _check_gram,
     _check_jacobian,
     _nonfinite,
@@ -220,7 +221,7 @@ class GramSolver(Solver):
         _check_gram(G, type(self).__name__)
         precision = G.dtype if precision is None else precision
         G = G.to(solve_dtype(G.dtype))
-        if not sync_free(G) and bool(G.isfinite().all()) and (losses is None or bool(losses.isfinite().all())):
+        if not sync_free(G) and _all_finite(G) and (losses is None or _all_finite(losses)):
             # on the CPU, not traced, a host read is free: all finite (the usual case) needs no masking
             return self._solve(G, losses=losses, precision=precision, mixing=mixing)
         finite = G.isfinite().all(-1).all(-1)

@@ -9,13 +9,14 @@ a fixed ``8k + 32`` of them elsewhere).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._base import GramSolver, Solution
-from ._qp import REG, check_iters, cutoff, prepare, status, zero_direction
+from ._base import GramSolver, Solution, Status
+from ._qp import REG, RESIDUAL_TOL, check_iters, cutoff, prepare, status, zero_direction
 from ._qp_faces import Face, all_faces, as_step, default_iters, enumerates, face_minimisers, masked_solve, pick_feasible
 from ._qp_host import host_active_set, on_host, residual
 
@@ -107,6 +108,55 @@ def cagrad_dual(H: Tensor, c: float, iters: int | None, host: bool) -> tuple[Ten
     )
 
 
+def _interior(H: Tensor, c: float, tol: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(weights, status, residual)`` of one problem ``H`` ``[k, k]`` on the host where the whole simplex's
+    stationary point (:func:`cagrad_dual`) is strictly inside it (then it is the dual minimiser: ``f`` is
+    strictly convex), from one Cholesky and host reads of ``k``-vectors; None elsewhere, at a Pareto-stationary
+    point, or where the KKT residual is not at round-off.
+
+    :func:`cagrad_dual` starts on that face; this is its common case in a few ops, with the same residual and
+    :class:`CAGrad`'s weights ``1/k + ρ w`` and status, computed from the answer.
+    """
+    k = H.shape[-1]
+    b = H.sum(-1) / k
+    L, info = torch.linalg.cholesky_ex(H)
+    sol = torch.cholesky_solve(torch.stack([torch.ones_like(b), b], dim=-1), L)
+    if int(info) != 0:
+        return None
+    bl, (a, beta) = b.tolist(), sol.mT.tolist()
+    g0 = max(sum(bl) / k, 0.0)  # ‖g₀‖² (normalised)
+    r = c * math.sqrt(g0)
+    A, C, E = sum(a), sum(beta), _dot(bl, beta)
+    D = C * C - A * E + A * r * r
+    if not D > 0:
+        return None
+    mu, root = (C + math.sqrt(D)) / A, math.sqrt(D)
+    w = [(mu * u - v) / root for u, v in zip(a, beta, strict=True)]
+    if min(w) <= 0:
+        return None
+    hw = (H @ torch.tensor(w, dtype=H.dtype)).tolist()
+    q = math.sqrt(max(_dot(hw, w), 0.0))  # ‖g_w‖
+    if not q * q > tol:  # Pareto-stationary: the general path returns d = 0 there (c ≥ 1)
+        return None
+    g = [u + r / q * v for u, v in zip(bl, hw, strict=True)]
+    gw = _dot(g, w)
+    lam = [u - gw for u in g]
+    scale = 1 + max(w)
+    res = max(max(0.0, -min(lam)) / scale, max(abs(u * v) for u, v in zip(w, lam, strict=True)) / scale**2)
+    if not res <= RESIDUAL_TOL:
+        return None
+    rho = r / q  # c‖g₀‖/‖g_w‖
+    # ‖d‖² for d = g₀ + ρ g_w: zero only where g₀ = −ρ g_w (c = 1 and 0 on the ball's edge)
+    stationary = g0 + 2 * rho * _dot(bl, w) + rho * rho * q * q <= 2 * REG
+    code = Status.STATIONARY if stationary else Status.OK
+    weights = torch.tensor([1 / k + rho * u for u in w], dtype=H.dtype)
+    return weights, torch.full((), int(code), dtype=torch.int8), torch.full((), res, dtype=H.dtype)
+
+
+def _dot(x: list[float], y: list[float]) -> float:
+    return sum(u * v for u, v in zip(x, y, strict=True))
+
+
 def _row_step(H: Tensor, b: Tensor, r: Tensor, idx: Tensor):
     """:func:`._qp_faces.as_step` on the problems ``idx`` of the flattened batch (rows ``[n, 1, k]``)."""
     k = H.shape[-1]
@@ -160,6 +210,11 @@ class CAGrad(GramSolver):
             w, r, stationary = mean, torch.zeros_like(G[..., 0, 0]), zero_direction(G, mean)
         else:
             H = prepare(G, precision, host).H
+            if host and G.ndim == 2 and self.iters is None:
+                direct = _interior(H, self.c, cutoff(precision, k) + 2 * REG)
+                if direct is not None:
+                    w, code, r = direct
+                    return Solution(w, code, r, torch.diag_embed(w) if mixing else None)
             u, q, r = cagrad_dual(H, self.c, self.iters, host)
             # ρ = c‖g₀‖/‖g_w‖ (H's normalisation cancels)
             rho = self.c * (H.sum((-2, -1)).clamp(min=0).sqrt() / k) / q.clamp(min=1e-300)

@@ -38,7 +38,10 @@ def sync_free(*tensors: Tensor) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
     # torch._C._functorch: the one way to see a vmap/grad wrapper; tests/test_base.py fails if it goes away
-    return any(t.device.type != "cpu" or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    for t in tensors:  # a loop, not any(generator): this runs on every call, and the generator costs 1 µs
+        if t.device.type != "cpu" or torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return True
+    return False
 
 
 def _chunked(J: Tensor) -> bool:
@@ -107,7 +110,10 @@ def gram(J: Tensor) -> Tensor:
         if sync_free(J):
             return _symmetric(_rescaled_gram(J))
         G = _float32_gram(J)
-        lo, hi = torch.stack(torch.aminmax(G.diagonal(dim1=-2, dim2=-1).amax(-1))).tolist()  # host read: CPU
+        if G.ndim == 2:  # host reads: CPU
+            lo = hi = float(G.diagonal().max())
+        else:
+            lo, hi = torch.stack(torch.aminmax(G.diagonal(dim1=-2, dim2=-1).amax(-1))).tolist()
         if _SAFE[0] <= lo and hi <= _SAFE[1]:
             return _symmetric(G)
         return _symmetric(_rescaled_gram(J))
@@ -118,6 +124,8 @@ def combine(w: Tensor, J: Tensor) -> Tensor:
     """The direction ``wᵀJ`` ``[..., d]`` for weights ``w`` ``[..., k]`` and ``J`` ``[..., k, d]``."""
     if J.dtype in _LOW:
         return (w.float().unsqueeze(-2) @ J.float()).squeeze(-2).to(J.dtype)
+    if J.ndim == 2 and w.ndim == 1:
+        return torch.mv(J.mT, w.to(J.dtype))  # one gemv: the fewest ops for one problem
     return (w.to(J.dtype).unsqueeze(-2) @ J).squeeze(-2)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._base import GramSolver, Solution, Status
-from ._qp import REG, check_iters, cutoff, prepare, simplex_qp, status
+from ._qp import REG, RESIDUAL_TOL, check_iters, cutoff, prepare, simplex_qp, status
 from ._qp_host import on_host
 
 __all__ = ["MGDA"]
@@ -27,6 +27,35 @@ def _two_tasks(G: Tensor) -> Tensor:
     gamma = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(den, 0.5))
     gamma = gamma.clamp(0.0, 1.0)
     return torch.stack([gamma, 1 - gamma], dim=-1)
+
+
+def _interior_hull(H: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(w, status, residual)`` of one problem ``H`` ``[k, k]`` on the host where the affine hull's minimiser
+    ``w = H⁻¹1 / 1ᵀH⁻¹1`` is strictly inside the simplex (then it is the answer: every bound multiplier is 0),
+    read from one Cholesky; None elsewhere, or where its KKT residual is not at round-off.
+
+    :func:`._qp.simplex_qp` starts from the same point; this is its common case in a few ops and host reads
+    of ``k``-vectors, with the same residual, computed from the answer.
+    """
+    L, info = torch.linalg.cholesky_ex(H)
+    a = torch.cholesky_solve(torch.ones_like(H[:, :1]), L).view(-1)
+    if int(info) != 0:
+        return None
+    x = a.tolist()
+    if min(x) <= 0:
+        return None
+    inv = 1 / sum(x)
+    w = a * inv
+    x = [v * inv for v in x]  # the entries of w, as the same products
+    g = (H @ w).tolist()
+    mu = sum(u * v for u, v in zip(g, x, strict=True))  # wᵀHw = ‖d‖² (normalised)
+    lam = [u - mu for u in g]  # each λ_j = (Hw)_j − μ is 0 up to round-off
+    scale = 1 + max(x)
+    r = max(max(0.0, -min(lam)) / scale, max(abs(u * v) for u, v in zip(x, lam, strict=True)) / scale**2)
+    if not r <= RESIDUAL_TOL:
+        return None
+    code = Status.STATIONARY if mu <= tol else Status.OK
+    return w, torch.full((), int(code), dtype=torch.int8), torch.full((), r, dtype=H.dtype)
 
 
 class MGDA(GramSolver):
@@ -67,6 +96,11 @@ class MGDA(GramSolver):
             code = stationary.to(torch.int8) * int(Status.STATIONARY)
             return Solution(w, code, torch.zeros_like(s), torch.diag_embed(w) if mixing else None)
         prep = prepare(G, precision, host)
+        if host and G.ndim == 2:
+            hull = _interior_hull(prep.H, tol)
+            if hull is not None:
+                w, code, r = hull
+                return Solution(w, code, r, torch.diag_embed(w) if mixing else None)
         w, r = simplex_qp(prep.H, torch.zeros_like(G[..., :1, :]), self.iters, host)
         w, r = w.squeeze(-2), r.squeeze(-1)
         stationary = ((w.unsqueeze(-2) @ prep.H).squeeze(-2) * w).sum(-1) <= tol

@@ -58,6 +58,10 @@ def prepare(G: Tensor, precision: torch.dtype | None = None, host: bool = False)
     of ``C − cutoff·I`` that succeeds proves there is nothing to cut, and the eigendecomposition is skipped.
     """
     k = G.shape[-1]
+    if host and G.ndim == 2:
+        lean = _prepare_one(G, cutoff(precision or G.dtype, k))
+        if lean is not None:
+            return lean
     d = G.diagonal(dim1=-2, dim2=-1)
     s = d.amax(-1, keepdim=True)
     s = torch.where(s > 0, s, 1.0)  # torch.where: no host sync on the all-zero case
@@ -76,6 +80,27 @@ def prepare(G: Tensor, precision: torch.dtype | None = None, host: bool = False)
         C = (C + C.mT) / 2
         null = (V * (~keep).to(V.dtype).unsqueeze(-2)) @ V.mT
     return Prepared(torch.add(C, eye, alpha=REG) * (D.unsqueeze(-1) * D.unsqueeze(-2)), s.squeeze(-1), D, null)
+
+
+def _prepare_one(G: Tensor, tau: float) -> Prepared | None:
+    """:func:`prepare` of one ``G`` ``[k, k]`` on the host in its common case, in a third of the ops; None elsewhere.
+
+    The common case: every task gradient is nonzero and a Cholesky of ``G − τ diag G`` succeeds, which is the
+    same test as ``C − τ I`` (``C = N G N`` with ``N = diag G^-½``, a congruence): nothing is cut, so
+    ``H = D (C + δ I) D = (G + δ diag G) / s``, formed without ``C``.
+    """
+    d = G.diagonal()
+    diag = d.tolist()
+    if min(diag) <= 0:
+        return None
+    s = max(diag)
+    A = torch.add(G, G.mT)  # twice the symmetrised G (BLAS does not promise a symmetric J Jᵀ)
+    A.diagonal().mul_(1 - tau)
+    if int(torch.linalg.cholesky_ex(A)[1]) != 0:
+        return None
+    H = A.mul_(0.5 / s)
+    H.diagonal().copy_(d).mul_((1 + REG) / s)
+    return Prepared(H, torch.full((), s, dtype=G.dtype), (d / s).sqrt_(), None)
 
 
 def min_norm(w: Tensor, prep: Prepared) -> Tensor:
