@@ -10,6 +10,7 @@ a fixed ``8k + 32`` of them elsewhere).
 from __future__ import annotations
 
 import math
+from operator import mul
 from typing import Any
 
 import torch
@@ -142,7 +143,7 @@ def _interior(H: Tensor, c: float, tol: float) -> tuple[Tensor, Tensor, Tensor] 
     gw = _dot(g, w)
     lam = [u - gw for u in g]
     scale = 1 + max(w)
-    res = max(max(0.0, -min(lam)) / scale, max(abs(u * v) for u, v in zip(w, lam, strict=True)) / scale**2)
+    res = max(max(0.0, -min(lam)) / scale, max(map(abs, map(mul, w, lam))) / scale**2)
     if not res <= RESIDUAL_TOL:
         return None
     rho = r / q  # c‖g₀‖/‖g_w‖
@@ -154,7 +155,7 @@ def _interior(H: Tensor, c: float, tol: float) -> tuple[Tensor, Tensor, Tensor] 
 
 
 def _dot(x: list[float], y: list[float]) -> float:
-    return sum(u * v for u, v in zip(x, y, strict=True))
+    return sum(map(mul, x, y))
 
 
 def _row_step(H: Tensor, b: Tensor, r: Tensor, idx: Tensor):

@@ -7,6 +7,7 @@ of the convex hull of the task gradients: a common descent direction, or 0 at a 
 
 from __future__ import annotations
 
+from operator import mul
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ def _interior_hull(H: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor] | Non
     of ``k``-vectors, with the same residual, computed from the answer.
     """
     L, info = torch.linalg.cholesky_ex(H)
-    a = torch.cholesky_solve(torch.ones_like(H[:, :1]), L).view(-1)
+    a = torch.cholesky_solve(torch.ones(H.shape[-1], 1, dtype=H.dtype), L).view(-1)
     if int(info) != 0:
         return None
     x = a.tolist()
@@ -48,10 +49,10 @@ def _interior_hull(H: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor] | Non
     w = a * inv
     x = [v * inv for v in x]  # the entries of w, as the same products
     g = (H @ w).tolist()
-    mu = sum(u * v for u, v in zip(g, x, strict=True))  # wᵀHw = ‖d‖² (normalised)
+    mu = sum(map(mul, g, x))  # wᵀHw = ‖d‖² (normalised)
     lam = [u - mu for u in g]  # each λ_j = (Hw)_j − μ is 0 up to round-off
     scale = 1 + max(x)
-    r = max(max(0.0, -min(lam)) / scale, max(abs(u * v) for u, v in zip(x, lam, strict=True)) / scale**2)
+    r = max(max(0.0, -min(lam)) / scale, max(map(abs, map(mul, x, lam))) / scale**2)
     if not r <= RESIDUAL_TOL:
         return None
     code = Status.STATIONARY if mu <= tol else Status.OK

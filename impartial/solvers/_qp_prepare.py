@@ -43,8 +43,8 @@ class Prepared(NamedTuple):
     H: Tensor
     #: ``[...]`` the scale ``max diag G``
     s: Tensor
-    #: ``[..., k]`` the normalised task norms ``√diag(G/s)`` (1 for a zero gradient)
-    D: Tensor
+    #: ``[..., k]`` the normalised task norms ``√diag(G/s)`` (1 for a zero gradient); None where ``null`` is
+    D: Tensor | None
     #: ``[..., k, k]`` the projector onto the null space of the correlation matrix, or None when it has none
     null: Tensor | None
 
@@ -100,7 +100,7 @@ def _prepare_one(G: Tensor, tau: float) -> Prepared | None:
         return None
     H = A.mul_(0.5 / s)
     H.diagonal().copy_(d).mul_((1 + REG) / s)
-    return Prepared(H, torch.full((), s, dtype=G.dtype), (d / s).sqrt_(), None)
+    return Prepared(H, torch.full((), s, dtype=G.dtype), None, None)
 
 
 def min_norm(w: Tensor, prep: Prepared) -> Tensor:
@@ -110,7 +110,7 @@ def min_norm(w: Tensor, prep: Prepared) -> Tensor:
     leave there whatever the ridge ``δ`` picked (up to ``1/√δ``), which summed against a float32 ``J`` would
     cost digits.
     """
-    if prep.null is None:
+    if prep.null is None or prep.D is None:
         return w
     y = w * prep.D
     return (y - (y.unsqueeze(-2) @ prep.null).squeeze(-2)) / prep.D
