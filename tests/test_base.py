@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from impartial.solvers import IMTLG, gram
-from impartial.solvers._gram import _CHUNK, _EXACT, _chunked, sync_free
+from impartial.solvers._gram import _CHUNK, _EXACT, _blocked, _chunked, sync_free
 
 
 def _exact(J: torch.Tensor) -> torch.Tensor:
@@ -24,6 +24,21 @@ def test_chunked_gram_is_close_to_the_float64_gram_and_symmetric(k: int, d: int)
     # the order of the sums nor a bitwise-symmetric product: G is symmetric because gram() averages G and Gᵀ.
     assert torch.allclose(G, exact, rtol=0, atol=1e-6 * float(exact.abs().max()))
     assert torch.equal(G, G.mT)
+
+
+@pytest.mark.parametrize("k, d", [(32, 20_000), (64, 5_000), (100, 3_000)])
+def test_blocked_gram_is_close_to_the_float64_gram_and_symmetric(k: int, d: int) -> None:
+    """Row blocks of J against the rows above them (one J on the CPU, k ≥ 64 or k ≥ 32 with d ≥ 2e4), the
+    upper triangle mirrored: every entry is one float32 dot product, as in the full product."""
+    J = torch.randn(k, d, generator=torch.Generator().manual_seed(k + d))
+    assert _blocked(J) and not _blocked(J[:31]) and not _blocked(J[:, :19_999][:32] if d >= 20_000 else J[:63])
+    G, exact, full = gram(J), _exact(J), (J @ J.mT).double()
+    assert G.dtype == torch.float64 and G.shape == (k, k) and torch.equal(G, G.mT)
+    tol = 1e-6 * float(exact.abs().max())
+    assert torch.allclose(G, exact, rtol=0, atol=tol) and torch.allclose(G, (full + full.mT) / 2, rtol=0, atol=tol)
+    # under vmap (sync-free) the plain product runs: the same values
+    batched = torch.func.vmap(gram)(J[None])[0]
+    assert torch.allclose(batched, G, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize(

@@ -127,9 +127,10 @@ def gram(J: Tensor) -> Tensor:
 
     One pass over ``J``.  Float32 and half precision: up to ``k d = 2^16`` elements per problem the products
     are taken in float64 (exact); beyond, in float32 (half precision cast first), summed over chunks of
-    ``d`` in float64 where that reads ``J`` once (see :func:`_chunked`).  A float32 product overflows above
-    ``|J| ≈ 1e19`` and underflows below ``1e-23``: where the largest norm of a problem is outside
-    ``[2^-30, 2^30]``, ``J`` is first scaled by a power of two (exact).  On the CPU that is decided after the
+    ``d`` in float64 where that reads ``J`` once (see :func:`_chunked`), or, for one ``J`` on the CPU with many
+    tasks, by blocks of rows that skip the mirrored half of the products (see :func:`_blocked`).  A float32
+    product overflows above ``|J| ≈ 1e19`` and underflows below ``1e-23``: where the largest norm of a problem is
+    outside ``[2^-30, 2^30]``, ``J`` is first scaled by a power of two (exact).  On the CPU that is decided after the
     fact from ``G``'s diagonal (the rescale costs ~1.5 more passes, only at such scales); where the work must
     be sync-free (:func:`sync_free`) it is always done (about half a pass more; BENCHMARKS.md).  Float64
     ``J`` is one ``J @ J.mT``.
