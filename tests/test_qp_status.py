@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from impartial.solvers import MGDA, CAGrad, DualProj, Status, UPGrad, gram
+from impartial.solvers._qp_prepare import status as status_code
 from reference.qp import cagrad_ref, dualproj_ref, upgrad_ref
 
 
@@ -92,3 +93,12 @@ def test_a_budget_too_small_says_not_converged_not_a_silent_zero(make) -> None:
     full = type(make())() if not isinstance(make(), CAGrad) else CAGrad(c=0.5)
     assert int(full.solve(G).status) == Status.OK
     assert int(torch.func.vmap(lambda g: full.solve(g).status)(G.unsqueeze(0))[0]) == Status.OK
+
+
+def test_the_codes_the_status_helpers_build_from_bools() -> None:
+    """``status()``, ``closed_form`` and MGDA's closed form write a stationary bool as the code itself."""
+    assert (int(Status.OK), int(Status.STATIONARY), int(Status.NOT_CONVERGED)) == (0, 1, 2)
+    r = torch.tensor([0.0, 0.0, 1e-3, float("nan")], dtype=torch.float64)
+    stationary = torch.tensor([False, True, True, False])
+    assert status_code(r, stationary).tolist() == [0, 1, 2, 2] and status_code(r).tolist() == [0, 0, 2, 2]
+    assert status_code(r).dtype == status_code(r, stationary).dtype == torch.int8

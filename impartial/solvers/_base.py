@@ -220,7 +220,8 @@ class GramSolver(Solver):
         ``precision`` is the dtype of the ``J`` that ``G`` came from (None: ``G.dtype``)."""
         _check_gram(G, type(self).__name__)
         precision = G.dtype if precision is None else precision
-        G = G.to(solve_dtype(G.dtype))
+        if G.dtype != solve_dtype(G.dtype):
+            G = G.to(solve_dtype(G.dtype))
         if not sync_free(G) and _all_finite(G) and (losses is None or _all_finite(losses)):
             # on the CPU, not traced, a host read is free: all finite (the usual case) needs no masking
             return self._solve(G, losses=losses, precision=precision, mixing=mixing)

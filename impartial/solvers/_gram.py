@@ -139,7 +139,8 @@ def gram(J: Tensor) -> Tensor:
         if J.shape[-2] * J.shape[-1] <= _EXACT:
             X = J.double()
             return _symmetric(X @ X.mT)
-        J = J.float()
+        if J.dtype != torch.float32:  # a no-op .to() is still a dispatch: these run on every call
+            J = J.float()
         if sync_free(J):
             return _symmetric(_rescaled_gram(J))
         G = _float32_gram(J, blocked=True)

@@ -22,12 +22,29 @@ __all__ = ["MGDA"]
 
 def _two_tasks(G: Tensor) -> Tensor:
     """The paper's closed form for ``k = 2``: ``w = (γ, 1 − γ)``, ``γ = clip((g₂ − g₁)·g₂ / ‖g₁ − g₂‖², 0, 1)``."""
-    num = G[..., 1, 1] - G[..., 0, 1]
-    den = G[..., 0, 0] + G[..., 1, 1] - 2 * G[..., 0, 1]
+    # numerator and denominator as one product of the flattened G with a constant (these run on every call)
+    num, den = (G.flatten(-2) @ _coefficients(G)).unbind(-1)
     # g₁ = g₂ (den = 0): every γ gives the same direction; take the middle.  torch.where: no host sync.
-    gamma = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(den, 0.5))
-    gamma = gamma.clamp(0.0, 1.0)
+    positive = den > 0
+    gamma = torch.where(positive, num / torch.where(positive, den, 1.0), 0.5).clamp(0.0, 1.0)
     return torch.stack([gamma, 1 - gamma], dim=-1)
+
+
+def _coefficients(G: Tensor) -> Tensor:
+    """``[4, 2]``: the flattened ``G`` times this is ``((g₂ − g₁)·g₂, ‖g₁ − g₂‖²)`` (both triangles averaged)."""
+    if torch.compiler.is_compiling():
+        return G.new_tensor(_COEFFICIENTS)
+    key = (G.dtype, G.device)
+    if key not in _KEPT:
+        kept = G.new_tensor(_COEFFICIENTS)
+        if type(kept) is not Tensor or kept.is_inference():  # FakeTensor, inference tensor: not past their mode
+            return kept
+        _KEPT[key] = kept
+    return _KEPT[key]
+
+
+_COEFFICIENTS = [[0.0, 1.0], [-0.5, -1.0], [-0.5, -1.0], [1.0, 1.0]]
+_KEPT: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
 
 def _interior_hull(H: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -93,8 +110,8 @@ class MGDA(GramSolver):
         if k <= 2:  # a shape, not a value: no host sync.  Closed form: no residual, the fewest ops
             w = torch.ones_like(G[..., 0]) if k == 1 else _two_tasks(G)
             s = G.diagonal(dim1=-2, dim2=-1).amax(-1)
-            stationary = ((w.unsqueeze(-2) @ G).squeeze(-2) * w).sum(-1) <= tol * s  # all-zero G: 0 ≤ 0
-            code = stationary.to(torch.int8) * int(Status.STATIONARY)
+            stationary = torch.linalg.vecdot(w, (G @ w.unsqueeze(-1)).squeeze(-1)) <= tol * s  # all-zero G: 0 ≤ 0
+            code = stationary.to(torch.int8)  # STATIONARY is 1, OK 0
             return Solution(w, code, torch.zeros_like(s), torch.diag_embed(w) if mixing else None)
         prep = prepare(G, precision, host)
         if host and G.ndim == 2:

@@ -53,10 +53,31 @@ def default_iters(k: int) -> int:
 
 
 def all_faces(k: int, like: Tensor) -> Tensor:
-    """All ``2ᵏ`` supports as a ``[2ᵏ, k]`` 0/1 matrix in ``like``'s dtype (row ``r`` has bit ``j`` of ``r``)."""
-    r = torch.arange(2**k, device=like.device).unsqueeze(-1)
-    bit = 2 ** torch.arange(k, device=like.device)
-    return ((r // bit) % 2).to(like.dtype)
+    """All ``2ᵏ`` supports as a ``[2ᵏ, k]`` 0/1 matrix in ``like``'s dtype (row ``r`` has bit ``j`` of ``r``).
+
+    Kept per ``(k, dtype, device)`` (seven ops a call at the sizes that enumerate), but under ``torch.compile``
+    (made in the graph) and where made as a FakeTensor or an inference tensor, which must not outlive their
+    mode.
+    """
+    if torch.compiler.is_compiling():
+        return _faces(k, like.dtype, like.device)
+    key = (k, like.dtype, like.device)
+    faces = _FACES.get(key)
+    if faces is None:
+        faces = _faces(k, like.dtype, like.device)
+        if type(faces) is Tensor and not faces.is_inference():  # no FakeTensor, no inference tensor (autograd)
+            _FACES[key] = faces
+    return faces
+
+
+#: :func:`all_faces` made so far (k ≤ 10 enumerates: at most a few kB each)
+_FACES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _faces(k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    r = torch.arange(2**k, device=device).unsqueeze(-1)
+    bit = 2 ** torch.arange(k, device=device)
+    return ((r // bit) % 2).to(dtype)
 
 
 def chol_solve(L: Tensor, rhs: Tensor) -> Tensor:

@@ -69,7 +69,7 @@ class Solution(NamedTuple):
 def closed_form(w: Tensor, G: Tensor, M: Tensor | None = None) -> Solution:
     """The solution of a closed-form method: status OK, or STATIONARY where every task gradient is 0."""
     zero = G.diagonal(dim1=-2, dim2=-1).amax(-1) <= 0
-    status = zero.to(torch.int8) * int(Status.STATIONARY)  # OK (0) elsewhere
+    status = zero.to(torch.int8)  # STATIONARY is 1, OK 0 (one op: this runs on every call)
     return Solution(w, status, torch.zeros_like(zero, dtype=w.dtype), M)
 
 
