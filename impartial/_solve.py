@@ -30,7 +30,7 @@ from ._checks import Blame, Check, said
 from ._plan import Plan
 from .graph._blocks import Block
 from .solvers import Solution, Solver, Status, combine, gram
-from .solvers._gram import _LOW, mix
+from .solvers._gram import _LOW, mix, sync_free
 
 __all__ = ["Solved", "block_gram", "solve_level", "solve_pieces", "rescale"]
 
@@ -214,14 +214,16 @@ def rescale(
     norms = G.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()  # ‖g_i‖
     top = norms.amax(-1)
     terms = (w.abs().sum(-1) if w is not None else G.shape[-1]) * top  # the problem's scale: Σ|w_i| max‖g_j‖
+    # ε of the dtype the direction is summed in (half precision is combined in float32)
+    tau = 64 * G.shape[-1] * torch.finfo(torch.float32 if dtype in _LOW else dtype).eps + 1e-9
+    if not call.keep_norm and w is not None and not local and _clearly_moving(G, w, terms, tau, dtype):
+        return ds, R, torch.ones_like(top), status  # no block is near stationary: nothing to mark, nothing to scale
     # norms in a safe range: every piece times c ≈ 1/max‖g_i‖ (a power of two; the ratio below cancels it)
     c = torch.where(top > 0, torch.exp2(-torch.floor(torch.log2(torch.where(top > 0, top, 1.0)))), 1.0)
     both = torch.stack([_sq_norm(ds, c)] + ([plain_sq(c)] if call.keep_norm else []))
     if local:  # sums over coordinates: add the ranks' (the 1/W² of every term cancels in the ratio)
         both = _dist.all_sum(both, call.group)
     dn = both[0].sqrt() / c
-    # ε of the dtype the direction is summed in (half precision is combined in float32)
-    tau = 64 * G.shape[-1] * torch.finfo(torch.float32 if dtype in _LOW else dtype).eps + 1e-9
     stationary = (dn <= tau * terms) | (status == int(Status.STATIONARY))
     status = torch.where(stationary & (status == int(Status.OK)), int(Status.STATIONARY), status).to(torch.int8)
     if not call.keep_norm:
@@ -234,6 +236,22 @@ def rescale(
     if R is not None:
         R = R * scale[..., None, None].to(R.dtype)
     return ds, R, scale, status
+
+
+def _clearly_moving(G: Tensor, w: Tensor, terms: Tensor, tau: float, dtype: torch.dtype) -> bool:
+    """Whether every direction ``wᵀJ`` is, by its Gram alone, far above :func:`rescale`'s stationarity level
+    ``τ Σ|w_i| max‖g_j‖``; read on the host, so on plain CPU tensors outside any trace only (else False).
+
+    ``wᵀGw`` is off by at most ``ε_G (Σ|w_i| ‖g_i‖)²`` where ``ε_G`` bounds the relative error of ``G``'s entries
+    (1e-4 for a float32 or half precision ``J``, 100× float32's accumulated error; 1e-12 for float64), so
+    ``wᵀGw > 4 (ε_G + τ²) terms²`` proves ``‖d‖ > τ terms`` without a pass over the direction.  Near the level
+    (and for ``keep_norm``, whose scale needs ``‖d‖`` to full precision) the direction's own norm is taken.
+    """
+    if sync_free(G, w):
+        return False
+    eps_g = 1e-12 if dtype == torch.float64 else 1e-4
+    quad = torch.linalg.vecdot(w.to(G.dtype), (G @ w.to(G.dtype).unsqueeze(-1)).squeeze(-1))
+    return bool((quad > 4 * (eps_g + tau * tau) * terms * terms).all())
 
 
 def rescale_pieces(

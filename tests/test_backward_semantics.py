@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 import impartial
+from impartial import _solve
 from impartial.solvers import IMTLG, MGDA, Status, Sum, UPGrad
 
 
@@ -41,6 +42,38 @@ def test_without_keep_norm_a_stationary_block_passes_its_tiny_direction_and_says
     report = impartial.backward(losses, enc, solver=UPGrad(), keep_norm=False)
     assert report.blocks[0].status is not None and int(report.blocks[0].status) == Status.STATIONARY
     assert float(enc.weight.grad.abs().max()) < 1e-8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gap", [0.0, 1e-9, 1e-6, 1e-3, 1.0])
+def test_without_keep_norm_the_gram_shortcut_marks_what_the_direction_norm_marks(
+    dtype: torch.dtype, gap: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """keep_norm=False on the CPU: where ``wᵀGw`` proves the direction far above the stationarity level, the pass
+    over the direction is skipped; elsewhere it runs.  Either way the status and ``.grad`` are those of the pass."""
+    passes: list[int] = []
+    real = _solve._sq_norm
+    monkeypatch.setattr(_solve, "_sq_norm", lambda *a: passes.append(1) or real(*a))
+
+    def run() -> tuple[tuple[str, ...], list[Tensor]]:
+        torch.manual_seed(0)
+        enc = nn.Linear(4, 3).to(dtype)
+        z = enc(torch.randn(6, 4, dtype=torch.float64).to(dtype))
+        w = torch.randn(3, dtype=torch.float64)
+        v = (w + gap * torch.randn(3, dtype=torch.float64)).to(dtype)
+        report = impartial.backward([(z @ w.to(dtype)).sum(), -(z @ v).sum()], enc, solver=UPGrad(), keep_norm=False)
+        return report.blocks[0].statuses, [p.grad for p in enc.parameters()]
+
+    status, grads = run()
+    shortcut = not passes
+    monkeypatch.setattr(_solve, "_clearly_moving", lambda *a: False)  # the pass over the direction decides
+    passes.clear()
+    ref_status, ref_grads = run()
+    assert passes and status == ref_status and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    if gap == 1.0:
+        assert shortcut and status == ("OK",)  # far from stationary: no pass over the direction
+    if gap == 0.0:
+        assert status == ("STATIONARY",)
 
 
 def test_a_small_but_real_direction_is_rescaled() -> None:
