@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 
-from impartial.solvers import DualProj, UPGrad, gram
+from impartial.solvers import DualProj, UPGrad, _upgrad, gram
 from impartial.solvers._upgrad import project_weights
 from strategies import jacobians
 
@@ -73,3 +73,38 @@ def test_weights_equal_torchjd_upgrad_and_dualproj() -> None:
             __import__("pytest").skip("torchjd QP extra not installed")
         # TorchJD regularises and normalises G before its QP (reg_eps = 1e-4): agreement to ~1e-3 only
         assert torch.allclose(ours(J), expected, atol=1e-3)
+
+
+@given(J=jacobians(min_k=2, max_k=24, min_d=24, max_d=60))
+def test_the_no_conflict_answer_equals_the_general_path(J: torch.Tensor) -> None:
+    """One problem on the host returns ``mean(U)`` directly where no projection moves (``Hu ≥ 0``, nothing cut);
+    a batch of one runs the QPs.  Same weights and status (float64)."""
+    for solver in (UPGrad(), DualProj()):
+        G = gram(J)
+        one, batch = solver.solve(G), solver.solve(G[None])
+        assert torch.allclose(one.weights, batch.weights[0], rtol=0, atol=1e-9)
+        assert int(one.status) == int(batch.status[0])
+
+
+def test_the_no_conflict_answer_runs_where_no_task_conflicts_and_only_there(monkeypatch) -> None:
+    seen: list[bool] = []
+    real = _upgrad._no_conflict
+    monkeypatch.setattr(_upgrad, "_no_conflict", lambda *a: seen.append(real(*a) is not None) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+    J = torch.rand(6, 40, dtype=torch.float64, generator=gen)  # nonnegative entries: every pair agrees
+    assert torch.equal(UPGrad().weights(gram(J)), torch.full((6,), 1 / 6, dtype=torch.float64))
+    J[0] = 0.1 * J[0] - J[1]  # a pair in conflict (J still of full rank): their projections move
+    w = UPGrad().weights(gram(J))
+    assert seen == [True, False] and torch.allclose(w, UPGrad().weights(gram(J)[None])[0], rtol=0, atol=1e-12)
+
+
+def test_no_warning_when_J_requires_grad() -> None:
+    """Host reads of values use ``.item()``/``.tolist()``: ``float()`` of a tensor that requires grad warns."""
+    import warnings
+
+    for solver in (UPGrad(), DualProj()):
+        for shape in ((12, 50), (1, 4, 16), (70, 2000)):
+            J = torch.randn(*shape, requires_grad=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                solver(J).sum().backward()

@@ -145,7 +145,7 @@ def gram(J: Tensor) -> Tensor:
             return _symmetric(_rescaled_gram(J))
         G = _float32_gram(J, blocked=True)
         if G.ndim == 2:  # host reads: CPU
-            lo = hi = float(G.diagonal().max())
+            lo = hi = G.diagonal().max().item()
         else:
             lo, hi = torch.stack(torch.aminmax(G.diagonal(dim1=-2, dim2=-1).amax(-1))).tolist()
         if _SAFE[0] <= lo and hi <= _SAFE[1]:

@@ -92,7 +92,7 @@ def projected_gradient(H: Tensor, c: Tensor, iters: int, tol: float) -> tuple[Te
     cs = c * h.unsqueeze(-2)
     x = torch.zeros_like(cs)
     r = (-cs).clamp(min=0).amax(-1)  # the residual at x = 0, which solves every problem with c ≥ 0
-    seen = [(0, float(r.max()))]
+    seen = [(0, r.max().item())]
     if seen[0][1] <= tol:
         return x, r
     Hs = H * (h.unsqueeze(-1) * h.unsqueeze(-2))
@@ -114,7 +114,7 @@ def projected_gradient(H: Tensor, c: Tensor, iters: int, tol: float) -> tuple[Te
         x = xn
         if it == check or it == iters:
             r = residual(_affine(cs, x, Hs), x)
-            seen.append((it, float(r.max())))
+            seen.append((it, r.max().item()))
             (i0, r0), (i1, r1) = seen[-2], seen[-1]
             if r1 <= tol:
                 break

@@ -95,7 +95,7 @@ def _prepare_lean(G: Tensor, tau: float) -> Prepared | None:
         diag = d.tolist()
         if min(diag) <= 0:
             return None
-    elif not float(d.amin()) > 0:
+    elif not d.amin().item() > 0:
         return None
     A = torch.add(G, G.mT)  # twice the symmetrised G (BLAS does not promise a symmetric J Jᵀ)
     A.diagonal(dim1=-2, dim2=-1).mul_(1 - tau)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramSolver, Solution
+from ._base import GramSolver, Solution, Status
 from ._qp import Prepared, check_iters, min_norm, nonneg_qp, prepare, status, zero_direction
 from ._qp_host import on_host
 
@@ -22,10 +22,10 @@ __all__ = ["UPGrad", "DualProj", "project_weights"]
 
 
 def _project(
-    G: Tensor, U: Tensor | None, iters: int | None, precision: torch.dtype, host: bool
+    G: Tensor, U: Tensor | None, iters: int | None, precision: torch.dtype, host: bool, prep: Prepared | None = None
 ) -> tuple[Tensor, Tensor, Prepared]:
     """``(V, r, prepared)`` for the rows of ``U`` (None: the identity, UPGrad's ``k`` problems)."""
-    prep = prepare(G, precision, host)
+    prep = prepare(G, precision, host) if prep is None else prep
     # c = H u: the objective ½(u + x)ᵀH(u + x) in x, up to a constant (c = H for U = I: H is symmetric)
     x, r = nonneg_qp(prep.H, prep.H if U is None else U @ prep.H, iters, host)
     if U is None:
@@ -42,6 +42,19 @@ def project_weights(G: Tensor, U: Tensor, iters: int | None = None) -> Tensor:
     return _project(G, U, iters, G.dtype, on_host(G, U))[0]
 
 
+def _no_conflict(G: Tensor, U: Tensor | None, prep: Prepared) -> Tensor | None:
+    """The weights ``mean(U)`` of one problem on the host where no combination ``Jᵀu`` conflicts with a task (``Hu
+    ≥ 0`` for every row: ``x = 0`` solves every box QP, with residual exactly 0) and :func:`prepare` cut nothing
+    (so they are the weights of least norm); None elsewhere.  :func:`._qp.nonneg_qp`'s first test, in a few ops."""
+    if prep.null is not None:
+        return None
+    c = prep.H if U is None else U @ prep.H  # c = H u, row by row (H is symmetric)
+    if not c.min().item() >= 0:
+        return None
+    k = G.shape[-1]
+    return torch.full((k,), 1.0 / k, dtype=G.dtype) if U is None else U.mean(-2)
+
+
 class _DualCone(GramSolver):
     """What UPGrad and DualProj share: the box QPs ``v ≥ u`` for the rows ``u`` of :meth:`_preferences`."""
 
@@ -55,10 +68,18 @@ class _DualCone(GramSolver):
 
     def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> Solution:
         host = on_host(G)
+        prep = None
+        if host and G.ndim == 2 and G.shape[-1] > 1 and self.iters is None:
+            prep = prepare(G, precision, host)
+            w = _no_conflict(G, self._preferences(G), prep)
+            if w is not None:
+                code = int(Status.STATIONARY) if zero_direction(G, w) else int(Status.OK)
+                r = torch.zeros((), dtype=G.dtype)
+                return Solution(w, torch.full((), code, dtype=torch.int8), r, torch.diag_embed(w) if mixing else None)
         if G.shape[-1] == 1:  # a shape, not a value: no host sync
             w, r = torch.ones_like(G[..., 0]), torch.zeros_like(G[..., 0, 0])
         else:
-            V, r, prep = _project(G, self._preferences(G), self.iters, precision, host)
+            V, r, prep = _project(G, self._preferences(G), self.iters, precision, host, prep)
             # the mean of the projections, as the weights of least norm that give its direction
             w, r = min_norm(V.mean(-2), prep), r.amax(-1)
         return Solution(w, status(r, zero_direction(G, w)), r, torch.diag_embed(w) if mixing else None)
