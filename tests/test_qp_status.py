@@ -98,6 +98,7 @@ def test_a_budget_too_small_says_not_converged_not_a_silent_zero(make) -> None:
 def test_the_codes_the_status_helpers_build_from_bools() -> None:
     """``status()``, ``closed_form`` and MGDA's closed form write a stationary bool as the code itself."""
     assert (int(Status.OK), int(Status.STATIONARY), int(Status.NOT_CONVERGED)) == (0, 1, 2)
+    assert max(Status) == Status.NONFINITE  # nonfinite_problems reads the largest code only
     r = torch.tensor([0.0, 0.0, 1e-3, float("nan")], dtype=torch.float64)
     stationary = torch.tensor([False, True, True, False])
     assert status_code(r, stationary).tolist() == [0, 1, 2, 2] and status_code(r).tolist() == [0, 0, 2, 2]

@@ -63,15 +63,17 @@ def _symmetric(G: Tensor) -> Tensor:
 def _blocked(J: Tensor) -> bool:
     """Whether the float32 Gram of one ``J`` on the CPU is taken a block of rows at a time (:func:`_lower_gram`).
 
-    From 64 tasks on (32 where ``d ≥ 2e4``), while ``J`` is at most 64 MiB: one ``sgemm`` does all ``k²`` dot
+    From 64 tasks on (32 where ``k d ≥ 3e5``), while ``J`` is at most 64 MiB: one ``sgemm`` does all ``k²`` dot
     products where ``k(k+1)/2`` are distinct; row blocks against the rows above them do ``(n+1)/2n`` of the flops
-    (``n`` blocks).  Measured (one thread, interleaved, min of 10-30): 0.88-0.91 of the full product at k = 32,
-    d ≥ 3e4 (0.96-1.0 at d = 1e4, where the extra ops cost what the flops save), 0.85-0.90 at k = 64, 0.74-0.86
-    at k = 128, 0.68 at k = 256 (d = 1e4 and 1e5).  Larger ``J`` is memory-bound: each block row reads its part
-    of ``J`` again, and the full product is as fast (1.01 at k = 32, d = 1e6).
+    (``n`` blocks).  :func:`gram` with it over :func:`gram` without, measured (one thread, interleaved, min of
+    100-200): 0.92-0.96 at k = 32, d = 1e4-1.5e4 (1.07 at d = 4e3: the extra ops cost more than the flops save),
+    0.89-0.96 at k = 64, 0.80-0.89 at k = 128, 0.78 at k = 256 (d = 1e3-1e4); the product alone, 0.85-0.90 of
+    one ``sgemm`` at k = 64, 0.74-0.86 at k = 128, 0.68 at k = 256 (d = 1e4 and 1e5).  Larger ``J`` is
+    memory-bound: each block row reads its part of ``J`` again, and the full product is as fast (1.01 at k = 32,
+    d = 1e6).
     """
     k, d = J.shape
-    return (k >= 64 or (k >= 32 and d >= 20_000)) and k * d <= 2**24 and J.device.type == "cpu"
+    return (k >= 64 or (k >= 32 and k * d >= 300_000)) and k * d <= 2**24 and J.device.type == "cpu"
 
 
 def _lower_gram(J: Tensor) -> Tensor:

@@ -106,7 +106,6 @@ def keep_where(bad: Tensor, old: Tensor | None, new: Tensor) -> Tensor:
 def nonfinite_problems(status: Tensor) -> Tensor | None:
     """The problems of a solve whose input was not finite (``[...]`` bool), for a stateful solver to keep their
     state; None when there is none, which is known without a sync only on the CPU, untraced."""
-    bad = status == int(Status.NONFINITE)
-    if not sync_free(status) and not bool(bad.any()):
-        return None
-    return bad
+    if not sync_free(status) and (status.numel() == 0 or status.max().item() < int(Status.NONFINITE)):
+        return None  # NONFINITE is the largest code: one reduction, no mask (this runs on every call)
+    return status == int(Status.NONFINITE)
