@@ -176,17 +176,19 @@ def _nonneg_host(H: Tensor, c: Tensor, iters: int | None) -> tuple[Tensor, Tenso
         todo = torch.ones_like(c[..., 0], dtype=torch.bool)
     rows = todo.reshape(-1).nonzero().squeeze(-1)
     x = x.reshape(-1, k).clone()
-    step_for = _row_steps(H, c, rows, lambda H, c: _nonneg_face(H, c, host=True))
+    step_for = _row_steps(H, c, rows, lambda H, c: _nonneg_face(H, c, host=True), search=iters is not None)
     x[rows] = host_active_set(step_for, x[rows], free.reshape(-1, k)[rows], host_iters(k) if iters is None else iters)
     x = x.reshape(c.shape)
     return x, nonneg_residual(H, c, x)
 
 
-def _row_steps(H: Tensor, c: Tensor, rows: Tensor, make_face, simplex: bool = False):
+def _row_steps(H: Tensor, c: Tensor, rows: Tensor, make_face, simplex: bool = False, search: bool = True):
     """Steps of :func:`._qp_faces.as_step` on chosen rows of the flattened problems ``c`` ``[..., m, k]``.
 
     One Gram matrix: the rows share it (they are the ``m`` problems of one call).  Several: each row takes
-    its own as a batch of one problem.  The step is a projected search where it costs at most ``2²⁴``.
+    its own as a batch of one problem.  The step is a projected search where it costs at most ``2²⁴`` and
+    ``search`` (off after projected gradient: from its support the face minimiser is a full step or one ratio
+    test away, and the search's candidates cost ~20% of the solve; the same answers, measured).
     """
     k, m = H.shape[-1], c.shape[-2]
     Hb, cf = H.reshape(-1, k, k), c.reshape(-1, k)
@@ -198,7 +200,7 @@ def _row_steps(H: Tensor, c: Tensor, rows: Tensor, make_face, simplex: bool = Fa
         else:
             Hr, cr, squeeze = Hb[torch.div(g, m, rounding_mode="floor")], cf[g].unsqueeze(-2), True
         n = cr.shape[0]
-        objective = (lambda X: quadratic(Hr, cr, X)) if n * k**3 <= 2**24 else None
+        objective = (lambda X: quadratic(Hr, cr, X)) if search and n * k**3 <= 2**24 else None
         face, scale = make_face(Hr, cr), None if simplex else _units(Hr)
 
         def step(x: Tensor, free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
