@@ -108,3 +108,20 @@ def test_no_warning_when_J_requires_grad() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 solver(J).sum().backward()
+
+
+@given(J=jacobians(min_k=2, max_k=2))
+def test_two_tasks_in_closed_form_equal_the_active_set(J: torch.Tensor) -> None:
+    """k = 2: UPGrad and DualProj in closed form (each conflicting task's partner weight rises until its multiplier
+    is 0) against the box QPs solved by active-set iterations from 0 on the same prepared ``H``, batched too."""
+    from impartial.solvers._qp import min_norm, nonneg_qp, prepare
+
+    G = gram(J)
+    p = prepare(G, torch.float64)
+    for solver, U in ((UPGrad(), None), (DualProj(), torch.full((1, 2), 0.5, dtype=torch.float64))):
+        x, _ = nonneg_qp(p.H, p.H if U is None else U @ p.H, 50)
+        ref = min_norm(((torch.eye(2, dtype=J.dtype) if U is None else U) + x).mean(-2), p)
+        one, batch = solver.solve(G), solver.solve(G.expand(3, 2, 2))
+        assert torch.allclose(one.weights, ref, rtol=0, atol=1e-9)
+        assert torch.allclose(batch.weights, ref.expand(3, 2), rtol=0, atol=1e-9)
+        assert float(one.residual) == 0.0 and int(one.status) == int(batch.status[0])

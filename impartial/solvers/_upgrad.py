@@ -66,6 +66,10 @@ class _DualCone(GramSolver):
     def _preferences(self, G: Tensor) -> Tensor | None:
         """The rows ``u`` ``[..., m, k]`` whose combinations ``Jᵀu`` are projected (None: the identity)."""
 
+    @abstractmethod
+    def _two_tasks(self, H: Tensor) -> Tensor:
+        """The weights ``[..., 2]`` for two tasks in closed form, from the prepared ``H`` ``[..., 2, 2]``."""
+
     def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> Solution:
         host = on_host(G)
         prep = None
@@ -78,6 +82,9 @@ class _DualCone(GramSolver):
                 return Solution(w, torch.full((), code, dtype=torch.int8), r, torch.diag_embed(w) if mixing else None)
         if G.shape[-1] == 1:  # a shape, not a value: no host sync
             w, r = torch.ones_like(G[..., 0]), torch.zeros_like(G[..., 0, 0])
+        elif G.shape[-1] == 2 and self.iters is None:  # closed form: residual 0, as for every closed form
+            prep = prepare(G, precision, host) if prep is None else prep
+            w, r = min_norm(self._two_tasks(prep.H), prep), torch.zeros_like(G[..., 0, 0])
         else:
             V, r, prep = _project(G, self._preferences(G), self.iters, precision, host, prep)
             # the mean of the projections, as the weights of least norm that give its direction
@@ -97,7 +104,8 @@ class UPGrad(_DualCone):
     Quinton & Rey 2024 (UPGrad with TorchJD's default mean preference, ``U = I/k``).  Non-conflicting:
     ``J d ≥ 0``.  The ``k`` box QPs share ``G`` and run as one batch, solved exactly (see :mod:`._qp`), where
     TorchJD regularises ``G`` by 1e-4 before its QP.  Among the weights giving ``d`` (many, when the task
-    gradients are linearly dependent) the ones of least norm are returned.  ``k = 1`` returns the gradient.
+    gradients are linearly dependent) the ones of least norm are returned.  ``k = 1`` returns the gradient;
+    ``k = 2`` is solved in closed form (projecting ``g_i`` adds ``max(0, −g₁·g₂)/‖g_j‖²`` of its partner ``g_j``).
     Status STATIONARY where ``d = 0`` (e.g. an antiparallel pair), NOT_CONVERGED where a QP's residual is
     over its tolerance (the weights are then the last iterate).
 
@@ -109,6 +117,12 @@ class UPGrad(_DualCone):
     def _preferences(self, G: Tensor) -> Tensor | None:
         return None
 
+    def _two_tasks(self, H: Tensor) -> Tensor:
+        # v₁ = (1, t/h₂₂), v₂ = (t/h₁₁, 1) with t = max(0, −h₁₂): the other task's weight rises only where the pair
+        # conflicts, to where the multiplier (Hv)_j is 0 (the own one, h_ii − t²/h_jj = det/h_jj, stays ≥ 0)
+        t = H[..., 0, 1].neg().clamp(min=0.0).unsqueeze(-1)
+        return 0.5 + 0.5 * t / H.diagonal(dim1=-2, dim2=-1)
+
 
 class DualProj(_DualCone):
     r"""The mean gradient projected onto the dual cone of the task gradients.
@@ -117,7 +131,7 @@ class DualProj(_DualCone):
 
     Quinton & Rey 2024 (DualProj with the mean preference).  Non-conflicting: ``J d ≥ 0``; equals the
     mean when no task conflicts with it.  The weights of least norm that give ``d`` are returned.  ``k = 1``
-    returns the gradient.  Status as for :class:`UPGrad`.
+    returns the gradient; ``k = 2`` is solved in closed form.  Status as for :class:`UPGrad`.
 
     >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
     >>> DualProj()(J)
@@ -126,3 +140,8 @@ class DualProj(_DualCone):
 
     def _preferences(self, G: Tensor) -> Tensor | None:
         return torch.full_like(G[..., :1, :], 1.0 / G.shape[-1])
+
+    def _two_tasks(self, H: Tensor) -> Tensor:
+        # c = H u (u = ½1): at most one entry is negative (both would need h₁₂² > h₁₁h₂₂); that task's weight
+        # rises until (Hv)_j = 0, and the other multiplier becomes det/2h_jj ≥ 0
+        return 0.5 + (-0.5 * H.sum(-1) / H.diagonal(dim1=-2, dim2=-1)).clamp(min=0.0)
