@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import GramSolver, Solution, Status, closed_form, is_low
+from ._base import GramSolver, Solution, is_low
 from ._imtlg import _ROUNDOFF
 
 __all__ = ["AlignedMTL"]
@@ -47,6 +47,7 @@ class AlignedMTL(GramSolver):
         scale = torch.where(keep, (lam_min / torch.where(keep, lam, 1.0)).sqrt(), 0.0)
         c = V.sum(-2)  # components of 1 along the eigenvectors: w = Σ_kept scale · c · v
         stationary = (~keep | (c.abs() <= _ROUNDOFF[is_low(precision)] * k**0.5)).all(-1)
-        w = torch.where(stationary.unsqueeze(-1), 0.0, (V * (scale * c).unsqueeze(-2)).sum(-1))
-        sol = closed_form(w, G, (V * scale.unsqueeze(-2)) @ V.mT if mixing else None)
-        return sol._replace(status=torch.where(stationary, int(Status.STATIONARY), sol.status))
+        w = torch.where(stationary.unsqueeze(-1), 0.0, (V @ (scale * c).unsqueeze(-1)).squeeze(-1))
+        M = (V * scale.unsqueeze(-2)) @ V.mT if mixing else None
+        # all-zero gradients keep no eigenvalue, so they are stationary here too: the bool is the code
+        return Solution(w, stationary.to(torch.int8), torch.zeros_like(w[..., 0]), M)

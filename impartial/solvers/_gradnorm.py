@@ -47,7 +47,8 @@ class _Stateful(GramSolver):
         return {name: t.to(G.dtype) if t.is_floating_point() else t for name, t in self._state.items()}
 
     def _set(self, **state: Tensor) -> None:
-        self._state = {name: t.detach() for name, t in state.items()}  # state holds no autograd graph
+        # state holds no autograd graph (detach only what has one: a dispatch per tensor on every call)
+        self._state = {name: t.detach() if t.requires_grad else t for name, t in state.items()}
 
     def solve(
         self, G: Tensor, *, losses: Tensor | None = None, precision: torch.dtype | None = None, mixing: bool = False
