@@ -187,6 +187,20 @@ def test_declared_capabilities_hold(info: SolverInfo) -> None:
 
 
 @pytest.mark.parametrize("info", ALL)
+@pytest.mark.parametrize("shape", [(0, 3, 5), (0, 12, 70_000), (2, 0, 4, 7)], ids=["B0", "B0-float32-Gram", "2x0"])
+def test_an_empty_batch_gives_an_empty_answer(info: SolverInfo, shape: tuple[int, ...]) -> None:
+    """No problem to solve: the right shapes, no reduction over nothing (those raise in torch)."""
+    J = torch.randn(*shape).to(info.dtype)
+    kw = {"losses": torch.ones(shape[:-1])} if info.needs_losses else {}
+    kw |= info.context(J) if info.context is not None else {}
+    s = info.make()
+    assert s(J, **kw).shape == shape[:-2] + shape[-1:]
+    if s.gram_space:
+        sol = s.solve(torch.zeros(*shape[:-1], shape[-2], dtype=torch.float64), losses=kw.get("losses"))
+        assert sol.weights.shape == shape[:-1] and sol.status.shape == shape[:-2] == sol.residual.shape
+
+
+@pytest.mark.parametrize("info", ALL)
 def test_state_holds_no_autograd_graph(info: SolverInfo) -> None:
     # backward twice through calls on inputs that require grad: the second fails if state kept the first graph
     s = info.make()

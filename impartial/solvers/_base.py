@@ -222,6 +222,10 @@ class GramSolver(Solver):
         precision = G.dtype if precision is None else precision
         if G.dtype != solve_dtype(G.dtype):
             G = G.to(solve_dtype(G.dtype))
+        if G.shape[:-2].numel() == 0:  # an empty batch (a shape, not a value): nothing to solve, no reduction to fail
+            w = G.new_zeros(G.shape[:-1])
+            code = torch.zeros(G.shape[:-2], dtype=torch.int8, device=G.device)
+            return Solution(w, code, G.new_zeros(G.shape[:-2]), torch.zeros_like(G) if mixing else None)
         if not sync_free(G) and _all_finite(G) and (losses is None or _all_finite(losses)):
             # on the CPU, not traced, a host read is free: all finite (the usual case) needs no masking
             return self._solve(G, losses=losses, precision=precision, mixing=mixing)

@@ -143,9 +143,8 @@ class GradVac(GramSolver):
     ) -> Solution:
         before = self.phi_hat
         sol = super().solve(G, losses=losses, precision=precision, mixing=mixing)
-        assert self.phi_hat is not None
         bad = nonfinite_problems(sol.status)
-        if bad is not None:
+        if bad is not None and self.phi_hat is not None:  # (an empty batch sets no state)
             self.phi_hat = keep_where(bad, before, self.phi_hat)
         return sol
 

@@ -138,7 +138,7 @@ def gram(J: Tensor) -> Tensor:
     ``J`` is one ``J @ J.mT``.
     """
     if J.dtype in _LOW or J.dtype == torch.float32:
-        if J.shape[-2] * J.shape[-1] <= _EXACT:
+        if J.shape[-2] * J.shape[-1] <= _EXACT or J.shape[:-2].numel() == 0:  # (an empty batch: no reduction)
             X = J.double()
             return _symmetric(X @ X.mT)
         if J.dtype != torch.float32:  # a no-op .to() is still a dispatch: these run on every call
