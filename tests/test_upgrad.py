@@ -125,3 +125,16 @@ def test_two_tasks_in_closed_form_equal_the_active_set(J: torch.Tensor) -> None:
         assert torch.allclose(one.weights, ref, rtol=0, atol=1e-9)
         assert torch.allclose(batch.weights, ref.expand(3, 2), rtol=0, atol=1e-9)
         assert float(one.residual) == 0.0 and int(one.status) == int(batch.status[0])
+
+
+def test_a_subclass_with_other_preferences_takes_the_qps_at_two_tasks() -> None:
+    """The k = 2 closed form holds for nonnegative preference rows only; other preferences solve the box QPs."""
+
+    class Signed(DualProj):
+        def _preferences(self, G: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([[1.0, -0.5]], dtype=G.dtype).expand(*G.shape[:-2], 1, 2)
+
+    J = torch.tensor([[1.0, 0.0], [2.5, 2.75**0.5]], dtype=torch.float64)  # c = Hu < 0 in both entries
+    G = gram(J)
+    V = project_weights(G, torch.tensor([[1.0, -0.5]], dtype=torch.float64))
+    assert torch.allclose(Signed().weights(G), V.mean(-2), rtol=0, atol=1e-12)

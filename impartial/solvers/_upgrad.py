@@ -55,6 +55,20 @@ def _no_conflict(G: Tensor, U: Tensor | None, prep: Prepared) -> Tensor | None:
     return torch.full((k,), 1.0 / k, dtype=G.dtype) if U is None else U.mean(-2)
 
 
+def _two_tasks(H: Tensor, U: Tensor | None) -> Tensor:
+    """The weights ``mean(U + X)`` ``[..., 2]`` for two tasks in closed form: ``x = max(0, −c/diag H)`` entrywise
+    for each row ``u ≥ 0`` (``c = H u``).
+
+    Exact: ``uᵀc = uᵀHu ≥ 0`` leaves at most one ``c_j`` negative; raising ``x_j`` to ``−c_j/h_jj`` zeroes that
+    multiplier and leaves the other at ``c_i − h_ij c_j/h_jj = u_i det H / h_jj ≥ 0``.  (UPGrad's ``u = e_i``:
+    projecting ``g_i`` adds ``max(0, −h₁₂)/h_jj`` of its partner; DualProj's ``u = ½1``.)
+    """
+    h = H.diagonal(dim1=-2, dim2=-1).unsqueeze(-2)
+    if U is None:
+        return 0.5 + 0.5 * (-H / h).clamp(min=0.0).sum(-2)  # the diagonal's −1 clamps to 0
+    return (U + (-(U @ H) / h).clamp(min=0.0)).mean(-2)
+
+
 class _DualCone(GramSolver):
     """What UPGrad and DualProj share: the box QPs ``v ≥ u`` for the rows ``u`` of :meth:`_preferences`."""
 
@@ -65,10 +79,6 @@ class _DualCone(GramSolver):
     @abstractmethod
     def _preferences(self, G: Tensor) -> Tensor | None:
         """The rows ``u`` ``[..., m, k]`` whose combinations ``Jᵀu`` are projected (None: the identity)."""
-
-    @abstractmethod
-    def _two_tasks(self, H: Tensor) -> Tensor:
-        """The weights ``[..., 2]`` for two tasks in closed form, from the prepared ``H`` ``[..., 2, 2]``."""
 
     def _solve(self, G: Tensor, *, losses: Tensor | None, precision: torch.dtype, mixing: bool) -> Solution:
         host = on_host(G)
@@ -82,9 +92,9 @@ class _DualCone(GramSolver):
                 return Solution(w, torch.full((), code, dtype=torch.int8), r, torch.diag_embed(w) if mixing else None)
         if G.shape[-1] == 1:  # a shape, not a value: no host sync
             w, r = torch.ones_like(G[..., 0]), torch.zeros_like(G[..., 0, 0])
-        elif G.shape[-1] == 2 and self.iters is None:  # closed form: residual 0, as for every closed form
-            prep = prepare(G, precision, host) if prep is None else prep
-            w, r = min_norm(self._two_tasks(prep.H), prep), torch.zeros_like(G[..., 0, 0])
+        elif G.shape[-1] == 2 and self.iters is None and type(self)._preferences in _NONNEGATIVE:
+            prep = prepare(G, precision, host) if prep is None else prep  # closed form: residual 0, as for any
+            w, r = min_norm(_two_tasks(prep.H, self._preferences(G)), prep), torch.zeros_like(G[..., 0, 0])
         else:
             V, r, prep = _project(G, self._preferences(G), self.iters, precision, host, prep)
             # the mean of the projections, as the weights of least norm that give its direction
@@ -117,12 +127,6 @@ class UPGrad(_DualCone):
     def _preferences(self, G: Tensor) -> Tensor | None:
         return None
 
-    def _two_tasks(self, H: Tensor) -> Tensor:
-        # v₁ = (1, t/h₂₂), v₂ = (t/h₁₁, 1) with t = max(0, −h₁₂): the other task's weight rises only where the pair
-        # conflicts, to where the multiplier (Hv)_j is 0 (the own one, h_ii − t²/h_jj = det/h_jj, stays ≥ 0)
-        t = H[..., 0, 1].neg().clamp(min=0.0).unsqueeze(-1)
-        return 0.5 + 0.5 * t / H.diagonal(dim1=-2, dim2=-1)
-
 
 class DualProj(_DualCone):
     r"""The mean gradient projected onto the dual cone of the task gradients.
@@ -141,7 +145,7 @@ class DualProj(_DualCone):
     def _preferences(self, G: Tensor) -> Tensor | None:
         return torch.full_like(G[..., :1, :], 1.0 / G.shape[-1])
 
-    def _two_tasks(self, H: Tensor) -> Tensor:
-        # c = H u (u = ½1): at most one entry is negative (both would need h₁₂² > h₁₁h₂₂); that task's weight
-        # rises until (Hv)_j = 0, and the other multiplier becomes det/2h_jj ≥ 0
-        return 0.5 + (-0.5 * H.sum(-1) / H.diagonal(dim1=-2, dim2=-1)).clamp(min=0.0)
+
+#: the preferences whose rows are nonnegative, for which :func:`_two_tasks` is exact (a subclass with others
+#: takes the QPs)
+_NONNEGATIVE = (UPGrad._preferences, DualProj._preferences)
