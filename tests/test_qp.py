@@ -111,6 +111,28 @@ def test_host_and_fixed_schedules_give_the_same_answer(J: torch.Tensor, seed: in
     _directions_close(xh, xf, Jn, 1e-7 + _gap_bound(p.H, xh) + _gap_bound(p.H, xf))
 
 
+def test_the_host_enumerates_up_to_nine_tasks_and_agrees_with_the_enumeration_at_ten() -> None:
+    """From k = 10 the host schedule runs its active set where the fixed one still enumerates all faces of one
+    problem; the box, simplex and CAGrad answers agree (directions, float64), on conflicting and on random J."""
+    from impartial.solvers._cagrad import cagrad_dual
+
+    assert enumerates(9, 1, None, host=True) and not enumerates(10, 1, None, host=True)
+    assert enumerates(10, 1, None) and enumerates(8, 8, None, host=True) and not enumerates(9, 9, None)
+    gen = torch.Generator().manual_seed(10)
+    for d in (6, 20, 300):
+        J = torch.randn(10, d, generator=gen, dtype=torch.float64)
+        J[0] = -2.0 * J[1:].sum(0) / 9  # the mean conflicts with task 0
+        p = prepare(J @ J.T)
+        Jn = J / p.s.sqrt()
+        c = torch.full((1, 10), 0.1, dtype=J.dtype) @ p.H
+        _directions_close(nonneg_qp(p.H, c, host=True)[0], nonneg_qp(p.H, c, host=False)[0], Jn, 1e-7)
+        z = torch.zeros(1, 10, dtype=J.dtype)
+        xh, xf = simplex_qp(p.H, z, host=True)[0], simplex_qp(p.H, z, host=False)[0]
+        _directions_close(xh, xf, Jn, 1e-7 + _gap_bound(p.H, xh) + _gap_bound(p.H, xf))
+        wh, wf = cagrad_dual(p.H, 0.5, None, True)[0], cagrad_dual(p.H, 0.5, None, False)[0]
+        _directions_close(wh.unsqueeze(0), wf.unsqueeze(0), Jn, 1e-7)
+
+
 def _gap_bound(H: torch.Tensor, x: torch.Tensor) -> float:
     """``√(2 gap(x))`` for one simplex point ``x`` ``[1, k]``: how far its direction can be from the min-norm point."""
     Hx = x @ H

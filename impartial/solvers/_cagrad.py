@@ -81,7 +81,7 @@ def cagrad_dual(H: Tensor, c: float, iters: int | None, host: bool) -> tuple[Ten
     b = H.sum(-1, keepdim=True).mT / k  # [..., 1, k]
     r = c * (b.sum(-1, keepdim=True) / k).clamp(min=0).sqrt()  # ‖g₀‖² = 1ᵀH1/k² = 1ᵀb/k
     ones = torch.ones_like(b)
-    if enumerates(k, 1, iters):
+    if enumerates(k, 1, iters, host):
         # every nonempty face's stationary point at once (exact where D > 0), the uniform start as a candidate
         # that always exists; f is strictly convex on the simplex, so the feasible candidate of least f is the
         # optimum, which is the stationary point of its own face

@@ -100,7 +100,7 @@ def nonneg_qp(H: Tensor, c: Tensor, iters: int | None = None, host: bool = False
     the working set, so its first ratio test drops all variables the unconstrained minimiser wants negative.
     """
     k, m = H.shape[-1], c.shape[-2]
-    if enumerates(k, m, iters):
+    if enumerates(k, m, iters, host):
         X = -face_minimisers(H, all_faces(k, H), c.unsqueeze(-1)).squeeze(-1)  # [..., m, 2ᵏ, k]
         x = pick_feasible(X, _dual_infeasibility(H, c, X, scale=_units(H)))
     elif host:
@@ -226,7 +226,7 @@ def simplex_qp(H: Tensor, c: Tensor, iters: int | None = None, host: bool = Fals
     """
     k = H.shape[-1]
     ones = torch.ones_like(c)
-    if enumerates(k, c.shape[-2], iters):
+    if enumerates(k, c.shape[-2], iters, host):
         F = all_faces(k, H)[1:]  # nonempty supports
         X, mu = simplex_point(face_minimisers(H, F, torch.stack([ones, c], dim=-1)))  # [..., m, n, k]
         x = pick_feasible(X, _dual_infeasibility(H, c, X, mu))
