@@ -210,8 +210,10 @@ class CAGrad(GramSolver):
         if self.c == 0.0:  # a hyperparameter, not a tensor value: no host sync
             w, r, stationary = mean, torch.zeros_like(G[..., 0, 0]), zero_direction(G, mean)
         else:
-            H = prepare(G, precision, host).H
-            if host and G.ndim == 2 and self.iters is None:
+            prep = prepare(G, precision, host)
+            H = prep.H
+            # nothing cut only: where prepare cut a null space the general path picks among equal directions
+            if host and G.ndim == 2 and self.iters is None and prep.null is None:
                 direct = _interior(H, self.c, cutoff(precision, k) + 2 * REG)
                 if direct is not None:
                     w, code, r = direct

@@ -114,7 +114,8 @@ class MGDA(GramSolver):
             code = stationary.to(torch.int8)  # STATIONARY is 1, OK 0
             return Solution(w, code, torch.zeros_like(s), torch.diag_embed(w) if mixing else None)
         prep = prepare(G, precision, host)
-        if host and G.ndim == 2:
+        # nothing cut only: where prepare cut a null space the general path picks among equal directions
+        if host and G.ndim == 2 and prep.null is None:
             hull = _interior_hull(prep.H, tol)
             if hull is not None:
                 w, code, r = hull

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from .qp import min_norm_point
+
 
 def _unit_rows(J: Tensor) -> tuple[list[int], list[float], Tensor]:
     """Indices and norms of the nonzero rows of ``J``, and those rows normalised."""
@@ -91,7 +93,8 @@ def bargain_ref(J: Tensor, p: float, stationary: float = 1e-5) -> Tensor:
     Plain damped Newton on ``F(β) = ½βᵀGβ − Σ φ(β_i)`` in the raw coordinates, with Armijo backtracking,
     run until the Newton decrement is at round-off relative to ``Σ β_i^p`` (the size of ``F``'s terms at the
     solution, where ``βᵀGβ = Σ β_i^p``) or no step decreases ``F`` any more.  Pareto-stationary tasks (a
-    convex combination of the unit gradients of norm ≤ ``stationary``) have no solution: zero weights.
+    convex combination of the unit gradients of norm ≤ ``stationary``, the hull's min-norm point by Wolfe's
+    algorithm) have no solution: zero weights.
 
     Near such tasks ``β`` grows large while ``Σ β_j g_j`` stays small, so everything that involves ``Gβ`` is
     formed from that direction (``(Gβ)_i = g_i·d``, never a sum of large ``β_j G_ij`` that cancel) and the
@@ -104,10 +107,9 @@ def bargain_ref(J: Tensor, p: float, stationary: float = 1e-5) -> Tensor:
     if m == 0:
         return beta
     rows = J[idx]
-
-    def certificate(b: list[float]) -> float:
-        """``‖Σ v_i u_i‖`` with ``v ∝ β_i ‖g_i‖`` on the simplex."""
-        return float(sum(x * g for x, g in zip(b, rows)).norm()) / sum(x * n for x, n in zip(b, norms))
+    U = torch.stack([g / n for g, n in zip(rows, norms)])
+    if float((min_norm_point(U) @ U).norm()) <= stationary:
+        return beta
 
     b = [n ** (-2 / (2 - p)) for n in norms]  # exact when the gradients are orthogonal
     for _ in range(500):
@@ -135,10 +137,6 @@ def bargain_ref(J: Tensor, p: float, stationary: float = 1e-5) -> Tensor:
         else:  # no step decreases F: β is at round-off
             break
         b = [x + t * st for x, st in zip(b, step)]
-        if certificate(b) <= stationary:
-            return beta
-    if certificate(b) <= stationary:
-        return beta
     for x, i in zip(b, idx):
         beta[i] = x
     return beta

@@ -14,6 +14,12 @@ def _fair_k1(alpha: float):
     return lambda g: g.norm() ** ((1 - alpha) / (1 + alpha)) * g / g.norm()
 
 
+# Nash-MTL and FairGrad stop where the utility equations hold to a relative 1e-9 (_bargain._RESIDUAL); near
+# Pareto-stationary tasks (k > d) the weights grow to ~1e5 and their terms cancel in the direction, so two solves
+# of the same problem (rotated, permuted) can differ by more than 1e-9 of it: 3e-8 seen on a thorough-profile draw
+# (NashMTL, k = 41, d = 16, weights up to 3.2e5, both solves at residual 0)
+_TOL_BARGAIN = 1e-7
+
 # IMTLG and ConFIG on rank-deficient inputs (k > d): round-off is amplified by the kept part of C's spectrum
 # (down to rtol = 1e-10 of its top).  Under permutation, seen on 3,000 random inputs: 7e-9 (IMTLG), 1.1e-8
 # (ConFIG); against the reference, 1.0e-9 (ConFIG, a thorough-profile draw).
@@ -21,7 +27,7 @@ _TOL_EQUAL = 1e-7
 
 ROWS: list[SolverInfo] = [
     SolverInfo("IMTLG", IMTLG, {}, k1=lambda g: g, reference=imtlg_ref, tol=_TOL_EQUAL, ref_tol=1e-9),
-    SolverInfo("NashMTL", NashMTL, {}, k1=lambda g: g, reference=nash_ref, tol=1e-8, ref_tol=1e-7),
+    SolverInfo("NashMTL", NashMTL, {}, k1=lambda g: g, reference=nash_ref, tol=_TOL_BARGAIN, ref_tol=1e-7),
     # Reusing kept weights between solves: every claim that starts from a fresh solver still holds.
     SolverInfo(
         "NashMTL(update_weights_every=3)",
@@ -29,7 +35,7 @@ ROWS: list[SolverInfo] = [
         {"vmap": STATEFUL_VMAP},
         k1=lambda g: g,
         reference=nash_ref,
-        tol=1e-8,
+        tol=_TOL_BARGAIN,
         ref_tol=1e-7,
     ),
     SolverInfo(
@@ -38,7 +44,7 @@ ROWS: list[SolverInfo] = [
         {"homogeneous": _FAIR_SCALE},
         k1=_fair_k1(1.0),
         reference=fairgrad_ref(1.0),
-        tol=1e-8,
+        tol=_TOL_BARGAIN,
         ref_tol=1e-7,
     ),
     SolverInfo(
@@ -47,7 +53,7 @@ ROWS: list[SolverInfo] = [
         {"homogeneous": _FAIR_SCALE},
         k1=_fair_k1(2.0),
         reference=fairgrad_ref(2.0),
-        tol=1e-8,
+        tol=_TOL_BARGAIN,
         ref_tol=1e-7,
     ),
     SolverInfo(
@@ -56,7 +62,7 @@ ROWS: list[SolverInfo] = [
         {"homogeneous": _FAIR_SCALE, "vmap": STATEFUL_VMAP},
         k1=_fair_k1(0.5),
         reference=fairgrad_ref(0.5),
-        tol=1e-8,
+        tol=_TOL_BARGAIN,
         ref_tol=1e-7,
     ),
     SolverInfo("AlignedMTL", AlignedMTL, {}, k1=lambda g: g, reference=aligned_ref, tol=1e-9, ref_tol=1e-8),
