@@ -189,7 +189,10 @@ class CAGrad(GramSolver):
     :mod:`._qp`, the instance solved is that of the gradients ``[J, √δ·diag(‖g_i‖)]`` (``δ = 1e-12``).
     At a Pareto-stationary point (0 in the hull: ``g_{w*} = 0``) the paper's ``g_w/‖g_w‖`` is 0/0: for
     ``c ≥ 1`` every optimal ``d`` lies in the dual cone, and the one of least norm, ``d = 0``, is returned
-    (status STATIONARY); for ``c < 1``, ``g_{w*} ≠ 0``.  STATIONARY also wherever ``d = 0`` (``g₀ = 0``).
+    (status STATIONARY).  For ``c < 1`` it happens too, e.g. an exactly antiparallel pair ``a, −a`` beside ``b``
+    with ``|cos(a, b)| < c``: the optimal ``d`` then fill a disk of the ball (worst improvement 0) that the method
+    does not choose among, and the status is NOT_CONVERGED (the last iterate's weights, finite).  STATIONARY also
+    wherever ``d = 0`` (``g₀ = 0``).
 
     >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])
     >>> CAGrad(c=0.5)(J)
