@@ -16,26 +16,30 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from impartial.solvers import Solver
+from impartial.solvers import Solver, Status
 
 
-def keep_norm_scale(J: Tensor, d: Tensor, w: Tensor) -> Tensor:
-    """``keep_norm``'s factor for direction ``d`` of task gradients ``J`` with weights ``w`` (ones for a solver that
-    has none): the plain sum's norm over the direction's, or 0 when the block is Pareto-stationary, i.e. ``d`` is
-    shorter than ``τ · Σ|w_i| · max_j ‖g_j‖`` with ``τ = 64 k ε + 1e-9`` (docs/backward.md)."""
+def keep_norm_scale(J: Tensor, d: Tensor, w: tuple[Tensor, bool]) -> Tensor:
+    """``keep_norm``'s factor for direction ``d`` of task gradients ``J`` with weights and solver verdict ``w``
+    (:func:`_weights`): the plain sum's norm over the direction's, or 0 when the block is Pareto-stationary, i.e.
+    the solver says STATIONARY or ``d`` is shorter than ``τ · Σ|w_i| · max_j ‖g_j‖`` with ``τ = 64 k ε + 1e-9``
+    (impartial/_solve.py, docs/backward.md)."""
+    weights, stationary = w
     eps = torch.finfo(torch.float32 if J.dtype in (torch.float16, torch.bfloat16) else J.dtype).eps
     tau = 64 * J.shape[0] * eps + 1e-9
     n = d.norm()
-    if n <= tau * w.abs().sum() * J.norm(dim=1).max():
+    if stationary or n <= tau * weights.abs().sum() * J.norm(dim=1).max():
         return torch.zeros((), dtype=J.dtype)
     return J.sum(0).norm() / n
 
 
-def _weights(solver: Solver, J: Tensor, losses: Tensor) -> Tensor:
-    """The solver's weights on ``J``, from a copy (a stateful solver's own state does not advance)."""
+def _weights(solver: Solver, J: Tensor, losses: Tensor) -> tuple[Tensor, bool]:
+    """The solver's weights on ``J`` (ones for a solver that has none) and whether it says STATIONARY, from a copy
+    (a stateful solver's own state does not advance)."""
     if not solver.gram_space:
-        return torch.ones(J.shape[0], dtype=J.dtype)
-    return copy.deepcopy(solver).weights(J @ J.T, losses=losses).to(J.dtype)
+        return torch.ones(J.shape[0], dtype=J.dtype), False
+    sol = copy.deepcopy(solver).solve(J @ J.T, losses=losses)
+    return sol.weights.to(J.dtype), bool((sol.status == int(Status.STATIONARY)).any())
 
 
 def _reachable(loss: Tensor, t: Tensor) -> bool:
