@@ -81,18 +81,35 @@ def params_stage(
 
 
 def _also(call: Call, g: Graph) -> list[tuple[Node, Tensor]]:
-    """The plain gradient of the ``also`` terms, per leaf (before the task passes, which may free the graph)."""
+    """The plain gradient of the ``also`` terms, per leaf (before the task passes, which may free the graph).  The
+    last pass through a term's own nodes frees them, as plain ``backward()`` does, where no other loss runs any of
+    them (a term that meets the rest only at leaves, e.g. weight decay); a term that shares nodes with another loss
+    (a KL on the latent) keeps them for the passes that free the shared part."""
     if not call.extra.outs:
         return []
-    leaves = [n for n in g.nodes if n in g.leaves and g.mask(n) >> g.k]
-    out = torch.autograd.grad(
-        call.extra.outs,
-        [g.leaves[n] for n in leaves],
-        [torch.ones_like(a) for a in call.extra.outs],
-        retain_graph=True,
-        allow_unused=True,
-    )
-    return [(n, a) for n, a in zip(leaves, out) if a is not None]
+    k, outs = g.k, call.extra.outs
+    inner = [g.mask(n) for n in g.nodes if n not in g.leaves]
+    everyone = (1 << (k + len(outs))) - 1
+    own = [not any(m >> (k + j) & 1 and m & everyone & ~(1 << (k + j)) for m in inner) for j in range(len(outs))]
+    parts: list[tuple[Node, Tensor]] = []
+    for alone in (False, True):  # the shared terms first (kept), then those whose nodes this pass frees
+        terms = [a for a, o in zip(outs, own) if o == alone]
+        leaves = [
+            n
+            for n in g.nodes
+            if n in g.leaves and any(g.mask(n) >> (k + j) & 1 for j, o in enumerate(own) if o == alone)
+        ]
+        if not terms or not leaves:
+            continue
+        out = torch.autograd.grad(
+            terms,
+            [g.leaves[n] for n in leaves],
+            [torch.ones_like(a) for a in terms],
+            retain_graph=call.keep or not alone,
+            allow_unused=True,
+        )
+        parts += [(n, a) for n, a in zip(leaves, out) if a is not None]
+    return parts
 
 
 def _j_path(

@@ -87,6 +87,23 @@ def test_a_constant_also_term_adds_nothing(mode: str) -> None:
     assert_grads(imp, plain, a.x, b.x)
 
 
+@pytest.mark.parametrize("also", [("reg",), ("kl", "reg")])
+def test_an_also_term_that_meets_the_tasks_at_leaves_only_is_freed_as_in_plain(also: tuple[str, ...]) -> None:
+    """``block="params"``: weight decay (``reg``) meets the tasks only at the parameters, so its own nodes run in
+    one pass, which frees them as plain does; a KL on the latent shares nodes and is freed by the trunk's pass.
+    Found by the thorough profile (the graph of ``reg`` was kept after the call)."""
+    for i in range(2):  # the first call of a structure and a later one
+        net = Net(Arch(groups=(2,), also=also, seed=1))
+        tasks, terms, _ = net.losses(net.input())
+        impartial.backward(tasks, net.shared(), also=terms, solver=IMTLG(), block="params")
+        # the KL's path runs through the trunk, whose batched pass frees it once vmap has run the structure
+        # (docs/backward.md): from the second call on
+        for name, t in zip(also, terms):
+            if name == "reg" or i:
+                with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+                    torch.autograd.grad(t, [net.inp.bias], retain_graph=True)
+
+
 def test_a_single_block_tensor_is_one_marked_block() -> None:
     imp, plain = _seeded()
     b = step(plain, "plain", "auto")
