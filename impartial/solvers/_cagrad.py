@@ -10,7 +10,6 @@ a fixed ``8k + 32`` of them elsewhere).
 from __future__ import annotations
 
 import math
-from operator import mul
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from torch import Tensor
 from ._base import GramSolver, Solution, Status
 from ._qp import REG, RESIDUAL_TOL, check_iters, cutoff, prepare, status, zero_direction
 from ._qp_faces import Face, all_faces, as_step, default_iters, enumerates, face_minimisers, masked_solve, pick_feasible
-from ._qp_host import host_active_set, on_host, residual
+from ._qp_host import dot, host_active_set, host_residual, on_host, residual
 
 __all__ = ["CAGrad"]
 
@@ -127,7 +126,7 @@ def _interior(H: Tensor, c: float, tol: float) -> tuple[Tensor, Tensor, Tensor] 
     bl, (a, beta) = b.tolist(), sol.mT.tolist()
     g0 = max(sum(bl) / k, 0.0)  # ‖g₀‖² (normalised)
     r = c * math.sqrt(g0)
-    A, C, E = sum(a), sum(beta), _dot(bl, beta)
+    A, C, E = sum(a), sum(beta), dot(bl, beta)
     D = C * C - A * E + A * r * r
     if not D > 0:
         return None
@@ -136,26 +135,21 @@ def _interior(H: Tensor, c: float, tol: float) -> tuple[Tensor, Tensor, Tensor] 
     if min(w) <= 0:
         return None
     hw = (H @ torch.tensor(w, dtype=H.dtype)).tolist()
-    q = math.sqrt(max(_dot(hw, w), 0.0))  # ‖g_w‖
+    q = math.sqrt(max(dot(hw, w), 0.0))  # ‖g_w‖
     if not q * q > tol:  # Pareto-stationary: the general path returns d = 0 there (c ≥ 1)
         return None
     g = [u + r / q * v for u, v in zip(bl, hw, strict=True)]
-    gw = _dot(g, w)
+    gw = dot(g, w)
     lam = [u - gw for u in g]
-    scale = 1 + max(w)
-    res = max(max(0.0, -min(lam)) / scale, max(map(abs, map(mul, w, lam))) / scale**2)
+    res = host_residual(lam, w)
     if not res <= RESIDUAL_TOL:
         return None
     rho = r / q  # c‖g₀‖/‖g_w‖
     # ‖d‖² for d = g₀ + ρ g_w: zero only where g₀ = −ρ g_w (c = 1 and 0 on the ball's edge)
-    stationary = g0 + 2 * rho * _dot(bl, w) + rho * rho * q * q <= 2 * REG
+    stationary = g0 + 2 * rho * dot(bl, w) + rho * rho * q * q <= 2 * REG
     code = Status.STATIONARY if stationary else Status.OK
     weights = torch.tensor([1 / k + rho * u for u in w], dtype=H.dtype)
     return weights, torch.full((), int(code), dtype=torch.int8), torch.full((), res, dtype=H.dtype)
-
-
-def _dot(x: list[float], y: list[float]) -> float:
-    return sum(map(mul, x, y))
 
 
 def _row_step(H: Tensor, b: Tensor, r: Tensor, idx: Tensor):

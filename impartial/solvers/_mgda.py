@@ -7,7 +7,6 @@ of the convex hull of the task gradients: a common descent direction, or 0 at a 
 
 from __future__ import annotations
 
-from operator import mul
 from typing import Any
 
 import torch
@@ -15,7 +14,8 @@ from torch import Tensor
 
 from ._base import GramSolver, Solution, Status
 from ._qp import REG, RESIDUAL_TOL, check_iters, cutoff, prepare, simplex_qp, status
-from ._qp_host import on_host
+from ._qp_faces import kept_constant
+from ._qp_host import dot, host_residual, on_host
 
 __all__ = ["MGDA"]
 
@@ -32,15 +32,7 @@ def _two_tasks(G: Tensor) -> Tensor:
 
 def _coefficients(G: Tensor) -> Tensor:
     """``[4, 2]``: the flattened ``G`` times this is ``((g₂ − g₁)·g₂, ‖g₁ − g₂‖²)`` (both triangles averaged)."""
-    if torch.compiler.is_compiling():
-        return G.new_tensor(_COEFFICIENTS)
-    key = (G.dtype, G.device)
-    if key not in _KEPT:
-        kept = G.new_tensor(_COEFFICIENTS)
-        if type(kept) is not Tensor or kept.is_inference():  # FakeTensor, inference tensor: not past their mode
-            return kept
-        _KEPT[key] = kept
-    return _KEPT[key]
+    return kept_constant(_KEPT, (G.dtype, G.device), lambda: G.new_tensor(_COEFFICIENTS))
 
 
 _COEFFICIENTS = [[0.0, 1.0], [-0.5, -1.0], [-0.5, -1.0], [1.0, 1.0]]
@@ -66,10 +58,9 @@ def _interior_hull(H: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor] | Non
     w = a * inv
     x = [v * inv for v in x]  # the entries of w, as the same products
     g = (H @ w).tolist()
-    mu = sum(map(mul, g, x))  # wᵀHw = ‖d‖² (normalised)
+    mu = dot(g, x)  # wᵀHw = ‖d‖² (normalised)
     lam = [u - mu for u in g]  # each λ_j = (Hw)_j − μ is 0 up to round-off
-    scale = 1 + max(x)
-    r = max(max(0.0, -min(lam)) / scale, max(map(abs, map(mul, x, lam))) / scale**2)
+    r = host_residual(lam, x)
     if not r <= RESIDUAL_TOL:
         return None
     code = Status.STATIONARY if mu <= tol else Status.OK

@@ -58,19 +58,23 @@ def default_iters(k: int) -> int:
 def all_faces(k: int, like: Tensor) -> Tensor:
     """All ``2ᵏ`` supports as a ``[2ᵏ, k]`` 0/1 matrix in ``like``'s dtype (row ``r`` has bit ``j`` of ``r``).
 
-    Kept per ``(k, dtype, device)`` (seven ops a call at the sizes that enumerate), but under ``torch.compile``
-    (made in the graph) and where made as a FakeTensor or an inference tensor, which must not outlive their
-    mode.
+    Kept per ``(k, dtype, device)`` by :func:`kept_constant` (seven ops a call at the sizes that enumerate).
     """
+    return kept_constant(_FACES, (k, like.dtype, like.device), lambda: _faces(k, like.dtype, like.device))
+
+
+def kept_constant(cache: dict, key: tuple, make: Callable[[], Tensor]) -> Tensor:
+    """``cache[key]``, made by ``make()`` the first time: a constant tensor that small calls would otherwise
+    rebuild with several ops each time.  Not kept under ``torch.compile`` (made in the graph), nor where made as
+    a FakeTensor or an inference tensor, which must not outlive their mode."""
     if torch.compiler.is_compiling():
-        return _faces(k, like.dtype, like.device)
-    key = (k, like.dtype, like.device)
-    faces = _FACES.get(key)
-    if faces is None:
-        faces = _faces(k, like.dtype, like.device)
-        if type(faces) is Tensor and not faces.is_inference():  # no FakeTensor, no inference tensor (autograd)
-            _FACES[key] = faces
-    return faces
+        return make()
+    value = cache.get(key)
+    if value is None:
+        value = make()
+        if type(value) is Tensor and not value.is_inference():  # no FakeTensor, no inference tensor (autograd)
+            cache[key] = value
+    return value
 
 
 #: :func:`all_faces` made so far (k ≤ 10 enumerates: at most a few kB each)

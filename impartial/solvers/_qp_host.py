@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from operator import mul
 
 import torch
 from torch import Tensor
@@ -53,6 +54,18 @@ def residual(lam: Tensor, y: Tensor) -> Tensor:
     ``max(max(−λ)⁺ / (1 + |y|∞), max|y λ| / (1 + |y|∞)²)``, zero exactly at a KKT point."""
     s = 1 + y.abs().amax(-1)
     return torch.maximum((-lam).clamp(min=0).amax(-1) / s, (y * lam).abs().amax(-1) / (s * s))
+
+
+def host_residual(lam: list[float], y: list[float]) -> float:
+    """:func:`residual` of one problem read to the host (``k``-vectors as floats), for the direct paths that
+    certify an answer in a few host reads."""
+    s = 1 + max(map(abs, y))
+    return max(max(0.0, -min(lam)) / s, max(map(abs, map(mul, y, lam))) / s**2)
+
+
+def dot(x: list[float], y: list[float]) -> float:
+    """``xᵀy`` of two host ``k``-vectors."""
+    return sum(map(mul, x, y))
 
 
 def _lmax(A: Tensor) -> Tensor:
